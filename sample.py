@@ -1,0 +1,257 @@
+"""sample.py -- text to image: prompt(s) in, PNG files out.
+
+Where this sits: the end of the pipeline (spec nextdit_flow_train.md §6). For each prompt:
+
+    prompt --Gemma-2--> cap_feats [1, L, D]          once per prompt (and once for the empty prompt)
+           --caption embedder + context refiner--> cap_tokens   once, reused by every step
+    noise [1, C, H/p, W/p] --Next-DiT x steps (flow ODE, CFG with cond and uncond in one batch)--> latent
+    latent --denormalise (latent statistics)--> DINOv3 features --pixel decoder--> image in [-1, 1] --> PNG
+
+    python sample.py --prompt "a red circle in the top left"                  # the shipped demo model
+    python sample.py --prompt "a corgi astronaut" --ckpt path/to/release --size 1024x1024
+    python sample.py --prompts prompts.txt --ckpt runs/mine --n 4              # a grid per prompt
+
+`--ckpt` takes a training run folder (the highest finished stage's EMA weights are used) or a folder of the
+released files (README "Using the released weights"): `consolidated.00-of-01.pth`, an Autoencoder-P
+`.ckpt`, the latent statistics `.pt` and a `gemma-2-2b/` folder. Fixes relative to the official sampler
+(DESIGN §5): the seed is honoured, and noise is laid out H first, so non-square sizes come out right.
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+
+import torch
+from PIL import Image, PngImagePlugin
+from tqdm import tqdm
+
+import autoencoder as ae_lib
+import dino
+import flow
+import model as dit_lib
+import text
+
+DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
+RELEASED_MAX_CAP_LEN = 512          # the official sampler's caption limit (spec nextdit_flow_train.md §3)
+
+
+# ----- Finding the pieces of a model on disk -------------------------------------------------------------
+
+def _highest(pattern):
+    """The file matching `pattern` (with one {k} in a folder name) of the highest stage k, or None."""
+    found = sorted(glob.glob(pattern.format(k="*")), key=lambda p: int(re.findall(r"stage(\d+)", p)[-1]))
+    return found[-1] if found else None
+
+
+def _find_run_parts(folder):
+    """A training run folder (train.py's layout): DiT EMA weights of the last finished stage, its decoder."""
+    with open(os.path.join(folder, "encoders.json")) as f:
+        enc = json.load(f)
+    resolve = lambda p: p if p is None or os.path.isabs(p) else os.path.join(folder, p)
+    dit_path = _highest(os.path.join(folder, "stage{k}", "ema.safetensors"))
+    stage_cfg = {}
+    if dit_path:
+        with open(os.path.join(os.path.dirname(dit_path), "config.json")) as f:
+            stage_cfg = json.load(f)
+    stats = resolve(enc.get("stats")) or os.path.join(folder, "encoders", "latent_stats.pt")
+    return dict(dit=dit_path, decoder=_highest(os.path.join(folder, "autoencoder_P", "stage{k}", "model.safetensors")),
+                dino=resolve(enc["dino"]), gemma=resolve(enc["gemma"]), stats=stats,
+                sample=stage_cfg.get("sample", {}), max_cap_len=stage_cfg.get("max_cap_len", RELEASED_MAX_CAP_LEN))
+
+
+def _find_released_parts(folder):
+    """A folder of the released files, found by their names (README lists where each comes from)."""
+    first = lambda *pats: next((p for pat in pats for p in sorted(glob.glob(os.path.join(folder, pat)))), None)
+    gemma = next((os.path.dirname(p) for p in sorted(glob.glob(os.path.join(folder, "*", "config.json")))
+                  if os.path.exists(os.path.join(os.path.dirname(p), "tokenizer.model"))), None)
+    return dict(dit=first("consolidated.00-of-01.pth", "*/consolidated.00-of-01.pth"),
+                decoder=first("*autoencoder*P*stage3*.ckpt", "*autoencoder*P*.ckpt", "*.ckpt"),
+                dino=None, gemma=gemma, stats=first("*stats*.pt"),
+                sample=dict(steps=50, cfg=4.0, solver="dpm", shift=10.0, size=1024), max_cap_len=RELEASED_MAX_CAP_LEN)
+
+
+def find_parts(ckpt):
+    ckpt = ckpt or DEFAULT_CKPT
+    if not os.path.isdir(ckpt):
+        raise FileNotFoundError(f"--ckpt {ckpt} is not a folder: pass a training run folder or a folder of released files")
+    if os.path.exists(os.path.join(ckpt, "encoders.json")):
+        return _find_run_parts(ckpt)
+    if os.path.exists(os.path.join(os.path.dirname(ckpt.rstrip("/")), "encoders.json")):   # RUN_DIR/stageK
+        parts = _find_run_parts(os.path.dirname(ckpt.rstrip("/")))
+        parts["dit"] = os.path.join(ckpt, "ema.safetensors")
+        return parts
+    return _find_released_parts(ckpt)
+
+
+# ----- The pipeline --------------------------------------------------------------------------------------
+
+class Pipeline:
+    """Frozen text encoder + trained Next-DiT + latent statistics + pixel decoder, ready to sample."""
+
+    def __init__(self, dit, decoder, stats, gemma, tokenizer, defaults, max_cap_len, source):
+        self.dit, self.decoder, self.stats = dit, decoder, stats
+        self.gemma, self.tokenizer = gemma, tokenizer
+        self.defaults, self.max_cap_len, self.source = defaults, max_cap_len, source
+        self.device = next(dit.parameters()).device
+        # pixels per latent cell = the encoder's patch (the decoder upsamples by as much) x the DiT's patch
+        self.latent_patch = decoder.upsample_factor * dit.config["patch_size"]
+
+    @torch.no_grad()
+    def generate(self, prompts, seed=0, size=None, steps=None, cfg=None, solver=None, shift=None, system="base",
+                 progress=True):
+        """One image per prompt; image i uses noise seeded by `seed + i`, so a prompt's image does not depend on
+        what else is in the batch. `size` is (width, height) in pixels. Returns a list of PIL images."""
+        d = self.defaults
+        steps, cfg = steps or d.get("steps", 50), d.get("cfg", 4.0) if cfg is None else cfg
+        solver, shift = solver or d.get("solver", "dpm"), d.get("shift", 1.0) if shift is None else shift
+        width, height = size or (d.get("size", 256),) * 2
+        if width % self.latent_patch or height % self.latent_patch:
+            raise ValueError(f"--size {width}x{height}: width and height must be multiples of {self.latent_patch} "
+                             f"(one latent cell of this model), e.g. {width // self.latent_patch * self.latent_patch}x"
+                             f"{height // self.latent_patch * self.latent_patch}")
+        n = len(prompts)
+
+        # Text: every prompt and the empty prompt in one Gemma call; then the caption path of the DiT, once.
+        texts = [text.format_prompt(p, system) for p in prompts] + [""]
+        feats, mask = text.encode_prompts(self.gemma, self.tokenizer, texts, "", self.max_cap_len)
+        feats = feats.float()
+        cond_uncond = torch.cat([torch.arange(n), torch.full((n,), n)])          # [cond_1..n ; uncond x n]
+        feats, mask = feats[cond_uncond], mask[cond_uncond]                         # [2n, L, D], [2n, L]
+        cap_tokens = self.dit.refine_captions(feats, mask)
+
+        # Noise, H first: [n, C, H/p, W/p]
+        C, h, w = self.dit.config["in_channels"], height // self.decoder.upsample_factor, width // self.decoder.upsample_factor
+        noise = torch.cat([flow.seeded_noise(1, C, h, w, seed + i) for i in range(n)]).to(self.device)
+
+        def velocity(x, t):
+            t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(2 * n)
+            v = self.dit(torch.cat([x, x]), t, feats, mask, cap_tokens=cap_tokens)
+            v_cond, v_uncond = v.chunk(2)
+            return flow.cfg_velocity(v_cond, v_uncond, cfg, renorm=True) if cfg != 1 else v_cond
+
+        latents = flow.sample(velocity, noise, steps, solver=solver, shift=shift, progress=progress)
+        pixels = self.decoder.decode(self.stats.denormalize(latents))              # [n, 3, H, W] in ~[-1, 1]
+        # to uint8 as the official sampler does: (x + 1) / 2, clamp, x 255, truncate (autoencoder.md §6)
+        pixels = ((pixels + 1) / 2).clamp(0, 1).mul(255).byte().permute(0, 2, 3, 1).cpu().numpy()
+        meta = dict(seed=None, steps=steps, cfg=cfg, solver=solver, shift=shift, system=system,
+                    size=f"{width}x{height}", checkpoint=self.source)
+        images = []
+        for i, prompt in enumerate(prompts):
+            img = Image.fromarray(pixels[i])
+            img.info["svg_t2i"] = json.dumps(dict(meta, prompt=prompt, seed=seed + i))
+            images.append(img)
+        return images
+
+
+def load_pipeline(ckpt=None, device=None, dit=None, **overrides):
+    """Build a Pipeline from a run folder, a folder of released files, or (ckpt=None) the shipped demo.
+
+    `dit` may be a NextDiT already in memory (train.py previews its EMA weights this way); keyword
+    overrides (dit_path, decoder, gemma, stats) replace individual files. Raises FileNotFoundError naming the
+    missing piece."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    parts = find_parts(ckpt)
+    parts.update({k: v for k, v in overrides.items() if v is not None})
+    for piece, hint in (("decoder", "train one with `train.py --autoencoder P` or pass --decoder"),
+                        ("gemma", "a Gemma-2 folder with config.json and tokenizer.model (--gemma)"),
+                        ("stats", "the latent statistics file (--stats)")):
+        if not parts.get(piece) or not os.path.exists(parts[piece]):
+            raise FileNotFoundError(f"{ckpt or DEFAULT_CKPT}: no {piece} found ({hint})")
+    if dit is None:
+        if not parts.get("dit"):
+            raise FileNotFoundError(f"{ckpt or DEFAULT_CKPT}: no finished DiT stage (stage*/ema.safetensors) "
+                                    "or consolidated.00-of-01.pth")
+        dit = dit_lib.load_nextdit(parts["dit"], map_location="cpu")
+    dit = dit.to(device).eval()
+    encoder = dino.load_dinov3(parts["dino"]) if parts.get("dino") else None
+    decoder = ae_lib.load_autoencoder(parts["decoder"], encoder=encoder).to(device).eval()
+    gemma_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gemma = text.load_gemma2(parts["gemma"], dtype=gemma_dtype).to(device).eval()
+    tokenizer = text.Tokenizer(os.path.join(parts["gemma"], "tokenizer.model"))
+    stats = dino.LatentStats.load(parts["stats"]).to(device)
+    source = os.path.relpath(parts["dit"]) if parts.get("dit") else "in-memory"
+    return Pipeline(dit, decoder, stats, gemma, tokenizer, parts["sample"], parts["max_cap_len"], source)
+
+
+# ----- Files ---------------------------------------------------------------------------------------------
+
+def make_grid(images, cols=None):
+    cols = cols or min(len(images), 4)
+    rows = -(-len(images) // cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def save_png(img, path, meta):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("svg_t2i", meta)             # prompt, seed, steps, cfg, solver, shift, checkpoint
+    img.save(path, pnginfo=info)
+
+
+def slug(prompt, limit=60):
+    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:limit] or "empty"
+
+
+def parse_size(s):
+    m = re.fullmatch(r"(\d+)x(\d+)", s or "")
+    if not m:
+        raise argparse.ArgumentTypeError(f"--size {s!r}: expected WIDTHxHEIGHT, e.g. 1024x768")
+    return int(m.group(1)), int(m.group(2))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Generate images from text prompts with SVG-T2I.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", help="a text file with one prompt per line")
+    p.add_argument("--ckpt", help="a training run folder or a folder of released files (default: the shipped demo)")
+    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT in pixels (default: the model's training size)")
+    p.add_argument("--steps", type=int, help="model evaluations (default: the model's, 50 for the release)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale, with renorm (1 = no guidance)")
+    p.add_argument("--solver", choices=("dpm", "euler", "midpoint"), help="ODE solver (default dpm: DPM-Solver++ 2M)")
+    p.add_argument("--shift", type=float, help="time shift of the step grid toward noise (release: 10)")
+    p.add_argument("--seed", type=int, default=0, help="image j of a prompt uses seed + j")
+    p.add_argument("--n", type=int, default=1, help="images per prompt; more than one also writes a grid")
+    p.add_argument("--system", default="base", choices=sorted(text.SYSTEM_PROMPTS), help="system prompt prepended")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dit", help="override: DiT weights file")
+    p.add_argument("--decoder", help="override: autoencoder .ckpt / .safetensors")
+    p.add_argument("--gemma", help="override: Gemma-2 folder")
+    p.add_argument("--stats", help="override: latent statistics .pt")
+    args = p.parse_args(argv)
+
+    if args.prompt is not None:
+        prompts = [args.prompt]
+    else:
+        with open(args.prompts) as f:
+            prompts = [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise SystemExit(f"{args.prompts}: no prompts (one per line)")
+    pipe = load_pipeline(args.ckpt, device=args.device, dit_path=args.dit, decoder=args.decoder,
+                         gemma=args.gemma, stats=args.stats)
+    os.makedirs(args.out, exist_ok=True)
+    written = []
+    for prompt in tqdm(prompts, desc="prompts", disable=len(prompts) == 1):
+        images = pipe.generate([prompt] * args.n, seed=args.seed, size=args.size, steps=args.steps, cfg=args.cfg,
+                               solver=args.solver, shift=args.shift, system=args.system, progress=True)
+        for img in images:
+            meta = json.loads(img.info["svg_t2i"])
+            path = os.path.join(args.out, f"{slug(prompt)}_{meta['seed']}.png")
+            save_png(img, path, img.info["svg_t2i"])
+            written.append(path)
+        if args.n > 1:
+            path = os.path.join(args.out, f"{slug(prompt)}_grid.png")
+            save_png(make_grid(images), path, json.dumps(dict(meta, seed=args.seed, n=args.n)))
+            written.append(path)
+    print("\n".join(written))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,600 @@
+"""train.py -- the four training stages of SVG-T2I, and the autoencoder stages before them.
+
+Where this sits: everything else in the repository is a part; this file is the assembly line.
+
+    torchrun --nproc_per_node=8 train.py --stage 1 --data pairs.jsonl --out runs/svg --preset 2B \
+             --dino dinov3_vits16plus.pth --gemma gemma-2-2b/ --stats latent_stats.pt
+    python train.py --demo --out runs/demo          # every stage of the CPU demo, one after another
+
+A DiT stage (paper §3, spec nextdit_flow_train.md §5) reads (image, caption) pairs, turns the image into a
+normalised DINOv3 latent and the caption into Gemma-2 features -- both encoders frozen, under no_grad --
+and trains the Next-DiT to predict the flow-matching velocity. Stage 1 trains at 256 px, stage 2 at
+512 px, stage 3 at 1024 px, stage 4 fine-tunes at 1024 px on a small curated set; stage K > 1 starts from
+stage K-1's final weights with a fresh optimizer. An autoencoder stage (`--autoencoder P|R`) trains the pixel
+decoder that turns latents back into images (spec autoencoder.md §3).
+
+The run folder is the unit of work; a stage can be killed at any moment and restarted with the same
+command, and it continues exactly where its last checkpoint left it:
+
+    RUN_DIR/encoders.json           which DINOv3 / Gemma-2 / statistics this run uses (paths)
+    RUN_DIR/encoders/               small random frozen encoders made once for the small presets
+    RUN_DIR/autoencoder_P/stage{K}/ decoder stages: model.safetensors (+ latest/ while running)
+    RUN_DIR/stage{K}/               model.safetensors, ema.safetensors, config.json (+ latest/ while running)
+    RUN_DIR/log.jsonl               one JSON line of metrics per log interval
+    RUN_DIR/previews/               sample grids of fixed prompts, made every so often
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import autoencoder as ae_lib
+import data
+import dino
+import flow
+import model as dit_lib
+import text
+
+# ----- The stage table --------------------------------------------------------------------------------
+# Read it like nanoGPT's config block. A preset fixes the sizes of every network and the resolution ladder;
+# a stage picks one rung. Defaults follow the official scripts (spec nextdit_flow_train.md §5.1): AdamW
+# lr 2e-4, betas (0.9, 0.95), eps 1e-15, no weight decay, no warm-up, grad clip 2.0, caption dropout 0.1,
+# logit-normal t with the resolution shift, bf16 autocast on CUDA. Step counts of the released run are not
+# published (UNVERIFIED); the 2B/0.8B numbers below are a guide sized to the paper's data (~60 M pairs for
+# stages 1-2, ~15 M for stage 3, ~1 M for the SFT), not a reproduction of the authors' schedule.
+
+LR, BETAS, ADAM_EPS, WEIGHT_DECAY = 2e-4, (0.9, 0.95), 1e-15, 0.0
+GRAD_CLIP = 2.0
+CAPTION_DROPOUT = 0.1                 # whole caption (system prompt included) -> "" = just [BOS]
+AE_LR, AE_BETAS = 1e-4, (0.5, 0.9)    # autoencoder: Adam for decoder and discriminator (autoencoder.md §3.2)
+AE_DISC_START = 2500                  # GAN on after 2,500 iterations (the official 5000 "global steps")
+
+_RELEASED = dict(
+    dino=None, gemma=None,                       # the real encoders: --dino, --gemma, --stats
+    dit_res=(256, 512, 1024, 1024),              # stage 1, 2, 3, 4 (SFT)
+    dit_steps=(120_000, 120_000, 60_000, 10_000),  # a guide (UNVERIFIED), see above
+    micro_batch=(16, 8, 2, 2), global_batch=(512, 512, 128, 128),
+    ae_res=(256, 512, 1024), ae_steps=(100_000, 50_000, 20_000), ae_micro_batch=(8, 4, 1),
+    decoder=dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2),
+    max_cap_len=256,                             # one honest limit (the official 512 flag was ignored)
+    ema_decay=0.9999,                            # a 10k-step horizon (the official 0.95 is ~20 steps)
+    sample=dict(steps=50, cfg=4.0, solver="dpm", shift=10.0),   # spec §4.4
+    preview_every=5000, log_every=10,
+)
+
+PRESETS = {
+    "2B": dict(_RELEASED, dit="2B"),
+    "0.8B": dict(_RELEASED, dit="0.8B"),
+    # The CPU demo (README "The demo"): same code path, every network small, encoders random and frozen.
+    # DINOv3 with 8-px patches so a 128-px image is a 16x16 latent grid -- the token count of the real
+    # stage 1 -- and a 4-level (x8) decoder to match.
+    "demo": dict(
+        dit="demo",
+        dino=dict(patch_size=8, embed_dim=64, depth=3, num_heads=4, ffn_layer="mlp", ffn_ratio=4.0,
+                  n_storage_tokens=4, qkv_bias=True, layerscale_init=1.0, pos_embed_rope_base=100.0),
+        gemma=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
+                   vocab_size=512),
+        dit_res=(64, 96, 128, 128), dit_steps=(1200, 600, 600, 200),
+        micro_batch=(32, 32, 32, 32), global_batch=(32, 32, 32, 32),
+        ae_res=(64, 128, 128), ae_steps=(600, 300, 0), ae_micro_batch=(16, 8, 8),
+        decoder=dict(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1),
+        max_cap_len=64, ema_decay=0.995,
+        sample=dict(steps=20, cfg=4.0, solver="dpm", shift=3.0),
+        preview_every=400, log_every=10,
+    ),
+    # Seconds per stage: what the tests train.
+    "tiny": dict(
+        dit="tiny",
+        dino=dict(patch_size=8, embed_dim=32, depth=1, num_heads=2, ffn_layer="mlp", ffn_ratio=2.0,
+                  n_storage_tokens=4, qkv_bias=True, layerscale_init=1.0, pos_embed_rope_base=100.0),
+        gemma=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                   vocab_size=256),
+        dit_res=(32, 32, 64, 64), dit_steps=(20, 10, 10, 10),
+        micro_batch=(4, 4, 4, 4), global_batch=(4, 4, 4, 4),
+        ae_res=(32, 32, 64), ae_steps=(20, 10, 10), ae_micro_batch=(4, 4, 4),
+        decoder=dict(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1),
+        max_cap_len=64, ema_decay=0.9,
+        sample=dict(steps=4, cfg=2.0, solver="dpm", shift=1.0),
+        preview_every=0, log_every=5,
+    ),
+}
+
+PREVIEW_PROMPTS = ["a red circle in the top left", "a blue square in the center",
+                   "a yellow triangle in the bottom right", "a green square in the top right and a purple "
+                   "circle in the bottom left"]
+
+
+# ----- Distributed bookkeeping -----------------------------------------------------------------------
+# torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python train.py` is a world of one. One process per
+# device: NCCL on CUDA, gloo on CPU.
+
+def setup_distributed():
+    if "RANK" not in os.environ:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, device
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def log0(rank, *msg):
+    if rank == 0:
+        tqdm.write(" ".join(str(m) for m in msg))
+
+
+# ----- Atomic files ----------------------------------------------------------------------------------
+# Every file this script writes goes to a temporary name first and is renamed into place: a kill at any
+# moment leaves either the old file or the new one, never half of one.
+
+def atomic_save(write_fn, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    write_fn(tmp)
+    os.replace(tmp, path)
+
+
+def atomic_json(obj, path):
+    atomic_save(lambda p: open(p, "w").write(json.dumps(obj, indent=2)), path)
+
+
+def cpu_state(module):
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()}
+
+
+# ----- Checkpoints: latest/ while a stage runs ---------------------------------------------------------
+# `latest/` holds everything needed to continue exactly: weights, EMA, optimizer, step, the sampler's
+# position and every rank's RNG state. It is written as `latest.tmp/`, then swapped in by two renames;
+# `find_latest` also accepts `latest.old/`, which exists only if a kill hit between the two renames.
+
+def save_latest(stage_dir, rank, state, rng_state):
+    tmp, final, old = (os.path.join(stage_dir, n) for n in ("latest.tmp", "latest", "latest.old"))
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    torch.save(rng_state, os.path.join(tmp, f"rng_rank{rank}.pt"))   # every rank its own RNG state
+    if rank == 0:
+        for name, module_state in state.pop("weights").items():
+            save_file(module_state, os.path.join(tmp, f"{name}.safetensors"))
+        torch.save(state, os.path.join(tmp, "trainer.pt"))             # optimizer, step, sampler
+    barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+            f.write("ok\n")
+        if os.path.exists(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def find_latest(stage_dir):
+    for name in ("latest", "latest.old"):
+        path = os.path.join(stage_dir, name)
+        if os.path.exists(os.path.join(path, "COMPLETE")):
+            return path
+    return None
+
+
+def load_rng(latest, rank):
+    path = os.path.join(latest, f"rng_rank{rank}.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"{latest} has no RNG state for rank {rank}: it was written by a run with a different "
+                         "number of processes. Restart with the same --nproc_per_node, or delete it.")
+    return torch.load(path, weights_only=False)
+
+
+# ----- EMA -------------------------------------------------------------------------------------------
+# An exponential moving average of the weights, the model used for sampling. The decay warms up as
+# (1 + step) / (10 + step) so a short run is not dominated by its random initialisation.
+
+@torch.no_grad()
+def update_ema(ema, model, decay, step):
+    decay = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().float(), 1 - decay)
+
+
+# ----- Frozen encoders: make once (small presets), then always load ------------------------------------
+
+def prepare_encoders(run_dir, preset, args, rank, dataset):
+    """Write RUN_DIR/encoders.json once and return its contents (paths to DINOv3, Gemma-2, stats).
+
+    The released presets point at the user's files. The small presets make their own random frozen
+    encoders: a sentencepiece tokenizer trained on the dataset's captions, a small Gemma-2 and a small
+    DINOv3 with random weights, all saved in the released file layouts so the real loading code reads them.
+    """
+    path = os.path.join(run_dir, "encoders.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    if rank == 0:
+        if preset["dino"] is None:
+            missing = [flag for flag, v in (("--dino", args.dino), ("--gemma", args.gemma)) if not v]
+            if missing:
+                raise SystemExit(f"preset {args.preset!r} uses the released encoders: pass {' and '.join(missing)}"
+                                 " (README 'Using the released weights' says where each comes from)")
+            paths = dict(dino=os.path.abspath(args.dino), gemma=os.path.abspath(args.gemma),
+                         stats=os.path.abspath(args.stats) if args.stats else None)
+        else:
+            enc_dir = os.path.join(run_dir, "encoders")
+            gemma_dir = os.path.join(enc_dir, "gemma")
+            os.makedirs(gemma_dir, exist_ok=True)
+            torch.manual_seed(args.seed)
+            captions = data.all_captions() + [text.SYSTEM_PROMPTS[k] for k in text.SYSTEM_PROMPTS]
+            gemma_cfg = dict(preset["gemma"])
+            text.train_tokenizer(captions, os.path.join(gemma_dir, "tokenizer.model"), gemma_cfg["vocab_size"])
+            text.save_gemma2(text.Gemma2Encoder(**gemma_cfg), gemma_dir)
+            dino.save_dinov3(dino.DINOv3(**preset["dino"]), os.path.join(enc_dir, "dino.safetensors"))
+            paths = dict(dino="encoders/dino.safetensors", gemma="encoders/gemma", stats=None)
+        atomic_json(paths, path)
+    barrier()
+    with open(path) as f:
+        return json.load(f)
+
+
+def resolve(run_dir, p):
+    return p if p is None or os.path.isabs(p) else os.path.join(run_dir, p)
+
+
+def load_encoders(run_dir, paths, device):
+    dino_model = dino.load_dinov3(resolve(run_dir, paths["dino"])).to(device).eval().requires_grad_(False)
+    gemma_dir = resolve(run_dir, paths["gemma"])
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gemma = text.load_gemma2(gemma_dir, dtype=dtype).to(device).eval().requires_grad_(False)
+    tokenizer = text.Tokenizer(os.path.join(gemma_dir, "tokenizer.model"))
+    return dino_model, gemma, tokenizer
+
+
+@torch.no_grad()
+def images_to_latents(dino_model, images):
+    """[B,3,H,W] in [-1,1] -> raw DINOv3 patch features [B,C,H/p,W/p] (fp32, eval, no grad)."""
+    return dino_model.encode(dino.imagenet_normalize((images + 1) / 2))
+
+
+def prepare_stats(run_dir, paths, dino_model, dataset, device, rank, seed):
+    """The per-channel latent statistics: the released file, or computed once over 2,048 training images."""
+    if paths.get("stats"):
+        return dino.LatentStats.load(resolve(run_dir, paths["stats"])).to(device)
+    path = os.path.join(run_dir, "encoders", "latent_stats.pt")
+    if rank == 0 and not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        sampler = data.BucketBatchSampler(dataset, 64, seed=seed)
+        batches = (data.collate([dataset[i] for i in idx])["images"].to(device) for idx, _ in zip(sampler, range(32)))
+        stats = dino.LatentStats.compute(images_to_latents(dino_model, b) for b in batches)
+        atomic_save(stats.save, path)
+        tqdm.write(f"computed latent statistics over {32 * 64} images -> {path}")
+    barrier()
+    return dino.LatentStats.load(path).to(device)
+
+
+# ----- One DiT stage -----------------------------------------------------------------------------------
+
+def train_dit(args, preset, rank, world, device):
+    k = args.stage
+    run_dir = args.out
+    stage_dir = os.path.join(run_dir, f"stage{k}")
+    res = preset["dit_res"][k - 1]
+    max_steps = args.max_steps or preset["dit_steps"][k - 1]
+    global_batch = args.global_batch_size or preset["global_batch"][k - 1]
+    micro = min(args.micro_batch_size or preset["micro_batch"][k - 1], global_batch // world)
+    if global_batch % (micro * world):
+        raise SystemExit(f"--global-batch-size {global_batch} is not a multiple of micro batch {micro} x "
+                         f"{world} processes; pick a multiple of {micro * world}")
+    accum = global_batch // (micro * world)
+
+    dataset = data.open_dataset(args.data, res, seed=args.seed)
+    paths = prepare_encoders(run_dir, preset, args, rank, dataset)
+    dino_model, gemma, tokenizer = load_encoders(run_dir, paths, device)
+    stats = prepare_stats(run_dir, paths, dino_model, dataset, device, rank, args.seed)
+    patch = dino_model.patch_size
+    dataset = data.open_dataset(args.data, res, seed=args.seed, patch=patch)
+
+    # The generator. Small presets take their widths from the encoders they were given.
+    cfg = dict(dit_lib.NEXTDIT_CONFIGS[preset["dit"]], in_channels=dino_model.embed_dim, cap_feat_dim=gemma.hidden_size)
+    model = dit_lib.NextDiT(**cfg).to(device)
+    ema = dit_lib.NextDiT(**cfg).to(device).requires_grad_(False)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
+    sampler = data.BucketBatchSampler(dataset, micro, rank=rank, world_size=world, seed=args.seed + 100 * res)
+
+    step, latest = 0, find_latest(stage_dir)
+    if latest:                                  # resume this stage exactly
+        model.load_state_dict(load_file(os.path.join(latest, "model.safetensors")))
+        ema.load_state_dict(load_file(os.path.join(latest, "ema.safetensors")))
+        trainer = torch.load(os.path.join(latest, "trainer.pt"), weights_only=False)
+        optimizer.load_state_dict(trainer["optimizer"])
+        sampler.load_state_dict(trainer["sampler"])
+        step = trainer["step"]
+        log0(rank, f"stage {k}: resuming from {latest} at step {step}")
+    elif k > 1:                                 # start from the previous stage's final weights
+        prev = os.path.join(run_dir, f"stage{k - 1}", "model.safetensors")
+        if not os.path.exists(prev):
+            raise SystemExit(f"stage {k} starts from stage {k - 1}'s weights, but {prev} does not exist: "
+                             f"run `train.py --stage {k - 1} --out {run_dir}` first")
+        model.load_state_dict(dit_lib.load_nextdit(prev).state_dict())
+        ema.load_state_dict(model.state_dict())
+        log0(rank, f"stage {k}: initialised from {prev}")
+    else:
+        ema.load_state_dict(model.state_dict())
+
+    gen = torch.Generator(device).manual_seed(args.seed * 1000 + rank)     # t, noise, caption dropout
+    if latest:
+        rng = load_rng(latest, rank)
+        gen.set_state(rng["gen"])
+        torch.set_rng_state(rng["torch"])
+
+    ddp_model = DDP(model) if world > 1 else model
+    fwd = ddp_model if args.no_compile else torch.compile(ddp_model)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    shift = flow.resolution_shift((res // patch) ** 2 // cfg["patch_size"] ** 2)
+
+    def encode_batch(batch):
+        latents = stats.normalize(images_to_latents(dino_model, batch["images"].to(device)))
+        keep = torch.rand(len(batch["captions"]), generator=gen, device=device) >= CAPTION_DROPOUT
+        texts = [text.format_prompt(c, s) if kept else "" for c, s, kept in
+                 zip(batch["captions"], batch["systems"], keep.tolist())]
+        cap_feats, cap_mask = text.encode_prompts(gemma, tokenizer, texts, "", preset["max_cap_len"])
+        return latents, cap_feats.float(), cap_mask
+
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.collate,
+                                         num_workers=args.workers, persistent_workers=args.workers > 0)
+    batches = iter(loader)
+
+    def next_batch():
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:                     # a new epoch: the sampler reshuffles by (seed, epoch)
+            sampler.set_epoch(sampler.epoch + 1)
+            batches = iter(loader)
+            return next(batches)
+
+    log_path = os.path.join(run_dir, "log.jsonl")
+    bar = tqdm(total=max_steps, initial=step, desc=f"stage {k} @ {res}px", disable=rank != 0, dynamic_ncols=True)
+    t0, seen = time.time(), 0
+    model.train()
+    while step < max_steps:
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for micro_step in range(accum):
+            batch = next_batch()
+            sampler.batches_done += 1             # what the loop consumed, not what the loader prefetched
+            x1, cap_feats, cap_mask = encode_batch(batch)
+            x0 = torch.randn(x1.shape, generator=gen, device=device)
+            t = flow.shift_timesteps(flow.sample_timesteps(len(x1), generator=gen, device=device), shift)
+            sync = micro_step == accum - 1 or world == 1
+            with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast:
+                v = fwd(flow.interpolate(x0, x1, t), t, cap_feats, cap_mask)
+                loss = flow.training_loss(v.float(), x0, x1).mean() / accum
+            loss.backward()
+            loss_sum += loss.item()
+            seen += len(x1) * world
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        optimizer.step()
+        step += 1
+        update_ema(ema, model, preset["ema_decay"], step)
+        bar.update(1)
+
+        if step % preset["log_every"] == 0 or step == max_steps:
+            elapsed = time.time() - t0
+            row = dict(stage=k, step=step, loss=loss_sum, grad_norm=grad_norm.item(), images_per_s=seen / elapsed,
+                       skipped_images=getattr(dataset, "skipped", 0))
+            bar.set_postfix(loss=f"{loss_sum:.4f}", img_s=f"{seen / elapsed:.1f}")
+            if rank == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            t0, seen = time.time(), 0
+        if step % args.ckpt_every == 0 or step == max_steps:
+            save_latest(stage_dir, rank, dict(
+                weights=dict(model=cpu_state(model), ema=cpu_state(ema)), optimizer=optimizer.state_dict(),
+                sampler=sampler.state_dict(), step=step), dict(gen=gen.get_state(), torch=torch.get_rng_state()))
+        every = args.preview_every if args.preview_every is not None else preset["preview_every"]
+        if rank == 0 and every and (step % every == 0 or step == max_steps):
+            write_preview(run_dir, ema, k, step, res, preset, device)
+    bar.close()
+
+    if rank == 0:                                 # the stage's result, in the form sample.py reads
+        dit_lib.save_nextdit(model, os.path.join(stage_dir, "model.safetensors"))
+        dit_lib.save_nextdit(ema, os.path.join(stage_dir, "ema.safetensors"))
+        atomic_json(dict(stage=k, resolution=res, steps=step, global_batch=global_batch, preset=args.preset,
+                         dit=cfg, sample=dict(preset["sample"], size=res), max_cap_len=preset["max_cap_len"],
+                         data=args.data, seed=args.seed), os.path.join(stage_dir, "config.json"))
+        log0(rank, f"stage {k} done: {stage_dir}/model.safetensors, ema.safetensors")
+    barrier()
+
+
+def write_preview(run_dir, ema, stage, step, res, preset, device):
+    """A grid of fixed prompts from the EMA weights, if a decoder exists yet (train one with --autoencoder P)."""
+    import sample
+    try:
+        pipe = sample.load_pipeline(run_dir, device=device, dit=ema)
+    except FileNotFoundError as e:
+        if not getattr(write_preview, "warned", False):
+            tqdm.write(f"no previews: {e}")
+            write_preview.warned = True
+        return
+    images = pipe.generate(PREVIEW_PROMPTS, seed=0, size=(res, res), progress=False)
+    os.makedirs(os.path.join(run_dir, "previews"), exist_ok=True)
+    sample.make_grid(images).save(os.path.join(run_dir, "previews", f"stage{stage}_step{step:07d}.png"))
+
+
+# ----- One autoencoder stage ---------------------------------------------------------------------------
+
+def train_autoencoder(args, preset, rank, world, device):
+    k, kind = args.stage, args.autoencoder
+    run_dir = args.out
+    stage_dir = os.path.join(run_dir, f"autoencoder_{kind}", f"stage{k}")
+    if k > len(preset["ae_res"]):
+        raise SystemExit(f"the autoencoder has stages 1-{len(preset['ae_res'])}; got --stage {k}")
+    res = preset["ae_res"][k - 1]
+    max_steps = args.max_steps if args.max_steps is not None else preset["ae_steps"][k - 1]
+    micro = args.micro_batch_size or preset["ae_micro_batch"][k - 1]
+
+    dataset = data.open_dataset(args.data, res, seed=args.seed)
+    paths = prepare_encoders(run_dir, preset, args, rank, dataset)
+    dino_model, _, _ = load_encoders(run_dir, paths, device)
+    dataset = data.open_dataset(args.data, res, seed=args.seed, patch=dino_model.patch_size)
+
+    residual = ae_lib.ResidualViT(**ae_lib.RESIDUAL_VIT_DEFAULTS) if kind == "R" else None
+    z_channels = dino_model.embed_dim + (residual.out_dim if residual is not None else 0)
+    decoder = ae_lib.Decoder(z_channels=z_channels, **preset["decoder"])
+    ae = ae_lib.Autoencoder(dino_model, decoder, residual).to(device)
+    loss_fn = ae_lib.AutoencoderLoss(lpips_path=args.lpips, vgg_path=args.vgg, disc_start=AE_DISC_START).to(device)
+    params = list(ae.trainable_parameters())
+    opt_g = torch.optim.Adam(params, lr=AE_LR, betas=AE_BETAS)
+    opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=AE_LR, betas=AE_BETAS)
+    sampler = data.BucketBatchSampler(dataset, micro, rank=rank, world_size=world, seed=args.seed + 100 * res)
+
+    step, latest = 0, find_latest(stage_dir)
+    if latest:
+        ae.load_trainable_state_dict(load_file(os.path.join(latest, "model.safetensors")))
+        loss_fn.discriminator.load_state_dict(load_file(os.path.join(latest, "discriminator.safetensors")))
+        trainer = torch.load(os.path.join(latest, "trainer.pt"), weights_only=False)
+        opt_g.load_state_dict(trainer["opt_g"])
+        opt_d.load_state_dict(trainer["opt_d"])
+        sampler.load_state_dict(trainer["sampler"])
+        step = trainer["step"]
+        torch.set_rng_state(load_rng(latest, rank)["torch"])
+        log0(rank, f"autoencoder {kind} stage {k}: resuming at step {step}")
+    elif k > 1:
+        prev = os.path.join(run_dir, f"autoencoder_{kind}", f"stage{k - 1}", "model.safetensors")
+        if not os.path.exists(prev):
+            raise SystemExit(f"autoencoder stage {k} starts from {prev}, which does not exist: run stage {k - 1} first")
+        ae.load_trainable_state_dict(ae_lib.load_autoencoder(prev).trainable_state_dict())
+
+    ddp_ae = DDP(ae, find_unused_parameters=False) if world > 1 else ae
+    ddp_disc = DDP(loss_fn.discriminator) if world > 1 else loss_fn.discriminator
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.collate,
+                                         num_workers=args.workers)
+    batches = iter(loader)
+    bar = tqdm(total=max_steps, initial=step, desc=f"autoencoder {kind} stage {k} @ {res}px", disable=rank != 0)
+    ae.train()
+    while step < max_steps:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            sampler.set_epoch(sampler.epoch + 1)
+            batches = iter(loader)
+            batch = next(batches)
+        sampler.batches_done += 1
+        images = batch["images"].to(device)
+        recon = ddp_ae(images)                    # encode (DINOv3 under no_grad) then decode
+        loss_g, log_g = loss_fn.generator_loss(recon, images, step, last_layer=decoder.conv_out.weight,
+                                               discriminator=ddp_disc)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        loss_d, log_d = loss_fn.discriminator_loss(recon.detach(), images, step, discriminator=ddp_disc)
+        if loss_d.requires_grad:
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(l1=f"{log_g.get('l1', 0.0):.4f}")
+        if rank == 0 and (step % preset["log_every"] == 0 or step == max_steps):
+            with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(dict(autoencoder=kind, stage=k, step=step, **log_g, **log_d)) + "\n")
+        if step % args.ckpt_every == 0 or step == max_steps:
+            save_latest(stage_dir, rank, dict(
+                weights=dict(model=ae.trainable_state_dict(), discriminator=cpu_state(loss_fn.discriminator)),
+                opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(), sampler=sampler.state_dict(), step=step),
+                dict(torch=torch.get_rng_state()))
+    bar.close()
+    if rank == 0:
+        os.makedirs(stage_dir, exist_ok=True)
+        ae_lib.save_autoencoder(ae, os.path.join(stage_dir, "model.safetensors"))
+        log0(rank, f"autoencoder {kind} stage {k} done: {stage_dir}/model.safetensors")
+    barrier()
+
+
+# ----- Command line ------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Stages: DiT 1=256px 2=512px 3=1024px 4=SFT@1024px; autoencoder 1=256 2=512 "
+                                       "3=1024 (small presets scale these down; see PRESETS in train.py).")
+    p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), help="which stage to train (required unless --demo)")
+    p.add_argument("--autoencoder", choices=("P", "R"), help="train the pixel decoder (P) or decoder + residual ViT (R) "
+                   "instead of the DiT")
+    p.add_argument("--data", default="shapes", help="a JSONL file of {path, prompt}, an image folder with .txt "
+                   "captions, or 'shapes' / 'shapes:clean' (the built-in procedural dataset)")
+    p.add_argument("--out", required=True, help="the run folder; every stage of one model lives in the same one")
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="model sizes and resolution ladder")
+    p.add_argument("--max-steps", type=int, help="optimizer steps for this stage (default: the stage table)")
+    p.add_argument("--global-batch-size", type=int, help="images per optimizer step over all processes; larger than "
+                   "micro batch x processes means gradient accumulation")
+    p.add_argument("--micro-batch-size", type=int, help="images per process per forward pass")
+    p.add_argument("--ckpt-every", type=int, default=500, help="write RUN_DIR/stage{K}/latest/ every N steps")
+    p.add_argument("--preview-every", type=int, help="sample a preview grid every N steps (0: never)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data order, t, noise and caption dropout")
+    p.add_argument("--lr", type=float, default=LR, help="AdamW learning rate (constant, no warm-up, as official)")
+    p.add_argument("--no-compile", action="store_true", help="run the DiT eagerly instead of torch.compile")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute joint blocks in backward (saves memory)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank")
+    p.add_argument("--dino", help="DINOv3 weights (.pth or HF folder) for the released presets")
+    p.add_argument("--gemma", help="Gemma-2-2B folder (config.json, *.safetensors, tokenizer.model)")
+    p.add_argument("--stats", help="latent statistics file (.pt with mean/std); computed once if omitted")
+    p.add_argument("--lpips", help="LPIPS v0.1 vgg.pth for the autoencoder loss (without it: L1 + GAN only)")
+    p.add_argument("--vgg", help="torchvision vgg16 .pth for LPIPS")
+    p.add_argument("--demo", action="store_true", help="walk every stage of the preset: autoencoder P 1..3, DiT 1..4")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.demo and args.stage is None:
+        raise SystemExit("pass --stage K (1-4), or --demo to walk every stage")
+    preset = PRESETS[args.preset]
+    rank, world, device = setup_distributed()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed * 1000 + rank)
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        if args.demo:
+            for k, steps in enumerate(preset["ae_steps"], start=1):
+                if steps:
+                    train_autoencoder(argparse.Namespace(**{**vars(args), "stage": k, "autoencoder": "P"}),
+                                      preset, rank, world, device)
+            for k in range(1, 5):
+                data_k = "shapes:clean" if k == 4 and args.data == "shapes" else args.data
+                train_dit(argparse.Namespace(**{**vars(args), "stage": k, "data": data_k}), preset, rank, world, device)
+        elif args.autoencoder:
+            train_autoencoder(args, preset, rank, world, device)
+        else:
+            train_dit(args, preset, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
