@@ -1,0 +1,560 @@
+"""The Unified Next-DiT: the generator of SVG-T2I.
+
+Where it sits in the pipeline
+-----------------------------
+    normalised DINOv3 latent x_t [B, 384, H/16, W/16] ─┐
+    flow time t in [0, 1] (0 = noise, 1 = data)       ─┼─► NextDiT ─► velocity v ≈ x_data − noise
+    Gemma-2 caption features [B, L, 2304] + mask      ─┘
+
+SVG-T2I reuses, unchanged, the single-stream "Unified Next-DiT" of Lumina-Image-2.0 (arXiv 2503.21758);
+only the sizes differ (384 input channels, patch 1, 2.61 B parameters). The numerics below follow
+spec/nextdit_flow_train.md §1 (the official `svg_t2i/models/model_dino.py`) and §7; the state dict is the
+released layout key for key (tests/manifests/nextdit_2b_official.json), so the released
+`consolidated.00-of-01.pth` loads strictly.
+
+The network, in the order data meets it (spec §1.4):
+
+    t ──► TimestepEmbedder ──► c [B, 1024]  (conditions every modulated block; no pooled caption term)
+    caption ──► cap_embedder (RMSNorm + Linear) ──► context_refiner (plain blocks, caption only)
+    image ──► patchify ──► x_embedder ──► noise_refiner (modulated blocks, image only)
+    [caption ; image ; padding] ──► layers (modulated joint blocks) ──► final_layer ──► unpatchify
+
+Every block is the same JointTransformerBlock: attention with GQA, per-head QK RMSNorm and 3-axis RoPE, a
+SwiGLU FFN, RMSNorms before and after each sub-layer ("sandwich norm"), and optionally a tanh-gated adaLN
+scale from c. Padding is handled with key-only masks, so a sample's output never depends on its batch mates.
+"""
+import json
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# ----- Presets ----------------------------------------------------------------------------------------
+# Keys are the official constructor names (model_dino.py:554-575). The two released sizes come from
+# NextDiT_2B_GQA_patch1_Adaln_Refiner and NextDiT_08B_GQA_patch1_Adaln_Refiner (model_dino.py:941-1014),
+# with the values the official scripts pass in: in_channels=384 (DINOv3-S/16+ width), cap_feat_dim=2304
+# (Gemma-2-2B width), qk_norm=True. The small presets are ours; callers override in_channels and
+# cap_feat_dim to match their encoders.
+NEXTDIT_CONFIGS = {
+    # 2,611,246,336 parameters (spec §1.1, verified by tests/test_model.py).
+    "2B": dict(patch_size=1, in_channels=384, dim=2304, n_layers=26, n_refiner_layers=2, n_heads=24,
+               n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True,
+               cap_feat_dim=2304, axes_dims=[32, 32, 32], axes_lens=[600, 512, 512]),
+    # 784,896,640 parameters.
+    "0.8B": dict(patch_size=1, in_channels=384, dim=1152, n_layers=28, n_refiner_layers=2, n_heads=16,
+                 n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True,
+                 cap_feat_dim=2304, axes_dims=[24, 24, 24], axes_lens=[600, 512, 512]),
+    # CPU demo: ~10 M parameters at in_channels=64, cap_feat_dim=64. head_dim 32 = 8 (text) + 12 + 12.
+    "demo": dict(patch_size=1, in_channels=64, dim=256, n_layers=6, n_refiner_layers=1, n_heads=8,
+                 n_kv_heads=4, multiple_of=64, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True,
+                 cap_feat_dim=64, axes_dims=[8, 12, 12], axes_lens=[600, 512, 512]),
+    # Unit tests: trains in seconds. head_dim 16 = 4 + 6 + 6.
+    "tiny": dict(patch_size=1, in_channels=16, dim=64, n_layers=2, n_refiner_layers=1, n_heads=4,
+                 n_kv_heads=2, multiple_of=32, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True,
+                 cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[600, 512, 512]),
+}
+
+ROPE_THETA = 10000.0        # RopeEmbedder default; NextDiT never passes another (model_dino.py:531)
+QK_NORM_EPS = 1e-6          # the vanilla RMSNorm default used for q/k-norm (spec §1.2). UNVERIFIED: if apex
+                            # was installed during official training its FusedRMSNorm default 1e-5 applied.
+FREQ_EMBED_SIZE = 256       # sinusoidal timestep features (TimestepEmbedder frequency_embedding_size)
+MAX_ADALN_DIM = 1024        # adaLN / timestep width is min(dim, 1024)
+
+
+def ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier):
+    """SwiGLU hidden width: 4·dim, optionally scaled, rounded up to a multiple (2B: 9216, 0.8B: 4608)."""
+    hidden = 4 * dim
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+# ----- Normalisation ----------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, cast back, then scaled (the official fallback RMSNorm)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+# ----- Timestep embedding -----------------------------------------------------------------------------
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] (used as is, not ×1000) -> 256 sinusoidal features [cos | sin] -> MLP -> [B, width]."""
+
+    def __init__(self, width):
+        super().__init__()
+        # Sequential indices 0 and 2 are the released key names (t_embedder.mlp.{0,2}).
+        self.mlp = nn.Sequential(nn.Linear(FREQ_EMBED_SIZE, width), nn.SiLU(), nn.Linear(width, width))
+
+    @staticmethod
+    def sinusoidal(t, size=FREQ_EMBED_SIZE, max_period=10000.0):
+        half = size // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        angles = t.float()[:, None] * freqs[None]                        # [B, 128]
+        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # cos FIRST (spec §1.2)
+
+    def forward(self, t):
+        return self.mlp(self.sinusoidal(t).to(self.mlp[0].weight.dtype))  # [B, width]
+
+
+# ----- Rotary position embedding ----------------------------------------------------------------------
+# Each token has a 3-component position (axis 0 = text position, axis 1 = row, axis 2 = column). Head
+# dimensions are split into three groups (axes_dims) and each group rotates with its own axis. Pairs of
+# neighbouring dimensions (2i, 2i+1) are one complex number (interleaved layout, not split halves).
+
+def rope_tables(axes_dims, axes_lens, theta=ROPE_THETA):
+    """Per-axis (cos, sin) tables [len_i, dim_i/2] in float32, built like the official complex64 table:
+    frequencies in float64, angles cast to float32, then cos/sin. Always on CPU (moved on use)."""
+    tables = []
+    for d, length in zip(axes_dims, axes_lens):
+        freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d)  # [d/2]
+        angles = torch.outer(torch.arange(length, dtype=torch.float64, device="cpu"), freqs).float()
+        tables.append((angles.cos(), angles.sin()))
+    return tables
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs of x [B, S, H, D] by angles given as cos/sin [B, S, D/2]; float32 math."""
+    x_pairs = x.float().unflatten(-1, (-1, 2))                           # [B, S, H, D/2, 2]
+    real, imag = x_pairs[..., 0], x_pairs[..., 1]
+    cos, sin = cos[:, :, None], sin[:, :, None]                          # broadcast over heads
+    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+# ----- Attention --------------------------------------------------------------------------------------
+
+class JointAttention(nn.Module):
+    """Multi-head self-attention with grouped KV heads, per-head QK RMSNorm and RoPE.
+
+    One fused `qkv` projection whose output rows are [q (n_heads·hd) | k (n_kv·hd) | v (n_kv·hd)].
+    The mask is key-only: padded tokens are never attended to, but still produce (ignored) outputs, so
+    no row is fully masked and nothing turns NaN.
+    """
+
+    def __init__(self, dim, n_heads, n_kv_heads, qk_norm):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = dim // n_heads
+        self.qkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
+        self.out = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        # Without qk_norm the official code uses nn.Identity here, which has no keys.
+        self.q_norm = RMSNorm(self.head_dim, QK_NORM_EPS) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, QK_NORM_EPS) if qk_norm else nn.Identity()
+
+    def forward(self, x, key_mask, cos, sin):
+        B, S, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
+        q = self.q_norm(q.view(B, S, self.n_heads, hd))                 # [B, S, H, hd]
+        k = self.k_norm(k.view(B, S, self.n_kv_heads, hd))              # [B, S, Hkv, hd]
+        v = v.view(B, S, self.n_kv_heads, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # GQA: kv head j serves query heads j·n_rep ... j·n_rep + n_rep − 1 (consecutive repeats).
+        n_rep = self.n_heads // self.n_kv_heads
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, S, hd]
+        if n_rep > 1:
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, S] keys only
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # scale 1/sqrt(hd)
+        return self.out(out.transpose(1, 2).reshape(B, S, self.n_heads * hd))
+
+
+# ----- Feed-forward -----------------------------------------------------------------------------------
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) · w3 x), no biases."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# ----- Transformer block ------------------------------------------------------------------------------
+
+class JointTransformerBlock(nn.Module):
+    """Sandwich-norm block; with `modulation`, a tanh-gated (1 + scale) adaLN driven by the timestep.
+
+        scale_msa, gate_msa, scale_mlp, gate_mlp = Linear(SiLU(c)).chunk(4)     (this order)
+        x = x + tanh(gate_msa) · norm2(Attn(norm1(x) · (1 + scale_msa)))
+        x = x + tanh(gate_mlp) · ffn_norm2(FFN(ffn_norm1(x) · (1 + scale_mlp)))
+
+    There is no shift term. Without modulation (the context refiner) scale = 0 and the gates are 1.
+    """
+
+    def __init__(self, dim, n_heads, n_kv_heads, ffn_hidden, norm_eps, qk_norm, modulation, adaln_dim):
+        super().__init__()
+        # Registration order = released key order.
+        self.attention = JointAttention(dim, n_heads, n_kv_heads, qk_norm)
+        self.feed_forward = FeedForward(dim, ffn_hidden)
+        self.attention_norm1 = RMSNorm(dim, norm_eps)
+        self.ffn_norm1 = RMSNorm(dim, norm_eps)
+        self.attention_norm2 = RMSNorm(dim, norm_eps)
+        self.ffn_norm2 = RMSNorm(dim, norm_eps)
+        self.modulation = modulation
+        if modulation:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_dim, 4 * dim))
+
+    def forward(self, x, key_mask, cos, sin, c=None):
+        if not self.modulation:
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), key_mask, cos, sin))
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(4, dim=-1)  # [B,1,D]
+        attn_out = self.attention(self.attention_norm1(x) * (1 + scale_msa), key_mask, cos, sin)
+        x = x + gate_msa.tanh() * self.attention_norm2(attn_out)
+        ffn_out = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
+        return x + gate_mlp.tanh() * self.ffn_norm2(ffn_out)
+
+
+# ----- Final layer ------------------------------------------------------------------------------------
+
+class FinalLayer(nn.Module):
+    """Non-affine LayerNorm (eps 1e-6), (1 + scale) from c, then a linear map to p·p·C_out per token."""
+
+    def __init__(self, dim, out_dim, adaln_dim):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)  # no keys
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_dim, dim))
+
+    def forward(self, x, c):
+        scale = self.adaLN_modulation(c)[:, None]                        # [B, 1, D]
+        return self.linear(self.norm_final(x) * (1 + scale))
+
+
+# ----- The model --------------------------------------------------------------------------------------
+
+class NextDiT(nn.Module):
+    """The Unified Next-DiT (spec §1). Constructor names and defaults are the official ones.
+
+    forward(x, t, cap_feats, cap_mask, cap_tokens=None) -> v, same structure as x:
+      x          [B, C, H, W] tensor, or a list of B tensors [C, Hi, Wi] of different sizes
+      t          [B] (or a scalar) flow time in [0, 1]; 0 = pure noise, 1 = data
+      cap_feats  [B, L, cap_feat_dim] right-padded text-encoder features
+      cap_mask   [B, L] bool (or 0/1), True for real tokens, right-padded, at least 1 per sample
+      cap_tokens optional output of refine_captions(cap_feats, cap_mask), to skip the caption path
+    """
+
+    def __init__(self, patch_size=1, in_channels=384, dim=4096, n_layers=32, n_refiner_layers=2, n_heads=32,
+                 n_kv_heads=None, multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=False,
+                 cap_feat_dim=5120, axes_dims=(16, 56, 56), axes_lens=(1, 512, 512)):
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        head_dim = dim // n_heads
+        if dim % n_heads or n_heads % n_kv_heads:
+            raise ValueError(f"NextDiT: dim {dim} must divide by n_heads {n_heads}, which must divide by "
+                             f"n_kv_heads {n_kv_heads}")
+        if sum(axes_dims) != head_dim or any(d % 2 for d in axes_dims):
+            raise ValueError(f"NextDiT: axes_dims {list(axes_dims)} must be even and sum to head_dim {head_dim}")
+        # The plain-dict config is what save_nextdit writes next to the weights.
+        self.config = dict(patch_size=patch_size, in_channels=in_channels, dim=dim, n_layers=n_layers,
+                           n_refiner_layers=n_refiner_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                           multiple_of=multiple_of, ffn_dim_multiplier=ffn_dim_multiplier, norm_eps=norm_eps,
+                           qk_norm=qk_norm, cap_feat_dim=cap_feat_dim, axes_dims=list(axes_dims),
+                           axes_lens=list(axes_lens))
+        self.patch_size, self.in_channels, self.out_channels = patch_size, in_channels, in_channels
+        self.axes_lens = list(axes_lens)
+        adaln_dim = min(dim, MAX_ADALN_DIM)
+        hidden = ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier)
+
+        def block(modulation):
+            return JointTransformerBlock(dim, n_heads, n_kv_heads, hidden, norm_eps, qk_norm, modulation, adaln_dim)
+
+        # Registration order below is the released key order (spec §1.6).
+        self.x_embedder = nn.Linear(patch_size * patch_size * in_channels, dim)
+        self.noise_refiner = nn.ModuleList([block(True) for _ in range(n_refiner_layers)])
+        self.context_refiner = nn.ModuleList([block(False) for _ in range(n_refiner_layers)])
+        self.t_embedder = TimestepEmbedder(adaln_dim)
+        self.cap_embedder = nn.Sequential(RMSNorm(cap_feat_dim, norm_eps), nn.Linear(cap_feat_dim, dim))
+        self.layers = nn.ModuleList([block(True) for _ in range(n_layers)])
+        self.norm_final = RMSNorm(dim, norm_eps)   # never used in forward; kept so released weights load strictly
+        self.final_layer = FinalLayer(dim, patch_size * patch_size * self.out_channels, adaln_dim)
+
+        # RoPE tables are plain tensors, not buffers: the released state dict has none (spec §1.6).
+        self._rope_cpu = rope_tables(axes_dims, axes_lens)
+        self._rope_cache = {}
+        self.grad_checkpointing = False
+        self.initialize_weights()
+
+    # ----- Initialisation (spec §1.5) -----------------------------------------------------------------
+    def initialize_weights(self):
+        """The official init: xavier for projections, zero adaLN and final layer (so every modulated block
+        starts as the identity and the first prediction is 0), N(0, 0.02) timestep MLP."""
+        if self.x_embedder.weight.is_meta:
+            return
+        for blk in [*self.noise_refiner, *self.context_refiner, *self.layers]:
+            for lin in [blk.attention.qkv, blk.attention.out, blk.feed_forward.w1, blk.feed_forward.w2,
+                        blk.feed_forward.w3]:
+                nn.init.xavier_uniform_(lin.weight)
+            if blk.modulation:
+                nn.init.zeros_(blk.adaLN_modulation[1].weight)
+                nn.init.zeros_(blk.adaLN_modulation[1].bias)
+        nn.init.xavier_uniform_(self.x_embedder.weight)
+        nn.init.zeros_(self.x_embedder.bias)
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        nn.init.trunc_normal_(self.cap_embedder[1].weight, std=0.02)
+        nn.init.zeros_(self.cap_embedder[1].bias)
+        for lin in (self.final_layer.linear, self.final_layer.adaLN_modulation[1]):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def set_grad_checkpointing(self, enabled=True):
+        """Recompute joint-block activations in backward (only `layers`, like the official FSDP setup)."""
+        self.grad_checkpointing = enabled
+        return self
+
+    # ----- Positions ----------------------------------------------------------------------------------
+    def rope(self, pos_ids):
+        """pos_ids [B, S, 3] int64 -> cos, sin [B, S, head_dim/2], axis groups concatenated in order."""
+        key = pos_ids.device
+        if key not in self._rope_cache:
+            self._rope_cache[key] = [(c.to(key), s.to(key)) for c, s in self._rope_cpu]
+        tables = self._rope_cache[key]
+        cos = torch.cat([tables[i][0][pos_ids[..., i]] for i in range(3)], dim=-1)
+        sin = torch.cat([tables[i][1][pos_ids[..., i]] for i in range(3)], dim=-1)
+        return cos, sin
+
+    @staticmethod
+    def grid_positions(axis0, height, width, device):
+        """Image token positions (axis0, row, col) in row-major order -> [height·width, 3]."""
+        rows = torch.arange(height, device=device).repeat_interleave(width)
+        cols = torch.arange(width, device=device).repeat(height)
+        return torch.stack([torch.full_like(rows, axis0), rows, cols], dim=-1)
+
+    def caption_lengths(self, cap_mask):
+        """Check the mask is right-padded with >= 1 token per sample; return the lengths as a Python list."""
+        cap_mask = cap_mask.bool()
+        lengths = cap_mask.sum(1)
+        expected = torch.arange(cap_mask.shape[1], device=cap_mask.device)[None] < lengths[:, None]
+        if not torch.equal(expected, cap_mask):
+            raise ValueError("NextDiT: cap_mask must be right-padded (True for real tokens, then False)")
+        lengths = lengths.tolist()
+        if min(lengths) < 1:
+            raise ValueError("NextDiT: every caption needs at least one real token (the empty prompt is <bos>)")
+        if max(lengths) >= self.axes_lens[0]:
+            raise ValueError(f"NextDiT: caption of {max(lengths)} tokens exceeds the RoPE text axis "
+                             f"(axes_lens[0] = {self.axes_lens[0]}); truncate captions first")
+        return lengths
+
+    # ----- Caption path (independent of x and t) ------------------------------------------------------
+    def refine_captions(self, cap_feats, cap_mask):
+        """cap_feats [B, L, cap_feat_dim], cap_mask [B, L] -> cap_tokens [B, L, dim].
+
+        Caption embedder + context refiner. It sees neither x nor t, so a sampler computes it once and
+        passes it to every step as forward(..., cap_tokens=...). Padded rows hold meaningless values.
+        """
+        lengths = self.caption_lengths(cap_mask)
+        B, L, _ = cap_feats.shape
+        # Caption token j sits at (j, 0, 0); padding at (0, 0, 0) (masked as a key, dropped as a query).
+        pos = torch.zeros(B, L, 3, dtype=torch.long, device=cap_feats.device)
+        pos[..., 0] = torch.arange(L, device=cap_feats.device) * cap_mask.bool()
+        cos, sin = self.rope(pos)
+        key_mask = None if min(lengths) == L else cap_mask.bool()
+        cap = self.cap_embedder(cap_feats)                               # [B, L, dim]
+        for blk in self.context_refiner:
+            cap = blk(cap, key_mask, cos, sin)
+        return cap
+
+    # ----- Patchify -----------------------------------------------------------------------------------
+    def patchify(self, image):
+        """[C, H, W] -> [H/p · W/p, p·p·C] tokens, row-major, features ordered (ph, pw, C)."""
+        C, H, W = image.shape
+        p = self.patch_size
+        if C != self.in_channels or H % p or W % p:
+            raise ValueError(f"NextDiT: latent of shape {tuple(image.shape)} needs {self.in_channels} channels "
+                             f"and H, W divisible by patch_size {p}")
+        if H // p > self.axes_lens[1] or W // p > self.axes_lens[2]:
+            raise ValueError(f"NextDiT: latent {H}x{W} exceeds the RoPE grid {self.axes_lens[1:]} (in patches)")
+        return image.view(C, H // p, p, W // p, p).permute(1, 3, 2, 4, 0).reshape((H // p) * (W // p), p * p * C)
+
+    def unpatchify(self, tokens, height, width):
+        """[H/p · W/p, p·p·C] -> [C, H, W], the inverse of patchify."""
+        p, C = self.patch_size, self.out_channels
+        return tokens.view(height // p, width // p, p, p, C).permute(4, 0, 2, 1, 3).reshape(C, height, width)
+
+    # ----- Forward ------------------------------------------------------------------------------------
+    def forward(self, x, t, cap_feats, cap_mask, cap_tokens=None):
+        images = list(x) if isinstance(x, (list, tuple)) else list(x.unbind(0))
+        B = len(images)
+        device = images[0].device
+        t = torch.as_tensor(t, device=device)
+        t = t.expand(B) if t.dim() == 0 else t
+        if t.shape != (B,) or cap_feats.shape[0] != B or cap_mask.shape[0] != B:
+            raise ValueError(f"NextDiT: batch sizes disagree: {B} latents, t {tuple(t.shape)}, cap_feats "
+                             f"{tuple(cap_feats.shape)}, cap_mask {tuple(cap_mask.shape)}")
+        cap_lens = self.caption_lengths(cap_mask)
+        c = self.t_embedder(t)                                           # [B, adaln_dim]
+        if cap_tokens is None:
+            cap_tokens = self.refine_captions(cap_feats, cap_mask)       # [B, L, dim]
+
+        # Image tokens, zero-padded to the longest image, through the noise refiner.
+        p = self.patch_size
+        sizes = [tuple(im.shape[-2:]) for im in images]
+        img_lens = [(h // p) * (w // p) for h, w in sizes]
+        max_img = max(img_lens)
+        patches = torch.zeros(B, max_img, p * p * self.in_channels, device=device, dtype=images[0].dtype)
+        img_pos = torch.zeros(B, max_img, 3, dtype=torch.long, device=device)
+        for i, (im, (h, w)) in enumerate(zip(images, sizes)):
+            patches[i, :img_lens[i]] = self.patchify(im)
+            # Axis-0 position of every image token = its own caption length (spec §1.3).
+            img_pos[i, :img_lens[i]] = self.grid_positions(cap_lens[i], h // p, w // p, device)
+        img_mask = torch.arange(max_img, device=device)[None] < torch.tensor(img_lens, device=device)[:, None]
+        cos, sin = self.rope(img_pos)
+        key_mask = None if min(img_lens) == max_img else img_mask
+        img = self.x_embedder(patches)                                   # [B, N, dim]
+        for blk in self.noise_refiner:
+            img = blk(img, key_mask, cos, sin, c)
+
+        # Joint sequence per sample: [caption (cap_len) ; image (img_len) ; zero padding].
+        seq_lens = [cl + il for cl, il in zip(cap_lens, img_lens)]
+        max_seq = max(seq_lens)
+        joint = img.new_zeros(B, max_seq, img.shape[-1])
+        joint_pos = torch.zeros(B, max_seq, 3, dtype=torch.long, device=device)
+        for i, (cl, il) in enumerate(zip(cap_lens, img_lens)):
+            joint[i, :cl] = cap_tokens[i, :cl].to(joint.dtype)
+            joint[i, cl:cl + il] = img[i, :il]
+            joint_pos[i, :cl, 0] = torch.arange(cl, device=device)
+            joint_pos[i, cl:cl + il] = img_pos[i, :il]
+        seq_mask = torch.arange(max_seq, device=device)[None] < torch.tensor(seq_lens, device=device)[:, None]
+        cos, sin = self.rope(joint_pos)
+        key_mask = None if min(seq_lens) == max_seq else seq_mask
+        for blk in self.layers:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                joint = checkpoint(blk, joint, key_mask, cos, sin, c, use_reentrant=False)
+            else:
+                joint = blk(joint, key_mask, cos, sin, c)
+        out = self.final_layer(joint, c)                                 # [B, S, p·p·C]
+
+        # Unpatchify each sample's own image tokens.
+        v = [self.unpatchify(out[i, cl:cl + il], h, w)
+             for i, (cl, il, (h, w)) in enumerate(zip(cap_lens, img_lens, sizes))]
+        return v if isinstance(x, (list, tuple)) else torch.stack(v)
+
+
+# ----- Checkpoints ------------------------------------------------------------------------------------
+# Two formats load: the released `consolidated.00-of-01.pth` (a plain {key: tensor} dict, config inferred
+# from shapes) and ours, `*.safetensors` with the config as JSON under the metadata key "config".
+
+RELEASED_NAME = "consolidated.00-of-01.pth"
+OURS_NAME = "model.safetensors"
+
+
+def save_nextdit(model, path):
+    """Write model weights to `path` (.safetensors) with model.config as JSON metadata."""
+    from safetensors.torch import save_file
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, path, metadata={"config": json.dumps(model.config), "format": "nextdit"})
+
+
+def _count_blocks(keys, prefix):
+    """Number of blocks `prefix.N.` present in a state dict."""
+    ids = {int(k[len(prefix) + 1:].split(".")[0]) for k in keys if k.startswith(prefix + ".")}
+    return max(ids) + 1 if ids else 0
+
+
+def nextdit_config_from_state_dict(state, patch_size=1):
+    """Infer constructor kwargs from tensor shapes alone (the released files carry no config).
+
+    patch_size cannot be told apart from in_channels (both enter x_embedder as p·p·C); every released
+    config uses 1. norm_eps, multiple_of (unless needed) and axes_lens take the official values; axes_dims
+    split head_dim into thirds (2B: 32/32/32, 0.8B: 24/24/24), rounding to even with the remainder on axis 0.
+    """
+    def shape(key):
+        if key not in state:
+            raise KeyError(f"load_nextdit: key '{key}' is missing; this is not a NextDiT checkpoint")
+        return tuple(state[key].shape)
+
+    dim, patch_in = shape("x_embedder.weight")
+    if patch_in % (patch_size * patch_size):
+        raise ValueError(f"load_nextdit: x_embedder input {patch_in} is not divisible by patch_size² ({patch_size}²)")
+    if "layers.0.attention.q_norm.weight" not in state:
+        raise ValueError("load_nextdit: checkpoint has no q_norm (qk_norm=False), so head_dim cannot be "
+                         "inferred from shapes; pass config=dict(...) explicitly")
+    head_dim = shape("layers.0.attention.q_norm.weight")[0]
+    qkv_rows = shape("layers.0.attention.qkv.weight")[0]
+    n_heads = dim // head_dim
+    n_kv_heads = (qkv_rows - dim) // (2 * head_dim)
+    hidden = shape("layers.0.feed_forward.w1.weight")[0]
+    multiple_of, mult = 256, None
+    if ffn_hidden_dim(dim, 256, None) != hidden:
+        # Not the default rule: express the width as a multiplier and a power-of-two rounding.
+        multiple_of = math.gcd(hidden, 256)
+        mult = hidden / (4 * dim)
+        if ffn_hidden_dim(dim, multiple_of, mult) != hidden:
+            raise ValueError(f"load_nextdit: cannot express FFN width {hidden} for dim {dim}; pass config=")
+    third = (head_dim // 3) // 2 * 2
+    return dict(patch_size=patch_size, in_channels=patch_in // (patch_size * patch_size), dim=dim,
+                n_layers=_count_blocks(state, "layers"), n_refiner_layers=_count_blocks(state, "noise_refiner"),
+                n_heads=n_heads, n_kv_heads=n_kv_heads, multiple_of=multiple_of, ffn_dim_multiplier=mult,
+                norm_eps=1e-5, qk_norm=True, cap_feat_dim=shape("cap_embedder.1.weight")[1],
+                axes_dims=[head_dim - 2 * third, third, third], axes_lens=[600, 512, 512])
+
+
+def _resolve_checkpoint(path):
+    """A file, or a folder holding model.safetensors or the released consolidated .pth."""
+    if os.path.isdir(path):
+        for name in (OURS_NAME, RELEASED_NAME):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise FileNotFoundError(f"load_nextdit: folder '{path}' holds neither {OURS_NAME} nor {RELEASED_NAME}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load_nextdit: '{path}' does not exist")
+    return path
+
+
+def load_nextdit(path, map_location="cpu", config=None):
+    """Load a NextDiT from the released .pth, our .safetensors, or a folder with either; strict.
+
+    `config` overrides the stored or inferred configuration (needed only for unusual released files).
+    """
+    path = _resolve_checkpoint(path)
+    stored_config = None
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        stored_config = json.loads(meta["config"]) if "config" in meta else None
+        state = load_file(path, device=str(map_location))
+    else:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"load_nextdit: '{path}' does not hold a state dict")
+        state = state.get("model", state)
+    # Wrappers (torch.compile, DDP) prefix the keys; strip them so any of our checkpoints loads.
+    state = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state.items()}
+    config = config or stored_config or nextdit_config_from_state_dict(state)
+    with torch.device("meta"):
+        model = NextDiT(**config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshapen = [f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
+                 for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or misshapen:
+        raise ValueError(f"load_nextdit: '{path}' does not match NextDiT({config}):\n"
+                         f"  missing keys: {missing[:8]}{' ...' if len(missing) > 8 else ''}\n"
+                         f"  unexpected keys: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}\n"
+                         f"  wrong shapes: {misshapen[:8]}\n"
+                         "Check that the file is a NextDiT checkpoint and that its config matches.")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
