@@ -1,0 +1,758 @@
+"""DINOv3 ViT: the frozen image encoder whose patch features are SVG-T2I's latent space.
+
+Where it sits in the pipeline (DESIGN.md §1): an image of H x W pixels, ImageNet-normalised, goes through
+DINOv3 ViT-S+/16; the final-LayerNorm patch tokens, reshaped to `[B, 384, H/16, W/16]`, are the "latent"
+the Next-DiT diffuses in. The CLS token and the 4 register ("storage") tokens are computed but dropped.
+Before diffusion the latent is normalised per channel with released statistics (`LatentStats`, end of file).
+
+This file is a from-scratch re-implementation of Meta's `DinoVisionTransformer` (facebookresearch/dinov3),
+following spec/dinov3.md. Its `state_dict()` is exactly the layout of Meta's released `.pth` files, so they
+load strictly; HF `DINOv3ViTModel` safetensors are converted on the fly. Reading order:
+
+    presets (DINOV3_CONFIGS) -> RoPE -> attention -> feed-forward -> block -> DINOv3 -> loading / saving
+    -> image preprocessing -> latent statistics
+
+Numerical traps this file reproduces on purpose (spec/dinov3.md §7):
+  * LayerNorm eps is 1e-5 (the official "layernormbf16"), not the 1e-6 many ViTs use;
+  * `rope_embed.periods` is a persistent buffer, and the released Meta files store it rounded to bf16:
+    the loader keeps whatever the file holds;
+  * the qkv bias is multiplied by a persistent `bias_mask` buffer, which is all zeros in the released files.
+And one it deliberately does not: the official code silently crops images whose size is not a multiple of
+the patch size; here that is an error.
+"""
+import hashlib
+import json
+import math
+import os
+import re
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----- Presets ---------------------------------------------------------------------------------------------
+# The released ViTs, from `dinov3/hub/backbones.py` (spec/dinov3.md §1.1-1.2). Keys are the official
+# constructor argument names, so `DINOv3(**DINOV3_CONFIGS['vits16plus'])` reads like the hub code.
+# Shared by every release: patch 16, 4 storage (register) tokens, RoPE base 100, LayerScale (init 1e-5).
+_SHARED = dict(patch_size=16, n_storage_tokens=4, layerscale_init=1e-5, pos_embed_rope_base=100.0)
+
+DINOV3_CONFIGS = {
+    # name           width          depth      heads         FFN type and ratio               qkv bias
+    "vits16": dict(_SHARED, embed_dim=384, depth=12, num_heads=6, ffn_layer="mlp", ffn_ratio=4.0,
+                   qkv_bias=True, untie_global_and_local_cls_norm=False),
+    "vits16plus": dict(_SHARED, embed_dim=384, depth=12, num_heads=6, ffn_layer="swiglu", ffn_ratio=6.0,
+                       qkv_bias=True, untie_global_and_local_cls_norm=False),  # SVG-T2I's encoder
+    "vitb16": dict(_SHARED, embed_dim=768, depth=12, num_heads=12, ffn_layer="mlp", ffn_ratio=4.0,
+                   qkv_bias=True, untie_global_and_local_cls_norm=False),
+    # 'vitl16' is the LVD-1689M release; the SAT-493M one additionally has `local_cls_norm` (untie=True),
+    # which `load_dinov3` infers from the file.
+    "vitl16": dict(_SHARED, embed_dim=1024, depth=24, num_heads=16, ffn_layer="mlp", ffn_ratio=4.0,
+                   qkv_bias=True, untie_global_and_local_cls_norm=False),
+    "vitl16plus": dict(_SHARED, embed_dim=1024, depth=24, num_heads=16, ffn_layer="swiglu", ffn_ratio=6.0,
+                       qkv_bias=True, untie_global_and_local_cls_norm=False),
+    "vith16plus": dict(_SHARED, embed_dim=1280, depth=32, num_heads=20, ffn_layer="swiglu", ffn_ratio=6.0,
+                       qkv_bias=True, untie_global_and_local_cls_norm=False),
+    # 7B: head dim 128, no qkv bias at all, SwiGLU hidden rounded up to a multiple of 64.
+    "vit7b16": dict(_SHARED, embed_dim=4096, depth=40, num_heads=32, ffn_layer="swiglu64", ffn_ratio=3.0,
+                    qkv_bias=False, untie_global_and_local_cls_norm=True),
+}
+
+# SwiGLU hidden sizes are rounded up to a multiple of this (official `ffn_layer_dict`; plain "swiglu" is 8).
+SWIGLU_ALIGN = {"swiglu": 8, "swiglu32": 32, "swiglu64": 64, "swiglu128": 128}
+
+# LayerNorm epsilon of every release: the official norm_layer "layernormbf16" is LayerNorm(eps=1e-5).
+NORM_EPS = 1e-5
+
+# ImageNet statistics used by the LVD-1689M models (official README "Image transforms"; SVG-T2I uses these).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def ffn_hidden_dim(embed_dim: int, ffn_layer: str, ffn_ratio: float) -> int:
+    """Hidden width of the feed-forward net, computed exactly as the official code does.
+
+    "mlp": int(D * ratio). SwiGLU keeps the parameter count of an MLP with that width: two thirds of it,
+    rounded *up* to the alignment (ViT-S+: int(int(384*6) * 2/3) = 1536; 7B: 8192).
+    """
+    hidden = int(embed_dim * ffn_ratio)
+    if ffn_layer == "mlp":
+        return hidden
+    if ffn_layer not in SWIGLU_ALIGN:
+        raise ValueError(f"unknown ffn_layer {ffn_layer!r}: use 'mlp' or one of {sorted(SWIGLU_ALIGN)}")
+    hidden = int(hidden * 2 / 3)
+    return hidden + (-hidden % SWIGLU_ALIGN[ffn_layer])
+
+
+# ----- Rotary position embedding (RoPE) --------------------------------------------------------------------
+
+class RopePositionEmbedding(nn.Module):
+    """Axial 2-D RoPE tables for an h x w grid of patches (spec/dinov3.md §2 step 4).
+
+    Each patch centre gets coordinates in (-1, 1), normalised separately along y and x, so any grid size
+    and aspect ratio works without interpolation. A head of width Dh spends Dh/4 frequencies on y and Dh/4
+    on x; the angle tables are laid out [y, x, y, x] over Dh to fit the rotate-half convention.
+
+    `periods` is a *persistent* buffer: the released Meta files store it (rounded to bf16), and those stored
+    values are what the released model -- and SVG-T2I's latent statistics -- were computed with.
+    """
+
+    def __init__(self, head_dim: int, base: float, rescale_coords: float | None = None):
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"RoPE needs a head dim divisible by 4 (2 axes x cos/sin pairs), got {head_dim}")
+        n_freq = head_dim // 4
+        # periods[k] = base ** (4k / Dh): 1 ... ~75 for Dh = 64, base = 100.
+        self.register_buffer("periods", base ** (2 * torch.arange(n_freq, dtype=torch.float32) / (head_dim // 2)))
+        # Training-time augmentation of the official code (coords times a log-uniform factor in
+        # [1/r, r]). Off unless asked for: a frozen encoder must never use it, and the official pipeline
+        # only met it by accident (a callback flipping the encoder to train mode, DESIGN.md §5).
+        self.rescale_coords = rescale_coords
+
+    def forward(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (sin, cos), each [h*w, Dh], for patches in row-major order."""
+        # RoPE is always computed in fp32, even if the model was cast to bf16 (as the official code).
+        periods = self.periods.float()
+        dev = periods.device
+        coords_y = torch.arange(0.5, h, device=dev, dtype=torch.float32) / h  # patch centres in (0, 1)
+        coords_x = torch.arange(0.5, w, device=dev, dtype=torch.float32) / w
+        coords = torch.stack(torch.meshgrid(coords_y, coords_x, indexing="ij"), dim=-1).flatten(0, 1)  # [hw, 2]
+        coords = 2.0 * coords - 1.0  # -> (-1, 1)
+        if self.training and self.rescale_coords is not None:
+            log_r = math.log(self.rescale_coords)
+            coords = coords * torch.empty(1, device=dev).uniform_(-log_r, log_r).exp()
+        # Divide by the periods (the official op order) rather than multiply by 1/periods (HF's).
+        angles = 2 * math.pi * coords[:, :, None] / periods[None, None, :]  # [hw, 2, Dh/4]
+        angles = angles.flatten(1, 2).tile(2)  # [hw, Dh] = [y-angles, x-angles, y-angles, x-angles]
+        return torch.sin(angles), torch.cos(angles)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[a, b] -> [-b, a] over the two halves of the last dim: dim i is paired with dim i + Dh/2."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+def apply_rope(t: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """Rotate the patch tokens of t [B, heads, N, Dh]; the leading N - hw tokens (CLS, registers) pass as is."""
+    n_prefix = t.shape[-2] - sin.shape[0]
+    prefix, patches = t[:, :, :n_prefix], t[:, :, n_prefix:]
+    dtype = t.dtype
+    patches = patches.float()  # rotate in fp32 whatever the activation dtype (official behaviour)
+    patches = patches * cos + rotate_half(patches) * sin
+    return torch.cat([prefix, patches.to(dtype)], dim=2)
+
+
+# ----- Attention -------------------------------------------------------------------------------------------
+
+class LinearKMaskedBias(nn.Linear):
+    """The fused q|k|v projection. Its bias is multiplied by the persistent buffer `bias_mask`.
+
+    The official model was meant to have q and v biases but no k bias (a k bias is nearly pointless), and
+    implemented that with a mask: [1]*D + [0]*D + [1]*D. The *released* files store an all-zero mask (and
+    all-zero biases, facebookresearch/dinov3#195), so the loaded model has no qkv bias at all; we apply
+    whatever mask the file holds.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__(dim, 3 * dim, bias=True)
+        mask = torch.ones(3 * dim)
+        mask[dim: 2 * dim] = 0.0  # the k third
+        self.register_buffer("bias_mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias * self.bias_mask)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over [CLS, registers, patches] with RoPE on the patch tokens only."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        # Rows of qkv.weight: [0:D] q, [D:2D] k, [2D:3D] v; head i owns rows i*Dh:(i+1)*Dh of each.
+        self.qkv = LinearKMaskedBias(dim) if qkv_bias else nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)  # [B, N, 3, heads, Dh]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, N, Dh]
+        sin, cos = rope
+        q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)  # v is never rotated
+        out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(Dh), no mask
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+# ----- Feed-forward ----------------------------------------------------------------------------------------
+
+class Mlp(nn.Module):
+    """fc2(GELU(fc1(x))), exact erf GELU (ViT-S, B, L)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwiGLUFFN(nn.Module):
+    """w3(SiLU(w1 x) * w2 x) (the "plus" models and 7B). w1 is the gate, w2 the linear branch, w3 the output."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden)
+        self.w2 = nn.Linear(dim, hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+# ----- Transformer block -----------------------------------------------------------------------------------
+
+class LayerScale(nn.Module):
+    """Per-channel learned scale of a residual branch (gamma starts at 1e-5 so blocks start near identity)."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block: x + ls1(attn(norm1 x)), then x + ls2(mlp(norm2 x))."""
+
+    def __init__(self, dim, num_heads, ffn_layer, ffn_ratio, qkv_bias, layerscale_init):
+        super().__init__()
+        hidden = ffn_hidden_dim(dim, ffn_layer, ffn_ratio)
+        self.norm1 = nn.LayerNorm(dim, eps=NORM_EPS)
+        self.attn = SelfAttention(dim, num_heads, qkv_bias)
+        self.ls1 = LayerScale(dim, layerscale_init)
+        self.norm2 = nn.LayerNorm(dim, eps=NORM_EPS)
+        self.mlp = Mlp(dim, hidden) if ffn_layer == "mlp" else SwiGLUFFN(dim, hidden)
+        self.ls2 = LayerScale(dim, layerscale_init)
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x), rope))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+# ----- The model -------------------------------------------------------------------------------------------
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> D channels, one strided conv (no norm, no absolute position)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, h*w, D], row-major
+
+
+class DINOv3(nn.Module):
+    """DINOv3 Vision Transformer; `state_dict()` has exactly the keys and shapes of Meta's `.pth` files.
+
+    Arguments are the official constructor names (see DINOV3_CONFIGS). Nothing assumes patch 16: the demo
+    encoder uses e.g. patch_size=8, embed_dim=64. `pos_embed_rope_rescale_coords` enables the official
+    train-mode RoPE augmentation; leave it None for a frozen encoder.
+    """
+
+    def __init__(self, patch_size=16, embed_dim=384, depth=12, num_heads=6, ffn_layer="mlp", ffn_ratio=4.0,
+                 n_storage_tokens=4, qkv_bias=True, layerscale_init=1e-5, pos_embed_rope_base=100.0,
+                 untie_global_and_local_cls_norm=False, in_chans=3, pos_embed_rope_rescale_coords=None):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        ffn_hidden_dim(embed_dim, ffn_layer, ffn_ratio)  # validates ffn_layer early, with a clear message
+        self.config = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                           ffn_layer=ffn_layer, ffn_ratio=ffn_ratio, n_storage_tokens=n_storage_tokens,
+                           qkv_bias=qkv_bias, layerscale_init=layerscale_init,
+                           pos_embed_rope_base=pos_embed_rope_base,
+                           untie_global_and_local_cls_norm=untie_global_and_local_cls_norm, in_chans=in_chans)
+        self.patch_size, self.embed_dim, self.n_storage_tokens = patch_size, embed_dim, n_storage_tokens
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        if n_storage_tokens > 0:
+            self.storage_tokens = nn.Parameter(torch.zeros(1, n_storage_tokens, embed_dim))
+        # Only used in training (iBOT masked patches); kept so that the released files load strictly.
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.rope_embed = RopePositionEmbedding(embed_dim // num_heads, pos_embed_rope_base,
+                                                pos_embed_rope_rescale_coords)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, ffn_layer, ffn_ratio, qkv_bias, layerscale_init) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=NORM_EPS)
+        if untie_global_and_local_cls_norm:
+            # Training-only norm for the CLS token of local crops (ViT-L SAT, 7B). In eval every token goes
+            # through `norm`; this exists so those checkpoints load strictly.
+            self.local_cls_norm = nn.LayerNorm(embed_dim, eps=NORM_EPS)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self):
+        """The official random init: truncated-normal(0.02) linears with zero bias, N(0, 0.02) tokens.
+
+        Only matters for models that are not loaded from a file (the demo encoder); LayerScale gammas
+        and the bias mask are already set by their modules, the patch conv keeps PyTorch's default.
+        """
+        nn.init.normal_(self.cls_token, std=0.02)
+        if self.n_storage_tokens > 0:
+            nn.init.normal_(self.storage_tokens, std=0.02)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def _check_input(self, x: torch.Tensor):
+        if x.ndim != 4 or x.shape[1] != self.patch_embed.proj.in_channels:
+            raise ValueError(f"DINOv3 expects images [B, {self.patch_embed.proj.in_channels}, H, W], "
+                             f"got shape {list(x.shape)}")
+        H, W = x.shape[-2:]
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} (HxW) is not a multiple of the patch size {p}: resize or "
+                             f"crop it to e.g. {max(p, H // p * p)}x{max(p, W // p * p)} first (the official "
+                             f"code would silently drop the last rows/columns)")
+
+    def forward_features(self, x: torch.Tensor) -> dict:
+        """x [B, 3, H, W] ImageNet-normalised, H and W multiples of the patch size.
+
+        Returns the official dict: x_norm_clstoken [B, D], x_storage_tokens [B, R, D] (normalised, despite
+        the name), x_norm_patchtokens [B, h*w, D] (row-major), x_prenorm [B, 1+R+h*w, D] (last block output).
+        """
+        self._check_input(x)
+        B = x.shape[0]
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        patches = self.patch_embed(x)  # [B, hw, D]
+        prefix = [self.cls_token.expand(B, -1, -1)]  # [B, 1, D]
+        if self.n_storage_tokens > 0:
+            prefix.append(self.storage_tokens.expand(B, -1, -1))  # [B, R, D]
+        tokens = torch.cat(prefix + [patches], dim=1)  # [B, 1+R+hw, D]; no additive position embedding
+        rope = self.rope_embed(h, w)  # computed once: the same tables serve every block and head
+        for block in self.blocks:
+            tokens = block(tokens, rope)
+        normed = self.norm(tokens)
+        n_prefix = 1 + self.n_storage_tokens
+        return dict(x_norm_clstoken=normed[:, 0], x_storage_tokens=normed[:, 1:n_prefix],
+                    x_norm_patchtokens=normed[:, n_prefix:], x_prenorm=tokens)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The SVG-T2I latent: final-norm patch tokens as a feature map [B, D, H/p, W/p].
+
+        Under no_grad because the encoder is frozen: the official training computed (and discarded)
+        gradients through it.
+        """
+        patch_tokens = self.forward_features(x)["x_norm_patchtokens"]  # [B, hw, D]
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        return patch_tokens.transpose(1, 2).reshape(x.shape[0], self.embed_dim, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Same as `encode`: the only output this project uses."""
+        return self.encode(x)
+
+
+# ----- Loading and saving ----------------------------------------------------------------------------------
+# Three file kinds load through one door, all ending as a Meta-layout state dict:
+#   * Meta's `.pth` (flat state dict; periods stored, bf16-rounded in the releases);
+#   * HF `model.safetensors` or its folder (HF names, split q/k/v, no k bias, no periods -> recomputed);
+#   * our own `.safetensors` in the Meta layout (`save_dinov3`, used for the demo encoder).
+# The config is read off the tensor shapes, then the model is built and loaded strictly.
+
+def _read_tensors(path: str) -> dict:
+    """Read a flat {name: tensor} dict from a .pth / .pt or .safetensors file, with readable errors."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated download, wrong format, ...
+        raise ValueError(f"could not read checkpoint {path!r} ({type(e).__name__}: {e}). The file may be "
+                         f"truncated or not a PyTorch/safetensors checkpoint; download it again.") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        keys = list(sd)[:8] if isinstance(sd, dict) else type(sd).__name__
+        raise ValueError(f"{path!r} is not a flat state dict of tensors (found {keys}); DINOv3 files from "
+                         f"Meta are flat dicts such as {{'cls_token': ..., 'blocks.0.norm1.weight': ...}}")
+    return sd
+
+
+def _verify_hash(path: str):
+    """Check the `-xxxxxxxx` suffix of an official file name against the file's SHA-256 (torch.hub rule)."""
+    match = re.search(r"-([0-9a-f]{6,})\.[A-Za-z]+$", os.path.basename(path))
+    if match is None:
+        raise ValueError(f"check_hash=True but {os.path.basename(path)!r} has no '-<sha256 prefix>' suffix "
+                         f"(official names look like dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth)")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(match.group(1)):
+        raise ValueError(f"hash mismatch for {path!r}: the name says {match.group(1)}, the file's sha256 starts "
+                         f"{digest.hexdigest()[:len(match.group(1))]}. The download is corrupt or incomplete.")
+
+
+def _periods(head_dim: int, base: float, bf16: bool) -> torch.Tensor:
+    periods = base ** (2 * torch.arange(head_dim // 4, dtype=torch.float32) / (head_dim // 2))
+    return periods.to(torch.bfloat16).float() if bf16 else periods
+
+
+def hf_to_meta(hf_sd: dict, num_heads: int, rope_base: float = 100.0, bf16_periods: bool = False) -> dict:
+    """Rename an HF `DINOv3ViTModel` state dict to the Meta layout (inverse of HF's converter).
+
+    q/k/v are fused into `qkv`; HF has no k bias, so the k third of the bias is zero and the mask is
+    [1, 0, 1] (which is what makes the two layouts compute the same thing). HF stores no RoPE periods:
+    they are recomputed in fp32 as HF does, or bf16-rounded like the Meta releases if `bf16_periods`.
+    Keys that do not map stay under their own names, so the strict load reports them as unexpected.
+    """
+    sd = {k[len("model."):] if k.startswith("model.layer.") else k: v for k, v in hf_sd.items()}  # 5.x in-memory
+    top = {"embeddings.cls_token": "cls_token", "embeddings.register_tokens": "storage_tokens",
+           "embeddings.mask_token": "mask_token", "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",
+           "embeddings.patch_embeddings.bias": "patch_embed.proj.bias",
+           "norm.weight": "norm.weight", "norm.bias": "norm.bias"}
+    per_layer = {"norm1": "norm1", "norm2": "norm2", "attention.o_proj": "attn.proj",
+                 "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+                 "mlp.gate_proj": "mlp.w1", "mlp.up_proj": "mlp.w2", "mlp.down_proj": "mlp.w3"}
+    out, dim = {}, None
+    for k, v in sd.items():
+        if k in top:
+            out[top[k]] = v.reshape(1, -1) if k == "embeddings.mask_token" else v  # [1,1,D] -> [1,D]
+            continue
+        m = re.fullmatch(r"layer\.(\d+)\.(.+)", k)
+        if m is None:
+            out[k] = v
+            continue
+        i, rest = m.groups()
+        for hf_name, meta_name in per_layer.items():
+            if rest == hf_name or rest.startswith(hf_name + "."):
+                out[f"blocks.{i}.{meta_name}{rest[len(hf_name):]}"] = v
+                break
+        else:
+            if not re.fullmatch(r"attention\.[qkv]_proj\.(weight|bias)", rest):  # q/k/v are fused below
+                out[k] = v
+    # A plain (non-gated) MLP has only up/down: those are fc1/fc2, not w2/w3.
+    for k in [k for k in out if re.fullmatch(r"blocks\.\d+\.mlp\.w2\.(weight|bias)", k)]:
+        i = k.split(".")[1]
+        if f"blocks.{i}.mlp.w1.weight" not in out:
+            out[k.replace("mlp.w2", "mlp.fc1")] = out.pop(k)
+            w3 = k.replace("mlp.w2", "mlp.w3")
+            if w3 in out:
+                out[w3.replace("mlp.w3", "mlp.fc2")] = out.pop(w3)
+    # Fuse q/k/v per layer.
+    layers = sorted({int(m.group(1)) for k in sd if (m := re.fullmatch(r"layer\.(\d+)\..+", k))})
+    for i in layers:
+        names = [f"layer.{i}.attention.{p}_proj.weight" for p in "qkv"]
+        if all(n in sd for n in names):
+            out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([sd[n] for n in names], 0)  # [3D, D]
+            dim = sd[names[0]].shape[0]
+        else:  # leave the pieces under HF names so the error shows them
+            out.update({n: sd[n] for n in names if n in sd})
+        q_b, v_b = sd.get(f"layer.{i}.attention.q_proj.bias"), sd.get(f"layer.{i}.attention.v_proj.bias")
+        if q_b is not None and v_b is not None:
+            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([q_b, torch.zeros_like(q_b), v_b])
+            out[f"blocks.{i}.attn.qkv.bias_mask"] = torch.cat(
+                [torch.ones_like(q_b), torch.zeros_like(q_b), torch.ones_like(q_b)])
+        else:
+            out.update({n: b for n, b in ((f"layer.{i}.attention.q_proj.bias", q_b),
+                                          (f"layer.{i}.attention.v_proj.bias", v_b)) if b is not None})
+        if f"layer.{i}.attention.k_proj.bias" in sd:
+            out[f"layer.{i}.attention.k_proj.bias"] = sd[f"layer.{i}.attention.k_proj.bias"]
+    if dim is not None:
+        out["rope_embed.periods"] = _periods(dim // num_heads, rope_base, bf16_periods)
+    return out
+
+
+def _infer_config(sd: dict, where: str) -> dict:
+    """Read a DINOv3 constructor config off the shapes of a Meta-layout state dict.
+
+    Tolerant of missing keys (so that the strict load afterwards can list them all); raises only when
+    the file does not look like DINOv3 at all. A file whose shapes match a released variant gets that
+    variant's exact preset (e.g. 'swiglu64' for 7B, which shapes alone cannot tell from 'swiglu').
+    """
+    w = sd.get("patch_embed.proj.weight")
+    block_ids = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if w is None or w.ndim != 4 or not block_ids:
+        raise ValueError(f"{where} does not look like a DINOv3 ViT checkpoint: no 'patch_embed.proj.weight' "
+                         f"(Meta layout) / 'embeddings.patch_embeddings.weight' (HF layout) or no blocks. "
+                         f"First keys: {list(sd)[:6]}")
+    dim, in_chans, patch_size = w.shape[0], w.shape[1], w.shape[-1]
+    periods = sd.get("rope_embed.periods")
+    head_dim = 4 * periods.numel() if periods is not None else 64  # 64: every release but 7B
+    if dim % head_dim:
+        raise ValueError(f"{where}: 'rope_embed.periods' has {periods.numel()} entries -> head dim {head_dim}, "
+                         f"which does not divide embed_dim {dim}")
+    storage = sd.get("storage_tokens")
+    cfg = dict(patch_size=patch_size, embed_dim=dim, depth=max(block_ids) + 1, num_heads=dim // head_dim,
+               n_storage_tokens=storage.shape[1] if storage is not None else 0,
+               qkv_bias=any(k.endswith("attn.qkv.bias") for k in sd),
+               layerscale_init=1e-5, pos_embed_rope_base=100.0,  # init values only; the file overrides them
+               untie_global_and_local_cls_norm="local_cls_norm.weight" in sd, in_chans=in_chans)
+    gate = next((v for k, v in sd.items() if re.fullmatch(r"blocks\.\d+\.mlp\.w1\.weight", k)), None)
+    fc1 = next((v for k, v in sd.items() if re.fullmatch(r"blocks\.\d+\.mlp\.fc1\.weight", k)), None)
+    hidden = (gate if gate is not None else fc1).shape[0] if (gate is not None or fc1 is not None) else 4 * dim
+    ffn_kinds = ["swiglu", "swiglu64", "swiglu32", "swiglu128"] if gate is not None else ["mlp"]
+
+    for preset in DINOV3_CONFIGS.values():  # an exact released variant?
+        same = all(preset[k] == cfg[k] for k in ("patch_size", "embed_dim", "depth", "num_heads",
+                                                  "n_storage_tokens", "qkv_bias", "untie_global_and_local_cls_norm"))
+        if same and preset["ffn_layer"] in ffn_kinds and \
+                ffn_hidden_dim(dim, preset["ffn_layer"], preset["ffn_ratio"]) == hidden:
+            return dict(preset, untie_global_and_local_cls_norm=cfg["untie_global_and_local_cls_norm"],
+                        in_chans=in_chans)
+    # Otherwise find a ratio that reproduces the hidden width (SwiGLU stores 2/3 of int(D * ratio)).
+    for kind in ffn_kinds:
+        width = hidden if kind == "mlp" else hidden * 3 / 2
+        for ratio in (round(width / dim, 6), (math.floor(width) + 0.5) / dim):
+            if ffn_hidden_dim(dim, kind, ratio) == hidden:
+                return dict(cfg, ffn_layer=kind, ffn_ratio=ratio)
+    raise ValueError(f"{where}: FFN hidden width {hidden} cannot come from any ffn_layer/ffn_ratio of DINOv3")
+
+
+@lru_cache(maxsize=None)
+def _preset_shapes(name: str) -> dict:
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in DINOv3(**DINOV3_CONFIGS[name]).state_dict().items()}
+
+
+def _closest_variant(sd: dict) -> str:
+    """A phrase naming the released variant whose key/shape table best matches this state dict."""
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    best, best_hits = None, 0
+    for name in DINOV3_CONFIGS:
+        ref = _preset_shapes(name)
+        hits = sum(ref.get(k) == s for k, s in shapes.items())
+        if hits > best_hits:
+            best, best_hits = name, hits
+    if best is None:
+        return "it matches no released DINOv3 variant"
+    n = len(_preset_shapes(best))
+    return f"it looks most like the released '{best}' ({best_hits} of its {n} keys present with the right shape)"
+
+
+def _strict_load(model: DINOv3, sd: dict, where: str):
+    """load_state_dict(strict=True) with one message listing every missing, unexpected and misshapen key."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    misshapen = [f"{k}: file {list(sd[k].shape)} vs model {list(expected[k].shape)}"
+                 for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    if missing or unexpected or misshapen:
+        def show(items):
+            return ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "") or "none"
+        raise ValueError(f"{where} does not match the DINOv3 it describes ({_closest_variant(sd)}).\n"
+                         f"  missing keys: {show(missing)}\n  unexpected keys: {show(unexpected)}\n"
+                         f"  misshapen keys: {show(misshapen)}\n"
+                         f"The file is truncated, from another model, or was saved with different code.")
+    model.load_state_dict(sd, strict=True)
+
+
+def _read_hf(path: str) -> tuple[dict, dict]:
+    """An HF folder (model.safetensors or shards + index, config.json) or a bare file -> (tensors, config)."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    config = {}
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+    if not os.path.isdir(path):
+        return _read_tensors(path), config
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):  # sharded (7B)
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        sd = {}
+        for shard in shards:
+            sd.update(_read_tensors(os.path.join(path, shard)))
+        return sd, config
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise ValueError(f"folder {path!r} has no model.safetensors (or model.safetensors.index.json)")
+    return _read_tensors(single), config
+
+
+def load_dinov3(path: str, check_hash: bool = False, bf16_periods: bool = False) -> DINOv3:
+    """Load a DINOv3 ViT from a Meta `.pth`, an HF `model.safetensors` / folder, or our Meta-layout
+    `.safetensors`. The config is inferred from the tensors; loading is strict. Returns an eval-mode,
+    frozen model.
+
+    check_hash: verify the `-xxxxxxxx` SHA-256 prefix in an official file name (as torch.hub does).
+    bf16_periods: for HF files only (which store no periods), round the recomputed RoPE periods to bf16
+        like the Meta releases, i.e. what SVG-T2I's encoder and latent statistics used. The default (fp32)
+        reproduces HF's own outputs. Meta files always keep the periods they store.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"DINOv3 checkpoint {path!r} does not exist")
+    if check_hash:
+        _verify_hash(path)
+    if os.path.isdir(path):
+        sd, hf_config = _read_hf(path)
+    else:
+        sd, hf_config = _read_tensors(path), {}
+    is_hf = "embeddings.patch_embeddings.weight" in sd
+    if is_hf:
+        if not hf_config and not os.path.isdir(path):
+            sd, hf_config = _read_hf(path)  # a bare model.safetensors may still have config.json beside it
+        if hf_config.get("layer_norm_eps", NORM_EPS) != NORM_EPS:
+            raise ValueError(f"{path!r}: config.json has layer_norm_eps={hf_config['layer_norm_eps']}; DINOv3 "
+                             f"uses {NORM_EPS} and this implementation supports only that")
+        dim = sd["embeddings.patch_embeddings.weight"].shape[0]
+        num_heads = hf_config.get("num_attention_heads") or next(
+            (c["num_heads"] for c in DINOV3_CONFIGS.values() if c["embed_dim"] == dim), None)
+        if num_heads is None:
+            raise ValueError(f"{path!r} is in the HF layout, which stores no RoPE periods, so the number of "
+                             f"heads cannot be read off the tensors (width {dim} is no released variant): "
+                             f"put the model's config.json next to it")
+        sd = hf_to_meta(sd, num_heads, hf_config.get("rope_theta", 100.0), bf16_periods)
+    where = f"checkpoint {path!r}" + (" (HF layout, converted to Meta names)" if is_hf else "")
+    config = _infer_config(sd, where)
+    if is_hf:
+        config["pos_embed_rope_base"] = float(hf_config.get("rope_theta", 100.0))
+    model = DINOv3(**config)
+    _strict_load(model, sd, where)
+    return model.eval().requires_grad_(False)
+
+
+def save_dinov3(model: DINOv3, path: str):
+    """Write the model's state dict, Meta key layout, as `.safetensors` (`load_dinov3` reads it back)."""
+    from safetensors.torch import save_file
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"save_dinov3 writes safetensors; name the file *.safetensors, not {path!r}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path)
+
+
+# ----- Image preprocessing ---------------------------------------------------------------------------------
+
+def _to_float_chw(image) -> torch.Tensor:
+    """One image or a batch (PIL / numpy / tensor) -> float tensor [B, 3, H, W] in [0, 1]."""
+    try:
+        from PIL import Image
+        if isinstance(image, Image.Image):
+            image = np.asarray(image.convert("RGB"))  # [H, W, 3] uint8
+    except ImportError:
+        pass
+    t = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))  # copy: PIL arrays are read-only
+    if t.ndim == 3:
+        t = t[None]
+    if t.ndim != 4:
+        raise ValueError(f"expected an image [H, W, 3] / [3, H, W] or a batch of them, got shape {list(t.shape)}")
+    # uint8 images are stored channels-last; float tensors are usually channels-first (ToTensor).
+    if t.shape[-1] == 3 and t.shape[1] != 3:
+        t = t.permute(0, 3, 1, 2)
+    elif t.shape[1] != 3:
+        raise ValueError(f"expected 3 colour channels (first or last axis), got shape {list(t.shape)}")
+    if t.dtype == torch.uint8:
+        return t.float() / 255.0
+    if not t.is_floating_point():
+        raise ValueError(f"images must be uint8 (0..255) or float (0..1), got {t.dtype}")
+    t = t.float()
+    if t.numel() and (t.min() < -1e-3 or t.max() > 1 + 1e-3):
+        raise ValueError(f"float images must lie in [0, 1], got values in [{t.min():.3g}, {t.max():.3g}]; "
+                         f"pass uint8 for 0..255 data (and do not normalise twice)")
+    return t
+
+
+def preprocess(images, patch_size: int = 16) -> torch.Tensor:
+    """PIL image(s), uint8 HWC / BHWC arrays or tensors, or float [0, 1] images -> ImageNet-normalised
+    float tensor [B, 3, H, W].
+
+    No resizing or cropping happens here: the size must already be a multiple of the patch size (the
+    official model would silently crop the remainder, which shifts the latent grid against the image).
+    """
+    if isinstance(images, (list, tuple)):
+        batch = [_to_float_chw(im) for im in images]
+        sizes = {tuple(b.shape[-2:]) for b in batch}
+        if len(sizes) > 1:
+            raise ValueError(f"images in one batch must share a size, got {sorted(sizes)}")
+        x = torch.cat(batch, 0)
+    else:
+        x = _to_float_chw(images)
+    H, W = x.shape[-2:]
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"image size {W}x{H} (WxH) is not a multiple of the patch size {patch_size}: resize or "
+                         f"crop it first, e.g. to {W // patch_size * patch_size or patch_size}x"
+                         f"{H // patch_size * patch_size or patch_size} or "
+                         f"{-(-W // patch_size) * patch_size}x{-(-H // patch_size) * patch_size}")
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# ----- Latent statistics -----------------------------------------------------------------------------------
+
+class LatentStats:
+    """Per-channel mean/std of encoder latents; the DiT sees (z - mean) / (std + eps).
+
+    The released file `dinov3_s16p_layer_patchtoken_stats_dist.pt` is a torch dict
+    {'mean': [12, 384], 'std': [12, 384]}, one row per block; SVG-T2I uses row -1 (the final-norm patch
+    tokens, spec/dinov3.md §5.4). Formulas from spec/nextdit_flow_train.md §2: training normalises with
+    (z - mean) / (std + 1e-8); sampling inverts with z * std + mean (no eps). Note: official training cast
+    mean/std to bf16 first (effective |d mean| <= 5e-3); we keep fp32, which is what sampling used.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-8):
+        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        if mean.ndim != 1 or mean.shape != std.shape:
+            raise ValueError(f"mean and std must be 1-D of equal length, got {list(mean.shape)} and {list(std.shape)}")
+        self.mean, self.std, self.eps = mean, std, eps
+
+    @classmethod
+    def load(cls, path: str, layer: int = -1) -> "LatentStats":
+        """Read a stats file: {'mean': [L, C] or [C], 'std': same}; row `layer` (default -1, as SVG-T2I)."""
+        try:
+            stats = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"could not read latent statistics {path!r} ({type(e).__name__}: {e})") from e
+        if not isinstance(stats, dict) or "mean" not in stats or "std" not in stats:
+            found = list(stats) if isinstance(stats, dict) else type(stats).__name__
+            raise ValueError(f"{path!r} is not a latent-statistics file: expected a dict with 'mean' and 'std' "
+                             f"tensors of shape [layers, channels], found {found}")
+        mean, std = stats["mean"], stats["std"]
+        if mean.ndim == 2:
+            mean, std = mean[layer], std[layer]
+        return cls(mean, std)
+
+    @classmethod
+    @torch.no_grad()
+    def from_latents(cls, latents) -> "LatentStats":
+        """Statistics over an iterable of latent batches [B, C, h, w] (for encoders without a released file).
+
+        Accumulated in float64 over every batch, position and image; std is the population std.
+        """
+        total, total_sq, count = 0.0, 0.0, 0
+        for z in latents:
+            if z.ndim != 4:
+                raise ValueError(f"latents must be [B, C, h, w], got shape {list(z.shape)}")
+            z = z.double().transpose(0, 1).flatten(1)  # [C, B*h*w]
+            total, total_sq, count = total + z.sum(1), total_sq + (z * z).sum(1), count + z.shape[1]
+        if count == 0:
+            raise ValueError("LatentStats.from_latents got no latents")
+        mean = total / count
+        std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
+        return cls(mean.float(), std.float())
+
+    def save(self, path: str):
+        """Write the released format: {'mean': [1, C], 'std': [1, C]} (a single 'layer', so row -1 works)."""
+        torch.save({"mean": self.mean[None].clone(), "std": self.std[None].clone()}, path)
+
+    def _shaped(self, z: torch.Tensor):
+        if z.ndim != 4 or z.shape[1] != self.mean.numel():
+            raise ValueError(f"latent must be [B, {self.mean.numel()}, h, w], got shape {list(z.shape)}")
+        view = (1, -1, 1, 1)
+        return self.mean.to(z).view(view), self.std.to(z).view(view)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder latent [B, C, h, w] -> the DiT's roughly unit-variance space."""
+        mean, std = self._shaped(z)
+        return (z - mean) / (std + self.eps)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """DiT sample [B, C, h, w] -> encoder latent for the pixel decoder (official sampling: no eps)."""
+        mean, std = self._shaped(z)
+        return z * std + mean
