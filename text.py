@@ -1,0 +1,578 @@
+"""Chapter 2 — the text encoder: Gemma-2-2B, its tokenizer and the system prompts.
+
+Where this sits in the pipeline
+-------------------------------
+SVG-T2I conditions its Next-DiT on a caption. The caption is prefixed with a plain-text "system prompt",
+tokenised with Gemma's sentencepiece model, and run through a frozen Gemma-2-2B. The DiT does not read the
+model's final output: it reads `hidden_states[-2]` of the transformers `Gemma2Model`, i.e. the raw residual
+stream after the second-to-last decoder layer, before the final RMSNorm (spec/gemma2.md §2.7;
+spec/nextdit_flow_train.md §3). So this file builds one decoder layer fewer than the checkpoint holds and has
+no final norm: its output *is* `hidden_states[-2]`.
+
+    prompt ─► format_prompt ─► Tokenizer ─► ids [B, L], mask [B, L] ─► Gemma2Encoder ─► feats [B, L, 2304]
+
+Contents, in the order the data meets them:
+    SYSTEM_PROMPTS, format_prompt      the exact prompt prefixes of the official code
+    Tokenizer, train_tokenizer         sentencepiece: BOS, no EOS, right padding, multiple-of-8 batches
+    GEMMA2_CONFIGS, Gemma2Encoder      the network (RMSNorm (1 + w), RoPE, GQA, sliding window, GeGLU)
+    load_gemma2, save_gemma2           the Hugging Face folder layout (config.json + safetensors shards)
+    encode_prompts                     everything above in one call: prompts -> (feats, mask)
+
+Numerics follow spec/gemma2.md, which was checked bit-exact against transformers' eager Gemma-2. The one
+deliberate choice: attention logit soft-capping (tanh at 50) exists in Gemma-2 but is OFF by default here,
+because the transformers version SVG-T2I pinned runs Gemma-2 through SDPA, which silently skips it — so the
+released DiT was (most likely; UNVERIFIED which stack the authors really ran) trained on features computed
+without it (spec/gemma2.md §2.6). `use_softcapping=True` gives the eager-attention numbers.
+"""
+import io
+import json
+import math
+import os
+import warnings
+
+import sentencepiece as spm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+# ----- System prompts ------------------------------------------------------------------------------------
+# Quoted exactly from the official code (spec/gemma2.md §4.3): SVG-T2I `sample_svg_t2i.py` system_type
+# choices == Lumina-Image-2.0 `sample.py`; 'base' and 'align' are also the two training prefixes
+# (`train_svg_t2i.py`: 'base' for {"path", "prompt"} items — the public JSONL format — and 'align' for
+# {"image_path", "super_high_quality_caption"} items). Note the trailing space after "<Prompt Start>":
+# the caption is glued on by plain string concatenation, and "<Prompt Start>" is ordinary text.
+SYSTEM_PROMPTS = {
+    "base": "You are an assistant designed to generate high-quality images based on user prompts. "
+            "<Prompt Start> ",
+    "align": "You are an assistant designed to generate high-quality images with the highest degree of "
+             "image-text alignment based on textual prompts. <Prompt Start> ",
+    "aesthetics": "You are an assistant designed to generate high-quality images with highest degree of "
+                  "aesthetics based on user prompts. <Prompt Start> ",
+    "real": "You are an assistant designed to generate superior images with the superior degree of "
+            "image-text alignment based on textual prompts or user prompts. <Prompt Start> ",
+    "4grid": "You are an assistant designed to generate four high-quality images with highest degree of "
+             "aesthetics arranged in 2x2 grids based on user prompts. <Prompt Start> ",
+    "empty": "",
+}
+
+# Caption budgets in tokens, BOS and system prompt included (spec/nextdit_flow_train.md §3). The official
+# training script means to honour --max_cap_len but a positional-argument bug pins it to 256; its sampler
+# hard-codes 512. We keep both numbers, and callers pass the one they mean.
+MAX_LENGTH_TRAIN = 256
+MAX_LENGTH_SAMPLE = 512
+
+
+def format_prompt(prompt: str, system_prompt: str) -> str:
+    """The text Gemma actually reads: `system_prompt + prompt`.
+
+    `system_prompt` is a key of SYSTEM_PROMPTS or a literal prefix. The empty prompt is returned as "",
+    NOT wrapped: it is classifier-free guidance's unconditional input, which the official code produces by
+    replacing the whole prefixed caption with "" (caption dropout in training, `neg_cap = ""` at sampling),
+    and which therefore tokenises to just [BOS].
+    """
+    if prompt == "":
+        return ""
+    return SYSTEM_PROMPTS.get(system_prompt, system_prompt) + prompt
+
+
+# ----- Tokenizer -----------------------------------------------------------------------------------------
+# Gemma's special ids (tokenizer pieces 0..3, spec/gemma2.md §4.1); the config agrees (pad/eos/bos 0/1/2).
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+
+
+class Tokenizer:
+    """Gemma's sentencepiece tokenizer, called the way SVG-T2I calls transformers' GemmaTokenizerFast.
+
+    The official call is `tokenizer(texts, padding=True, pad_to_multiple_of=8, max_length=M,
+    truncation=True)` with `padding_side="right"` (spec/gemma2.md §4.2), which means per text:
+    ids = [BOS] + sentencepiece ids, no EOS, cut to M tokens (BOS counts); then the batch is right-padded
+    with 0 to its longest row rounded up to a multiple of 8. Gemma's sentencepiece model adds no dummy
+    prefix space, so plain `encode(text)` gives the same pieces as the Hugging Face tokenizer.
+    """
+
+    def __init__(self, path: str):
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.model")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file; pass Gemma's sentencepiece `tokenizer.model` "
+                                    "(or the folder that holds it)")
+        self.path = path
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(path)
+        except (OSError, RuntimeError) as err:
+            raise ValueError(f"{path} is not a sentencepiece model ({err}); pass Gemma's `tokenizer.model`, "
+                             "not tokenizer.json or a checkpoint") from None
+        found = (self.sp.pad_id(), self.sp.eos_id(), self.sp.bos_id(), self.sp.unk_id())
+        if found != (PAD_ID, EOS_ID, BOS_ID, UNK_ID):
+            raise ValueError(f"{path}: special ids (pad, eos, bos, unk) are {found}, Gemma's are "
+                             f"{(PAD_ID, EOS_ID, BOS_ID, UNK_ID)}; this is not a Gemma tokenizer (make one "
+                             "with train_tokenizer, which sets them)")
+        # A dummy-prefix model turns "a" into "▁a"; HF's Gemma tokenizer never does (spec §4.1). Such a
+        # file still works, but its ids will not match what the released DiT was trained on.
+        first = self.sp.encode("a", out_type=str)
+        if first and first[0].startswith("\u2581"):
+            warnings.warn(f"{path} adds a dummy prefix space; Gemma's tokenizer does not, so ids will differ "
+                          "from the Hugging Face Gemma tokenizer")
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, texts, max_length: int):
+        """Tokenise a batch: returns (input_ids [B, L] long, attention_mask [B, L] long), L % 8 == 0.
+
+        Texts longer than `max_length` tokens (BOS included) are cut at the right, with a warning that
+        quotes the prompt — the official code truncated silently.
+        """
+        if isinstance(texts, str):
+            raise TypeError("Tokenizer.encode takes a list of strings; wrap a single prompt as [prompt]")
+        if max_length < 8 or max_length % 8:
+            # With padding to a multiple of 8, a budget that is not one could be overshot by the padding;
+            # transformers refuses it too (spec §4.2).
+            raise ValueError(f"max_length must be a positive multiple of 8, got {max_length}")
+        rows = []
+        for text in texts:
+            ids = [BOS_ID] + self.sp.encode(text)
+            if len(ids) > max_length:
+                kept = self.sp.decode(ids[1:max_length])
+                warnings.warn(f"prompt truncated from {len(ids)} to {max_length} tokens (BOS included); "
+                              f"the text after {kept[-40:]!r} is dropped. Prompt: {text!r}")
+                ids = ids[:max_length]
+            rows.append(ids)
+        length = 8 * math.ceil(max(len(r) for r in rows) / 8)           # longest, up to a multiple of 8
+        input_ids = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, ids in enumerate(rows):
+            input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, :len(ids)] = 1
+        return input_ids, attention_mask
+
+
+def train_tokenizer(texts, out_path: str, vocab_size: int) -> str:
+    """Train a small Gemma-like sentencepiece model on `texts` and write it to `out_path`; returns the path.
+
+    For the demo and the tests, where the real 256k-piece Gemma tokenizer is not available. The settings
+    copy what Gemma's file is known to use (spec/gemma2.md §4.1, §5.2): BPE, byte fallback, split digits,
+    whitespace kept as is, no dummy prefix, special ids pad 0 / eos 1 / bos 2 / unk 3, and Gemma's two
+    turn markers as user-defined pieces. Single-threaded without sampling, so the same texts give the same
+    model. `vocab_size` is an upper bound: a tiny corpus may yield fewer pieces (read Tokenizer.vocab_size).
+    Every distinct character and all 256 byte pieces need a slot, so very small sizes are refused.
+    """
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("train_tokenizer needs at least one non-empty text")
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    needed = len(special) + 256 + len(set("".join(texts)))
+    if vocab_size < needed:
+        raise ValueError(f"vocab_size {vocab_size} is too small for these texts: the special pieces, 256 byte "
+                         f"pieces and every distinct character need {needed}; ask for at least that many")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        hard_vocab_limit=False, pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        user_defined_symbols=special[4:], byte_fallback=True, split_digits=True,
+        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True, character_coverage=1.0, num_threads=1,
+        shuffle_input_sentence=False, minloglevel=2)
+    # Write to a temporary name and rename, so a half-written tokenizer.model is never left behind.
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path + ".tmp", "wb") as f:
+        f.write(model.getvalue())
+    os.replace(out_path + ".tmp", out_path)
+    return out_path
+
+
+# ----- Configuration -------------------------------------------------------------------------------------
+# google/gemma-2-2b config.json, HF field names (spec/gemma2.md §1). `num_hidden_layers` is the FULL
+# model's depth; Gemma2Encoder builds one layer fewer (it stops at hidden_states[-2]).
+GEMMA2_CONFIGS = {
+    "2b": dict(
+        vocab_size=256000,
+        hidden_size=2304,              # = 48^2, so the embedding scale sqrt(2304) = 48 is exact in bf16
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,         # grouped-query attention: 2 query heads per key/value head
+        head_dim=256,                  # q width 8 * 256 = 2048 != hidden 2304
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        query_pre_attn_scalar=256,     # attention scale 256^-0.5, not head_dim-derived in general
+        sliding_window=4096,           # on even (0-based) layers; a no-op for prompts <= 512 tokens
+        attn_logit_softcapping=50.0,   # the config's value; applied only with use_softcapping=True
+    ),
+}
+
+
+# ----- Building blocks -----------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: the weight is stored as an offset around 0 and applied as (1 + w).
+
+    Computed in float32 and cast back only after the multiply (unlike Llama, which casts first). Loading
+    Gemma weights into a plain `x * w` norm is the classic bug: every layer would scale by ~0.
+    """
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))    # zeros == identity, as transformers initialises it
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_cos_sin(length: int, head_dim: int, theta: float, dtype, device):
+    """cos and sin tables [L, head_dim] for rotate-half RoPE at positions 0..L-1.
+
+    Frequencies pair dimension j with j + head_dim/2 (the "rotate half" layout of transformers and
+    gemma_pytorch — no weight permutation needed). Computed in fp32, then cast to the model dtype as the
+    reference does (spec §2.5). Positions ignore padding, which is why inputs must be right-padded.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]  # [L, D/2]
+    angles = torch.cat((angles, angles), dim=-1)                                                     # [L, D]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x [B, heads, L, D] by position: x*cos + rotate_half(x)*sin, rotate_half(a, b) = (-b, a)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+# ----- Attention -----------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE, optional tanh soft-capping, no biases.
+
+    Keys of the projections are transformers' (`q_proj`, `k_proj`, `v_proj`, `o_proj`); rows are
+    head-major, so a plain view [B, L, heads, head_dim] splits them.
+    """
+
+    def __init__(self, hidden_size, num_attention_heads, num_key_value_heads, head_dim,
+                 query_pre_attn_scalar, softcap):
+        super().__init__()
+        if num_attention_heads % num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({num_key_value_heads})")
+        self.n_heads, self.n_kv_heads, self.head_dim = num_attention_heads, num_key_value_heads, head_dim
+        self.scale = query_pre_attn_scalar ** -0.5
+        self.softcap = softcap                       # None = off (SVG-T2I), a float = eager Gemma-2
+        self.q_proj = nn.Linear(hidden_size, num_attention_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_attention_heads * head_dim, hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, allowed):
+        """x [B, L, hidden]; allowed [B, 1, L, L] bool (True = query may attend to key) -> [B, L, hidden]."""
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)     # [B, nh, L, D]
+        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, L, D]
+        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, L, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # GQA: key/value head j serves query heads j*g .. j*g+g-1 (repeat_interleave == transformers'
+        # repeat_kv). Prompts are short (<= 512 tokens), so the copies cost little.
+        group = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)    # [B, nh, L, D]
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale)
+        else:
+            # SDPA has no soft-capping hook, so this path spells attention out: scores are squashed into
+            # (-cap, cap) by cap * tanh(s / cap) BEFORE masking; softmax in fp32 as the reference does.
+            scores = (q @ k.transpose(-1, -2)) * self.scale                             # [B, nh, L, L]
+            scores = self.softcap * torch.tanh(scores / self.softcap)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v   # [B, nh, L, D]
+        out = out.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+# ----- Feed-forward --------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """GeGLU: down(gelu_tanh(gate(x)) * up(x)); `hidden_activation: gelu_pytorch_tanh` in the config."""
+
+    def __init__(self, hidden_size, intermediate_size):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+# ----- Decoder layer -------------------------------------------------------------------------------------
+class DecoderLayer(nn.Module):
+    """One Gemma-2 block with four norms: each sub-layer is normed before AND after ("sandwich").
+
+        x = x + post_attention_layernorm(attn(input_layernorm(x)))
+        x = x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))
+
+    Note the post-attention norm acts on the attention output, not (as in Llama) on the MLP input.
+    """
+
+    def __init__(self, cfg, softcap, sliding):
+        super().__init__()
+        self.sliding = sliding                       # sliding-window layer (even index) or global
+        H, eps = cfg["hidden_size"], cfg["rms_norm_eps"]
+        self.input_layernorm = RMSNorm(H, eps)
+        self.self_attn = Attention(H, cfg["num_attention_heads"], cfg["num_key_value_heads"],
+                                   cfg["head_dim"], cfg["query_pre_attn_scalar"], softcap)
+        self.post_attention_layernorm = RMSNorm(H, eps)
+        self.pre_feedforward_layernorm = RMSNorm(H, eps)
+        self.mlp = MLP(H, cfg["intermediate_size"])
+        self.post_feedforward_layernorm = RMSNorm(H, eps)
+
+    def forward(self, x, cos, sin, allowed):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, allowed))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+# ----- The encoder ---------------------------------------------------------------------------------------
+class Gemma2Encoder(nn.Module):
+    """Gemma-2 up to `hidden_states[-2]`: embedding and the first num_hidden_layers - 1 decoder layers.
+
+    Takes the HF config names; `num_hidden_layers` is the depth of the FULL model (26 for 2B), of which
+    the last layer and the final norm are not built — the DiT never sees them. state_dict() keys are the
+    HF checkpoint's without the `model.` prefix. `use_softcapping` switches attention soft-capping on
+    (eager transformers); off, the default, matches what SVG-T2I's SDPA Gemma computed.
+    """
+
+    def __init__(self, vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+                 num_key_value_heads, head_dim, rms_norm_eps=1e-6, rope_theta=10000.0,
+                 query_pre_attn_scalar=None, sliding_window=None, attn_logit_softcapping=None,
+                 use_softcapping=False):
+        super().__init__()
+        if num_hidden_layers < 2:
+            raise ValueError(f"num_hidden_layers is the full model's depth and must be >= 2 (one layer is "
+                             f"dropped), got {num_hidden_layers}")
+        if use_softcapping and not attn_logit_softcapping:
+            raise ValueError("use_softcapping=True needs attn_logit_softcapping (50.0 for Gemma-2)")
+        # Everything needed to rebuild or save this model, in HF names (save_gemma2 writes it out).
+        self.config = dict(
+            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads, head_dim=head_dim, rms_norm_eps=rms_norm_eps,
+            rope_theta=rope_theta, query_pre_attn_scalar=query_pre_attn_scalar or head_dim,
+            sliding_window=sliding_window, attn_logit_softcapping=attn_logit_softcapping)
+        self.use_softcapping = use_softcapping
+        softcap = attn_logit_softcapping if use_softcapping else None
+        self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
+        # Layer i uses the sliding window when i is even (transformers' layer_types; gemma_pytorch
+        # [LOCAL_SLIDING, GLOBAL] * 13).
+        self.layers = nn.ModuleList(
+            DecoderLayer(self.config, softcap, sliding=(i % 2 == 0 and sliding_window is not None))
+            for i in range(num_hidden_layers - 1))
+
+    def forward(self, input_ids, attention_mask=None):
+        """input_ids [B, L] long, attention_mask [B, L] (1 = token, 0 = right padding) -> [B, L, hidden].
+
+        Real positions equal transformers' `hidden_states[-2]` and do not depend on how much padding
+        follows them. Padded positions hold finite values of no meaning (see the mask comment below);
+        the DiT masks them out.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        B, L = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        real = attention_mask.bool()                                                   # [B, L]
+        if (real[:, 1:] & ~real[:, :-1]).any():
+            # Positions are 0..L-1 whatever the mask says, so left padding would shift every token's RoPE.
+            raise ValueError("attention_mask must be right-padded (ones, then zeros) in every row; "
+                             "use Tokenizer.encode, which pads on the right")
+        cfg = self.config
+        x = self.embed_tokens(input_ids)                                               # [B, L, H]
+        # Gemma scales embeddings by sqrt(hidden), with the factor built in the model dtype (spec §2.2).
+        x = x * torch.tensor(cfg["hidden_size"] ** 0.5, dtype=x.dtype)
+        cos, sin = rope_cos_sin(L, cfg["head_dim"], cfg["rope_theta"], x.dtype, x.device)  # [L, D]
+
+        # Masks, True = may attend. Causal, and never to padding keys; the sliding layers also only look
+        # back `sliding_window` keys (self included). A padded query far past the real tokens can then
+        # see no key at all, and softmax over nothing is NaN — which would reach real tokens through
+        # 0 * NaN in the next layer. So every position may also see itself: real queries are unchanged
+        # (their own key is real anyway), padded ones stay finite.
+        pos = torch.arange(L, device=x.device)
+        causal = pos[None, :] <= pos[:, None]                                          # [L(q), L(k)]
+        itself = torch.eye(L, dtype=torch.bool, device=x.device)
+        allowed_full = (causal & real[:, None, None, :]) | itself                      # [B, 1, L, L]
+        allowed_sliding = allowed_full
+        if cfg["sliding_window"] is not None:
+            in_window = pos[None, :] > pos[:, None] - cfg["sliding_window"]
+            allowed_sliding = allowed_full & in_window
+
+        for layer in self.layers:
+            x = layer(x, cos, sin, allowed_sliding if layer.sliding else allowed_full)
+        return x                                                                       # [B, L, H]
+
+
+# ----- Loading and saving the Hugging Face layout --------------------------------------------------------
+# A HF model folder: config.json, then either model.safetensors or shards model-0000i-of-0000n.safetensors
+# listed in model.safetensors.index.json ({"metadata": {...}, "weight_map": {key: shard file}}). Released
+# keys carry the `model.` prefix of Gemma2ForCausalLM, and there is no lm_head (tied to the embedding).
+
+def _read_config(folder):
+    """config.json -> the Gemma2Encoder keyword arguments, with a clear error for anything unexpected."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: not a folder; load_gemma2 takes the Hugging Face model folder "
+                                "(config.json + *.safetensors), e.g. a download of google/gemma-2-2b")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing; load_gemma2 needs the model's config.json next to "
+                                "its safetensors files")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); re-download it") from None
+    if hf.get("model_type") != "gemma2":
+        raise ValueError(f"{path}: model_type is {hf.get('model_type')!r}, expected 'gemma2'")
+    activation = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if activation != "gelu_pytorch_tanh":
+        raise ValueError(f"{path}: hidden_activation {activation!r} is not supported (Gemma-2 uses "
+                         "gelu_pytorch_tanh)")
+    names = list(GEMMA2_CONFIGS["2b"])
+    required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim"]
+    missing = [n for n in required if n not in hf]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; it is not a complete Gemma-2 config")
+    return {n: hf[n] for n in names if n in hf}
+
+
+def _weight_files(folder):
+    """{checkpoint key: shard path}, through the index when there is one."""
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {key: os.path.join(folder, name) for key, name in weight_map.items()}
+    files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"{folder}: expected model.safetensors.index.json or exactly one *.safetensors "
+                                f"file, found {files or 'none'}")
+    path = os.path.join(folder, files[0])
+    return {key: path for key in _open(path).keys()}
+
+
+def _open(path):
+    """safe_open with an error that names the file when it is missing, truncated or not safetensors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: shard listed in the index is missing; download it again")
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); it is probably truncated or "
+                         "corrupt — download it again") from None
+
+
+def load_gemma2(folder, dtype=torch.float32, device="cpu", use_softcapping=False) -> Gemma2Encoder:
+    """Build the encoder from a HF Gemma-2 folder and load its weights, strictly.
+
+    Every tensor the encoder builds must be in the checkpoint with the right shape; the last layer and
+    the final norm (not built) and a tied lm_head are skipped; anything else is an error. Weights are
+    cast to `dtype` (fp32 for CPU, bf16 as SVG-T2I runs it on GPU) one tensor at a time, so peak memory
+    stays near the final model size — the model is first built on the meta device (no allocation).
+    """
+    cfg = _read_config(folder)
+    with torch.device("meta"):
+        encoder = Gemma2Encoder(**cfg, use_softcapping=use_softcapping)
+    expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+    last = cfg["num_hidden_layers"] - 1
+    skipped = (f"layers.{last}.", "norm.", "lm_head.")
+
+    files = _weight_files(folder)
+    prefixed = {k[len("model."):] if k.startswith("model.") else k: k for k in files}
+    unexpected = [k for k in prefixed if k not in expected and not k.startswith(skipped)]
+    missing = [k for k in expected if k not in prefixed]
+    if missing or unexpected:
+        raise KeyError(f"{folder}: checkpoint does not match the Gemma-2 config in config.json. "
+                       f"Missing keys: {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
+                       f"unexpected keys: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+
+    state = {}
+    handles = {}
+    for name, shape in expected.items():
+        path = files[prefixed[name]]
+        if path not in handles:
+            handles[path] = _open(path)
+        try:
+            tensor = handles[path].get_tensor(prefixed[name])
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{path}: could not read {prefixed[name]} ({err}); the file is probably "
+                             "truncated — download it again") from None
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{path}: {prefixed[name]} has shape {tuple(tensor.shape)}, the config in "
+                             f"config.json implies {shape}")
+        state[name] = tensor.to(device=device, dtype=dtype)
+    encoder.load_state_dict(state, strict=True, assign=True)
+    return encoder.eval().requires_grad_(False)
+
+
+def save_gemma2(encoder: Gemma2Encoder, folder, max_shard_size=None):
+    """Write `encoder` as a HF-style Gemma-2 folder that load_gemma2 (and transformers) can read.
+
+    config.json states the FULL depth (built layers + 1) so the folder describes a whole Gemma-2 whose
+    last layer and final norm are absent; transformers would initialise those and warn, which is harmless
+    for hidden_states[-2]. Keys get the `model.` prefix of the released files. With `max_shard_size` (in
+    bytes) the tensors are split into model-0000i-of-0000n.safetensors files plus an index.
+    """
+    os.makedirs(folder, exist_ok=True)
+    cfg = dict(encoder.config)
+    dtype = next(encoder.parameters()).dtype
+    hf_config = {
+        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", **cfg,
+        "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": 30.0,
+        "max_position_embeddings": 8192, "attention_bias": False, "attention_dropout": 0.0,
+        "pad_token_id": PAD_ID, "eos_token_id": EOS_ID, "bos_token_id": BOS_ID, "tie_word_embeddings": True,
+        "torch_dtype": str(dtype).replace("torch.", ""),
+    }
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+
+    tensors = {"model." + k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
+    shards, size = [{}], 0                               # greedy: start a new shard when the next overflows
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_size and shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        return folder
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return folder
+
+
+# ----- Prompts to features -------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_prompts(encoder, tokenizer, prompts, system_prompt, max_length):
+    """Prompts -> (feats [B, L, hidden] in the encoder's dtype and device, mask [B, L] bool).
+
+    Each prompt is prefixed with `system_prompt` (a SYSTEM_PROMPTS key or literal text; "" stays "", the
+    unconditional input), tokenised (BOS, right padding to a multiple of 8, cut at `max_length`), and run
+    through the frozen encoder. `mask` marks real tokens; feats at padded positions are finite but
+    meaningless, and the DiT ignores them (it reads only the first mask.sum() rows of each caption).
+    """
+    if tokenizer.vocab_size > encoder.config["vocab_size"]:
+        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the encoder embeds "
+                         f"only {encoder.config['vocab_size']}; they do not belong together")
+    texts = [format_prompt(p, system_prompt) for p in prompts]
+    input_ids, attention_mask = tokenizer.encode(texts, max_length)
+    device = encoder.embed_tokens.weight.device
+    feats = encoder(input_ids.to(device), attention_mask.to(device))
+    return feats, attention_mask.bool().to(device)
