@@ -1,0 +1,222 @@
+"""Prompt adherence of the demo model: does "a red circle in the top left" come out red, round, top left?
+
+The demo (DESIGN.md §7) is trained on the procedural shapes of data.py, so its outputs can be read back with
+plain pixel arithmetic instead of a learned detector (the GenEval idea, shrunk to a world of 8 colours,
+3 shapes and 5 positions):
+
+    prompt ──► sample.load_pipeline(ckpt).generate ──► image ──► classify_image ──► objects ──► score
+
+The classifier, step by step:
+  1. background = median colour of the border pixels;
+  2. foreground mask = pixels far from the background; its connected components are the objects
+     (components under 0.4% of the image are noise and ignored);
+  3. colour = nearest palette entry to the median of the object's solid core;
+  4. coverage ("alpha") of every pixel = how far it sits between background and object colour, so the
+     anti-aliased edges count by fraction; position = nearest named position to the coverage centroid;
+  5. shape = area / (width × height), where width and height are measured from the coverage profiles:
+     a square fills its box (1.0), a circle π/4 ≈ 0.79, an upright triangle 0.5.
+It is checked on rendered ground truth by tests/test_eval_shapes.py.
+
+Usage:  python benchmarks/eval_shapes.py [--ckpt RUN_DIR] [--seeds 0,1,2,3] [--out eval_shapes.json]
+                                         [--steps N] [--cfg S] [--limit N]
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
+from data import PALETTE, POSITIONS, SHAPES, caption_for, parse_caption  # noqa: E402
+
+# Thresholds. The nearest palette colour is at least ~240 RGB units from white, so a quarter of that marks
+# foreground; shape fills split halfway between the ideal values 0.5, π/4 and 1.
+FOREGROUND_DIST = 90.0
+CORE_FRACTION = 0.8          # a pixel belongs to the solid core at >= 80% of the object's largest distance
+MIN_AREA_FRACTION = 0.004    # smaller components are noise
+TRIANGLE_MAX_FILL = (0.5 + np.pi / 4) / 2   # 0.64
+SQUARE_MIN_FILL = (np.pi / 4 + 1.0) / 2     # 0.89
+
+
+# ----- Connected components ---------------------------------------------------------------------------------
+
+def _shift(a, dy, dx, fill):
+    """a moved by (dy, dx), vacated cells set to `fill` (no wrap-around, unlike np.roll)."""
+    out = np.full_like(a, fill)
+    H, W = a.shape
+    out[max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = a[max(-dy, 0):H - max(dy, 0),
+                                                                  max(-dx, 0):W - max(dx, 0)]
+    return out
+
+
+def connected_components(mask):
+    """8-connected components of a bool mask [H, W] -> int label map (0 = background, 1..n) and n.
+
+    Label propagation: every foreground pixel starts with its own number and repeatedly takes the smallest
+    number among its neighbours; after as many rounds as the longest path inside an object, each component
+    carries one number. Vectorised, so a 128² image takes a few milliseconds."""
+    big = mask.size + 1
+    labels = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), big)
+    while True:
+        smallest = labels
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                if dy or dx:
+                    smallest = np.minimum(smallest, _shift(labels, dy, dx, big))
+        smallest = np.where(mask, smallest, big)
+        if np.array_equal(smallest, labels):
+            break
+        labels = smallest
+    uniq, dense = np.unique(np.where(mask, labels, 0), return_inverse=True)  # renumber 1..n, 0 stays 0
+    dense = dense.reshape(mask.shape)
+    return dense if uniq[0] == 0 else dense + 1, len(uniq) - (uniq[0] == 0)
+
+
+# ----- The classifier ---------------------------------------------------------------------------------------
+
+def _nearest(value, table):
+    """Key of `table` whose value is nearest (Euclidean) to `value`."""
+    return min(table, key=lambda k: float(np.sum((np.asarray(table[k], float) - value) ** 2)))
+
+
+def classify_image(image):
+    """PIL image or uint8 array [H, W, 3] -> list of objects, largest first:
+    dicts {color, shape, position, cx, cy (fractions), fill, area (fraction of the image)}."""
+    arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.float64)[..., :3]
+    H, W, _ = arr.shape
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])   # [2H+2W, 3]
+    background = np.median(border, axis=0)
+    diff = arr - background                                             # [H, W, 3]
+    dist = np.linalg.norm(diff, axis=-1)                                # [H, W]
+    labels, n = connected_components(dist > FOREGROUND_DIST)
+    ys, xs = np.mgrid[0:H, 0:W] + 0.5                                   # pixel centres
+
+    found = []
+    for k in range(1, n + 1):
+        comp = labels == k
+        if comp.sum() < MIN_AREA_FRACTION * H * W:
+            continue
+        core = comp & (dist >= CORE_FRACTION * dist[comp].max())
+        color_rgb = np.median(arr[core], axis=0)
+        # Coverage: projection of each pixel onto the background->object colour line, 0..1. Taken over the
+        # component grown by one pixel, so that faint edge pixels under the mask threshold still count.
+        grown = comp.copy()
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                grown |= _shift(comp, dy, dx, False)
+        axis = color_rgb - background
+        alpha = np.clip(diff @ axis / max(float(axis @ axis), 1e-6), 0.0, 1.0) * grown   # [H, W]
+        area = alpha.sum()
+        # Extent from coverage profiles: the most-covered pixel of each column (row) says what fraction of
+        # that column (row) the object spans; their sum is the object's width (height) to sub-pixel accuracy.
+        width, height = alpha.max(axis=0).sum(), alpha.max(axis=1).sum()
+        fill = area / max(width * height, 1e-6)
+        shape = "triangle" if fill < TRIANGLE_MAX_FILL else "square" if fill > SQUARE_MIN_FILL else "circle"
+        cx, cy = (alpha * xs).sum() / area / W, (alpha * ys).sum() / area / H
+        found.append(dict(color=_nearest(color_rgb, PALETTE), shape=shape,
+                          position=_nearest(np.array([cx, cy]), POSITIONS),
+                          cx=float(cx), cy=float(cy), fill=float(fill), area=float(area / (H * W))))
+    return sorted(found, key=lambda o: -o["area"])
+
+
+def score(prompt_objects, found_objects):
+    """Did the image show what the prompt asked? -> dict of bools: color, shape, position, all, count.
+
+    One asked object is compared with the largest found one. Two asked objects are each matched to the found
+    object at their position (position is then right when both positions are occupied). `all` needs colour,
+    shape and position right for every asked object; `count` is whether exactly as many objects were found."""
+    if len(prompt_objects) == 1:
+        matches = [found_objects[0] if found_objects else None]
+        position = bool(found_objects) and found_objects[0]["position"] == prompt_objects[0]["position"]
+    else:
+        by_position = {}
+        for obj in found_objects:  # largest first, so the largest object at a position wins
+            by_position.setdefault(obj["position"], obj)
+        matches = [by_position.get(p["position"]) for p in prompt_objects]
+        position = all(m is not None for m in matches)
+    color = all(m is not None and m["color"] == p["color"] for p, m in zip(prompt_objects, matches))
+    shape = all(m is not None and m["shape"] == p["shape"] for p, m in zip(prompt_objects, matches))
+    return dict(color=color, shape=shape, position=position, all=color and shape and position,
+                count=len(found_objects) == len(prompt_objects))
+
+
+# ----- The prompts ------------------------------------------------------------------------------------------
+
+def _eval_prompts():
+    """Every single object (8 colours × 3 shapes × 5 positions = 120), then 30 pairs: each of the 10
+    position pairs three times, colours and shapes cycled so that the two objects always differ in both."""
+    colors, positions = list(PALETTE), list(POSITIONS)
+    singles = [caption_for([dict(color=c, shape=s, position=p)])
+               for c in colors for s in SHAPES for p in positions]
+    pairs = []
+    position_pairs = [(a, b) for i, a in enumerate(positions) for b in positions[i + 1:]]  # 10
+    for variant in range(3):
+        for k, (pa, pb) in enumerate(position_pairs):
+            j = 3 * k + variant
+            pairs.append(caption_for([
+                dict(color=colors[j % 8], shape=SHAPES[(k + variant) % 3], position=pa),
+                dict(color=colors[(j + 3) % 8], shape=SHAPES[(k + variant + 1) % 3], position=pb)]))
+    return singles + pairs
+
+
+EVAL_PROMPTS = _eval_prompts()
+
+
+# ----- Generate and report ----------------------------------------------------------------------------------
+
+def summarize(records):
+    """Per-prompt records -> {group: {n, color, shape, position, all, count}} accuracies."""
+    groups = {"single": [r for r in records if r["n_objects"] == 1],
+              "two": [r for r in records if r["n_objects"] == 2], "overall": records}
+    keys = ("color", "shape", "position", "all", "count")
+    return {g: dict(n=len(rs), **{k: (sum(r["score"][k] for r in rs) / len(rs) if rs else float("nan"))
+                                  for k in keys})
+            for g, rs in groups.items()}
+
+
+def print_table(summary):
+    print(f"{'':10s}{'n':>6s}{'color':>8s}{'shape':>8s}{'position':>10s}{'all':>8s}{'count':>8s}")
+    for g, s in summary.items():
+        print(f"{g:10s}{s['n']:6d}{s['color']:8.3f}{s['shape']:8.3f}{s['position']:10.3f}"
+              f"{s['all']:8.3f}{s['count']:8.3f}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Prompt adherence of a shapes model (colour, shape, position).")
+    ap.add_argument("--ckpt", default=None, help="run folder or checkpoint; default: sample.py's default")
+    ap.add_argument("--seeds", default="0,1,2,3", help="comma-separated seeds; every prompt runs with each")
+    ap.add_argument("--out", default="eval_shapes.json", help="where to write the JSON of results")
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the sampler's)")
+    ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the sampler's)")
+    ap.add_argument("--limit", type=int, default=None, help="use only the first N prompts (quick checks)")
+    ap.add_argument("--batch-size", type=int, default=30, help="prompts per generate() call")
+    args = ap.parse_args(argv)
+
+    import sample  # only here: the classifier above must work without the generator
+    pipe = sample.load_pipeline(args.ckpt)
+    options = {k: v for k, v in (("steps", args.steps), ("cfg", args.cfg)) if v is not None}
+    prompts = EVAL_PROMPTS[:args.limit] if args.limit else EVAL_PROMPTS
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+
+    records = []
+    for seed in seeds:
+        for b in range(0, len(prompts), args.batch_size):
+            batch = prompts[b:b + args.batch_size]
+            # One seed per call; distinct calls get distinct seeds so no two prompts share their noise.
+            images = pipe.generate(batch, seed=seed * 1000 + b // args.batch_size, **options)
+            for prompt, image in zip(batch, images):
+                asked, found = parse_caption(prompt), classify_image(image)
+                records.append(dict(prompt=prompt, seed=seed, n_objects=len(asked), found=found,
+                                    score=score(asked, found)))
+    summary = summarize(records)
+    print_table(summary)
+    with open(args.out, "w") as f:
+        json.dump(dict(ckpt=args.ckpt, seeds=seeds, options=options, summary=summary, records=records), f,
+                  indent=1)
+    print(f"wrote {args.out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

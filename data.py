@@ -1,0 +1,612 @@
+"""Data: where training pairs (image, caption) come from and how they are batched.
+
+This is the first stop of the training pipeline (see DESIGN.md §1):
+
+    dataset[i] -> {image [3,H,W] in [-1,1], caption, system}  --BucketBatchSampler-->  collate -> batch
+                                                                                     -> DINOv3 / Gemma-2
+
+Three kinds of dataset, all with the same small interface (`len`, `bucket_of(i)`, `ds[i]`, `ds.skipped`):
+
+- `JsonlDataset`: the official SVG-T2I / Lumina format, one JSON object per line, either
+  {"path": ..., "prompt": ...} (the public format) or {"image_path": ..., "super_high_quality_caption": ...}.
+  The key pair decides which system prompt the official trainer prepends (spec nextdit_flow_train.md §3):
+  'base' for path/prompt, 'align' for image_path/super_high_quality_caption. We record the key; text.py owns
+  the strings.
+- `FolderDataset`: a folder of images, each with a same-stem `.txt` caption.
+- `ShapesDataset`: the procedural coloured-shapes data of the CPU demo (DESIGN.md §7), infinite and
+  deterministic by (seed, index).
+
+Images of any aspect ratio are trained at their own aspect: each is assigned the nearest *bucket* (a pixel
+size whose token grid holds at most (resolution/patch)² tokens, spec §2 "Resolution handling"), resized to
+cover it and centre-cropped — never stretched. `BucketBatchSampler` then builds batches that each come from
+one bucket, so a batch stacks into one tensor, and splits every global batch across data-parallel ranks.
+
+Bad data policy: a malformed JSONL line is a configuration error and stops start-up with file and line. A
+missing, unreadable or truncated image is a data accident: it is skipped, counted in `ds.skipped`, named in
+a (rate-limited) log warning, and never stops a run.
+
+Runtime imports: torch, numpy, PIL and the standard library only.
+"""
+import json
+import logging
+import math
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+log = logging.getLogger("data")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+# ----- Aspect-ratio buckets ---------------------------------------------------------------------------------
+
+def buckets(resolution, patch=16, max_ratio=4.0):
+    """All training sizes for one stage, as a list of (height, width) in pixels.
+
+    The official enumeration (`generate_crop_size_list` in SVG-T2I util/imgproc.py, spec §2): walk the
+    boundary of the token-grid region w·h ≤ N, N = (resolution/patch)², from the widest grid (N × 1) to the
+    tallest, keeping grids with aspect ≤ max_ratio whose floor(w/2) and floor(h/2) are both even. That gives
+    15 buckets at 256 px, 27 at 512 and 51 at 1024 for patch 16. The official test is written in pixels
+    (`(w·16)//32 % 2 == 0`); we write it in tokens, which is the same for patch 16 and keeps the bucket set
+    scale-free for other patches (the CPU demo uses patch 8: 128 px / patch 8 has the 256 px / patch 16 grids).
+    `max_ratio=1` gives the single square bucket (the official `--single_shape`).
+    """
+    if resolution % patch != 0:
+        raise ValueError(f"buckets: resolution {resolution} is not a multiple of the patch size {patch}")
+    if max_ratio < 1:
+        raise ValueError(f"buckets: max_ratio must be >= 1, got {max_ratio}")
+    num_tokens = (resolution // patch) ** 2
+    out = []
+    w, h = num_tokens, 1  # token grid, widest first, as the official loop
+    while w > 0:
+        if max(w, h) / min(w, h) <= max_ratio and (w // 2) % 2 == 0 and (h // 2) % 2 == 0:
+            out.append((h * patch, w * patch))
+        if (h + 1) * w <= num_tokens:
+            h += 1  # still inside the budget: grow taller
+        else:
+            w -= 1  # over budget: narrow by one column
+    return out
+
+
+def nearest_bucket(height, width, bucket_list):
+    """The bucket that keeps the most of an image of this size: the official `var_center_crop` score is
+    min(scale_w, scale_h) / max(scale_w, scale_h), 1 for an exact aspect match. Ties go to the larger
+    bucket, as the official `sorted(..., reverse=True)` does."""
+    def keep(bucket):
+        bh, bw = bucket
+        sw, sh = bw / width, bh / height
+        return (min(sw, sh) / max(sw, sh), bw, bh)
+    return max(bucket_list, key=keep)
+
+
+def resize_to_cover(image, size_hw):
+    """Resize a PIL image so it covers (height, width), keeping its aspect, then centre-crop to exactly that.
+
+    As the official `center_crop`: halve with a box filter while the image is at least twice the target in
+    both directions (cheap, alias-free), then one bicubic resize by the larger of the two scale factors, so
+    one side fits and the other overhangs and is cropped evenly. Never stretches."""
+    th, tw = size_hw
+    while image.width >= 2 * tw and image.height >= 2 * th:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    scale = max(tw / image.width, th / image.height)
+    # max(): float rounding must never leave the covering side one pixel short of the target
+    new_w, new_h = max(tw, round(image.width * scale)), max(th, round(image.height * scale))
+    image = image.resize((new_w, new_h), resample=Image.BICUBIC)
+    left, top = (new_w - tw) // 2, (new_h - th) // 2
+    return image.crop((left, top, left + tw, top + th))
+
+
+def to_rgb(image):
+    """Any PIL mode -> RGB. Transparent images are composited on white (as the official `to_rgb_if_rgba`),
+    palette and greyscale images are converted."""
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        canvas = Image.new("RGB", image.size, (255, 255, 255))
+        canvas.paste(image, mask=image.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def image_to_tensor(image):
+    """PIL RGB -> FloatTensor [3, H, W] in [-1, 1]. (The DINOv3 ImageNet normalisation happens later, in
+    dino.preprocess; keeping [-1, 1] here lets the decoder losses use the same tensor.)"""
+    arr = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+# ----- Bad-image reporting ----------------------------------------------------------------------------------
+
+class _BadImageLog:
+    """Counts unusable images (each file once) and names them in the log without flooding it: the first 20
+    individually, then every 100th with the running total."""
+
+    def __init__(self):
+        self.bad = set()
+
+    @property
+    def count(self):
+        return len(self.bad)
+
+    def report(self, path, err):
+        if path in self.bad:
+            return
+        self.bad.add(path)
+        n = len(self.bad)
+        if n <= 20 or n % 100 == 0:
+            more = " (further ones reported every 100th)" if n == 20 else ""
+            log.warning("skipping unusable image %s: %s: %s [%d skipped so far]%s",
+                        path, type(err).__name__, err, n, more)
+
+
+# ----- Datasets of real images: JSONL and folder ------------------------------------------------------------
+
+class _ImageListDataset(torch.utils.data.Dataset):
+    """Shared body of JsonlDataset and FolderDataset: a list of records (path, caption, system, size).
+
+    The sampler needs every item's bucket before the first step. It comes from `width`/`height` in the record
+    when present (free), otherwise from the image header: PIL's `Image.open` reads only the header, about a
+    millisecond per local file, so a million images cost minutes of start-up, read on 16 threads since it is
+    I/O bound. Put width/height in big JSONL files to skip it. With a single bucket (max_ratio=1) no header is
+    read at all. An image whose header cannot be read here is skipped and counted, not an error.
+
+    `skipped` counts per process: under a multi-worker DataLoader each worker has its own copy, so the
+    trainer should also sum `collate(...)['dropped']`, which travels back with every batch.
+    """
+
+    def __init__(self, records, resolution, patch, max_ratio, source):
+        self.resolution, self.source = resolution, source
+        self.bucket_list = buckets(resolution, patch, max_ratio)
+        self._bad = _BadImageLog()
+        if len(self.bucket_list) > 1:
+            records = self._read_missing_sizes(records)
+        self.records = records
+        self.bucket_ids = [self._bucket_index(r) for r in records]
+        if not self.records:
+            raise ValueError(f"{source}: no usable images ({self.skipped} skipped); check the paths in it")
+        log.info("%s: %d images, %d skipped at start-up, %d buckets",
+                 source, len(self.records), self.skipped, len(self.bucket_list))
+
+    def _read_missing_sizes(self, records):
+        todo = [r for r in records if r["size"] is None]
+        if not todo:
+            return records
+        start = time.time()
+
+        def header_size(rec):
+            try:
+                with Image.open(rec["path"]) as im:
+                    return im.height, im.width
+            except Exception as err:  # noqa: BLE001 - any unreadable file is a data accident, never fatal
+                return err
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            for rec, size in zip(todo, pool.map(header_size, todo)):
+                if isinstance(size, Exception):
+                    self._bad.report(rec["path"], size)
+                else:
+                    rec["size"] = size
+        log.info("%s: read %d image headers in %.1f s (add width/height to the records to skip this)",
+                 self.source, len(todo), time.time() - start)
+        return [r for r in records if r["size"] is not None]
+
+    def _bucket_index(self, rec):
+        if len(self.bucket_list) == 1:
+            return 0
+        return self.bucket_list.index(nearest_bucket(*rec["size"], self.bucket_list))
+
+    @property
+    def skipped(self):
+        """How many distinct images this process found unusable (at start-up or when loading)."""
+        return self._bad.count
+
+    def __len__(self):
+        return len(self.records)
+
+    def bucket_of(self, i):
+        """(height, width) in pixels that item i is cropped to."""
+        return self.bucket_list[self.bucket_ids[i]]
+
+    def __getitem__(self, i):
+        rec = self.records[i]
+        try:
+            with Image.open(rec["path"]) as im:
+                im.load()  # decode now: a truncated file fails here, inside the try
+                image = to_rgb(im)
+        except Exception as err:  # noqa: BLE001 - skip, count and report; a run never dies of one bad file
+            self._bad.report(rec["path"], err)
+            return None
+        image = resize_to_cover(image, self.bucket_of(i))
+        return dict(image=image_to_tensor(image), caption=rec["caption"], system=rec["system"])
+
+
+def _parse_jsonl_line(line, where, folder):
+    """One JSONL line -> record. `where` is "file:line" for error messages."""
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); fix or delete this line")
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: expected a JSON object per line, got {type(item).__name__}")
+    # Same precedence as the official T2IItemProcessor: super_high_quality_caption wins.
+    if "super_high_quality_caption" in item:
+        path_key, cap_key, system = "image_path", "super_high_quality_caption", "align"
+    elif "path" in item:
+        path_key, cap_key, system = "path", "prompt", "base"
+    else:
+        raise ValueError(f"{where}: needs 'path' + 'prompt' (or 'image_path' + 'super_high_quality_caption'); "
+                         f"found keys {sorted(item)}")
+    if path_key not in item or not isinstance(item[path_key], str):
+        raise ValueError(f"{where}: '{path_key}' missing or not a string")
+    caption = item.get(cap_key)
+    if caption is not None and not isinstance(caption, str):
+        raise ValueError(f"{where}: '{cap_key}' must be a string, got {type(caption).__name__}")
+    size = None
+    if "width" in item or "height" in item:
+        w, h = item.get("width"), item.get("height")
+        if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
+            raise ValueError(f"{where}: 'width' and 'height' must both be positive integers, got {w!r}, {h!r}")
+        size = (h, w)
+    # Relative paths are relative to the JSONL file (an absolute path is kept by os.path.join).
+    return dict(path=os.path.join(folder, item[path_key]), caption=(caption or "").strip(),
+                system=system, size=size)
+
+
+class JsonlDataset(_ImageListDataset):
+    """The official JSONL format (see module docstring). A `.json` file holding one JSON array, the other
+    format the official `MyDataset` reads, is accepted too. Every line is parsed at start-up so that a
+    malformed one stops the run before any compute is spent, with its file and line number."""
+
+    def __init__(self, path, resolution, patch=16, max_ratio=4.0):
+        folder = os.path.dirname(os.path.abspath(path))
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if text.lstrip().startswith("["):  # a JSON array of objects
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})")
+            lines = [(f"{path}: item {k}", json.dumps(it)) for k, it in enumerate(items)]
+        else:
+            lines = [(f"{path}:{n}", s) for n, s in enumerate(text.splitlines(), 1) if s.strip()]
+        records = [_parse_jsonl_line(s, where, folder) for where, s in lines]
+        if not records:
+            raise ValueError(f"{path}: no data lines")
+        super().__init__(records, resolution, patch, max_ratio, source=path)
+
+
+class FolderDataset(_ImageListDataset):
+    """Every image under a folder (recursively, sorted), captioned by the same-stem `.txt` file next to it.
+    Images without a caption file are left out and counted in the log. System prompt key: 'base'."""
+
+    def __init__(self, path, resolution, patch=16, max_ratio=4.0):
+        if not os.path.isdir(path):
+            raise ValueError(f"{path}: not a folder")
+        records, uncaptioned = [], 0
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                stem, ext = os.path.splitext(name)
+                if ext.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                txt = os.path.join(root, stem + ".txt")
+                if not os.path.exists(txt):
+                    uncaptioned += 1
+                    continue
+                with open(txt, encoding="utf-8") as f:
+                    caption = f.read().strip()
+                records.append(dict(path=os.path.join(root, name), caption=caption, system="base", size=None))
+        if uncaptioned:
+            log.warning("%s: %d images have no same-stem .txt caption and are left out", path, uncaptioned)
+        if not records:
+            raise ValueError(f"{path}: no images with a same-stem .txt caption found")
+        super().__init__(records, resolution, patch, max_ratio, source=path)
+
+
+# ----- The shapes world: palette, shapes, positions ---------------------------------------------------------
+# The demo's procedural data (DESIGN.md §7; issue 6). Small enough that a tiny model learns it on a CPU,
+# structured enough that prompt adherence can be measured pixel by pixel (benchmarks/eval_shapes.py).
+
+PALETTE = {  # name -> RGB; far apart from each other and from the white background
+    "red": (220, 30, 30),
+    "green": (30, 160, 60),
+    "blue": (30, 70, 220),
+    "yellow": (240, 200, 20),
+    "purple": (140, 50, 170),
+    "orange": (245, 130, 20),
+    "cyan": (20, 180, 200),
+    "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle")  # triangle = upright, apex at the top middle of its box
+POSITIONS = {  # name -> (cx, cy) as fractions of width and height
+    "top left": (0.28, 0.28),
+    "top right": (0.72, 0.28),
+    "bottom left": (0.28, 0.72),
+    "bottom right": (0.72, 0.72),
+    "center": (0.50, 0.50),
+}
+BACKGROUND = (255, 255, 255)
+JITTER = 0.04            # centres move up to ±4% of the canvas
+SINGLE_SIDE = (0.30, 0.40)  # bounding-box side of a lone object, fraction of the canvas
+PAIR_SIDE = (0.20, 0.26)    # each object of a pair; shrunk further when needed so the two never touch
+PAIR_GAP = 0.03          # minimum empty band between the boxes of a pair
+CLEAN_SIDE = {1: 0.35, 2: 0.19}  # fixed sides of the clean (SFT) subset; 0.19 + gap fits a centre pair
+SUPERSAMPLE = 4          # draw at 4x, then box-filter down: exact-coverage anti-aliasing
+
+# Wordings. The canonical one ("a red circle in the top left") is always first and always understood;
+# the paraphrases only swap the preposition or use a synonym for the position.
+POSITION_WORDS = {
+    "top left": ("top left", "upper left"),
+    "top right": ("top right", "upper right"),
+    "bottom left": ("bottom left", "lower left"),
+    "bottom right": ("bottom right", "lower right"),
+    "center": ("center", "middle"),
+}
+PREPOSITIONS = ("in", "at")
+PARAPHRASE_PROB = 0.25   # per object phrase, outside the clean subset
+
+
+def render_shapes(objects, size):
+    """Draw objects on a white square canvas of `size` pixels -> PIL RGB image.
+
+    objects: list of dicts {color, shape, position} with optional cx, cy (centre, fractions of the canvas;
+    default: the position's centre) and side (bounding-box side, fraction; default: the clean size)."""
+    big = size * SUPERSAMPLE
+    canvas = Image.new("RGB", (big, big), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for obj in objects:
+        default_cx, default_cy = POSITIONS[obj["position"]]
+        cx, cy = obj.get("cx", default_cx) * big, obj.get("cy", default_cy) * big
+        half = obj.get("side", CLEAN_SIDE[min(len(objects), 2)]) * big / 2
+        x0, y0, x1, y1 = cx - half, cy - half, cx + half, cy + half
+        color = PALETTE[obj["color"]]
+        if obj["shape"] == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=color)
+        elif obj["shape"] == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=color)
+        elif obj["shape"] == "triangle":  # fills exactly half of its box
+            draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=color)
+        else:
+            raise ValueError(f"render_shapes: unknown shape {obj['shape']!r}; expected one of {SHAPES}")
+    return canvas.resize((size, size), resample=Image.BOX)
+
+
+def _article(color):
+    return "an" if color[0] in "aeiou" else "a"  # "an orange square"
+
+
+def _phrase(obj, prep="in", word=None):
+    color = obj["color"]
+    return f"{_article(color)} {color} {obj['shape']} {prep} the {word or obj['position']}"
+
+
+def caption_for(objects):
+    """Canonical caption: "a red circle in the top left" ("an orange ..."), two objects joined by " and "."""
+    return " and ".join(_phrase(o) for o in objects)
+
+
+_WORD_TO_POSITION = {w: p for p, words in POSITION_WORDS.items() for w in words}
+_PHRASE_RE = re.compile(r"(?:an?|one) ({c}) ({s}) (?:{p}) the ({w})".format(
+    c="|".join(PALETTE), s="|".join(SHAPES), p="|".join(PREPOSITIONS),
+    w="|".join(sorted(_WORD_TO_POSITION, key=len, reverse=True))))
+
+
+def parse_caption(text):
+    """Inverse of the caption forms above: text -> list of {color, shape, position}, in caption order.
+    Raises ValueError naming the text when a part is not in the shapes language."""
+    objects = []
+    for part in text.strip().lower().rstrip(".").split(" and "):
+        m = _PHRASE_RE.fullmatch(part.strip())
+        if m is None:
+            raise ValueError(f"parse_caption: {part!r} (in {text!r}) is not of the form "
+                             f"'a <color> <shape> in the <position>'")
+        objects.append(dict(color=m.group(1), shape=m.group(2), position=_WORD_TO_POSITION[m.group(3)]))
+    return objects
+
+
+def all_captions():
+    """Every single-object phrase in every wording, plus every canonical two-object caption (11,520): the
+    text a demo tokenizer is trained on. Paraphrased pairs are joins of the same phrases (no new words)."""
+    singles = [f"{_article(c)} {c} {s} {prep} the {w}"
+               for c in PALETTE for s in SHAPES for p in POSITIONS for prep in PREPOSITIONS
+               for w in POSITION_WORDS[p]]
+    objs = [dict(color=c, shape=s, position=p) for c in PALETTE for s in SHAPES for p in POSITIONS]
+    pairs = [caption_for([a, b]) for a in objs for b in objs if a["position"] != b["position"]]
+    return singles + pairs
+
+
+PREVIEW_PROMPTS = [  # a fixed handful the trainer renders at every checkpoint
+    "a red circle in the top left",
+    "a blue square in the center",
+    "a yellow triangle in the bottom right",
+    "a green square in the top right",
+    "a black circle in the bottom left",
+    "a purple triangle in the center",
+    "a cyan circle in the top left and an orange square in the bottom right",
+    "a red triangle in the top right and a blue circle in the bottom left",
+]
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """Procedural shapes: item i is a pure function of (seed, i), so any worker, rank or resumed run draws the
+    same picture for the same index, and indices past `length` work too (the data is infinite; `length` only
+    sets what an "epoch" is for the sampler).
+
+    A scene is one object (probability 1 - two_object_prob) or two at different positions. Each object has a
+    palette colour, a shape, a position with its centre jittered by ±4%, and a side of 30-40% of the canvas
+    (one object) or 20-26% (two, shrunk further when needed so that a 3% gap always separates them).
+    About a quarter of object phrases use a paraphrase ("at the", "upper left", "middle").
+
+    clean=True is the SFT subset of the demo's stage 4: canonical captions, centres exactly on their
+    positions, fixed sides (35% alone, 19% in a pair). Same colours, shapes, positions and object counts.
+    Images are square (resolution × resolution), so there is one bucket. System prompt key: 'base'.
+    """
+
+    def __init__(self, resolution, seed=0, length=100_000, clean=False, two_object_prob=0.3):
+        if seed < 0:
+            raise ValueError(f"ShapesDataset: seed must be >= 0, got {seed}")
+        self.resolution, self.seed, self.length = resolution, seed, length
+        self.clean, self.two_object_prob = clean, two_object_prob
+        self.skipped = 0  # nothing can be unreadable here; kept for the common interface
+
+    def scene(self, i):
+        """Item i's objects (with cx, cy, side) and caption, without rendering."""
+        rng = np.random.default_rng([self.seed, int(i)])  # independent stream per (seed, index)
+        n = 2 if rng.random() < self.two_object_prob else 1
+        names = list(POSITIONS)
+        objects, phrases = [], []
+        for k in rng.choice(len(names), size=n, replace=False):
+            pos = names[k]
+            obj = dict(color=list(PALETTE)[rng.integers(len(PALETTE))],
+                       shape=SHAPES[rng.integers(len(SHAPES))], position=pos)
+            jitter = rng.uniform(-JITTER, JITTER, size=2)
+            side = rng.uniform(*(SINGLE_SIDE if n == 1 else PAIR_SIDE))
+            paraphrase = rng.random() < PARAPHRASE_PROB
+            prep, word = PREPOSITIONS[rng.integers(2)], POSITION_WORDS[pos][rng.integers(2)]
+            if self.clean:
+                jitter, side, paraphrase = (0.0, 0.0), CLEAN_SIDE[n], False
+            obj.update(cx=POSITIONS[pos][0] + jitter[0], cy=POSITIONS[pos][1] + jitter[1], side=side)
+            objects.append(obj)
+            phrases.append(_phrase(obj, prep, word) if paraphrase else _phrase(obj))
+        if n == 2:
+            a, b = objects
+            # Two boxes are apart when, along x or along y, their centres are further apart than the sum of
+            # their half-sides plus the gap. If not, shrink both sides by the same factor until they are.
+            sep = max(abs(a["cx"] - b["cx"]), abs(a["cy"] - b["cy"]))
+            half_sum = (a["side"] + b["side"]) / 2
+            if half_sum > sep - PAIR_GAP:
+                factor = (sep - PAIR_GAP) / half_sum
+                a["side"], b["side"] = a["side"] * factor, b["side"] * factor
+        return objects, " and ".join(phrases)
+
+    def __len__(self):
+        return self.length
+
+    def bucket_of(self, i):
+        return (self.resolution, self.resolution)
+
+    def __getitem__(self, i):
+        objects, caption = self.scene(i)
+        image = render_shapes(objects, self.resolution)
+        return dict(image=image_to_tensor(image), caption=caption, system="base")
+
+
+def open_dataset(spec, resolution, seed=0, patch=16, max_ratio=4.0):
+    """The one entry point of the trainer: 'shapes', 'shapes:clean', a .jsonl / .json file, or a folder."""
+    if spec in ("shapes", "shapes:clean"):
+        return ShapesDataset(resolution, seed=seed, clean=spec.endswith(":clean"))
+    if os.path.isdir(spec):
+        return FolderDataset(spec, resolution, patch, max_ratio)
+    if os.path.isfile(spec) and spec.lower().endswith((".jsonl", ".json")):
+        return JsonlDataset(spec, resolution, patch, max_ratio)
+    raise ValueError(f"--data {spec!r}: expected 'shapes', 'shapes:clean', an existing .jsonl/.json file, "
+                     f"or an existing folder of images with same-stem .txt captions")
+
+
+# ----- Batching: one bucket per batch, one share per rank ---------------------------------------------------
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's list of indices for every step of an epoch. Use as `DataLoader(batch_sampler=...)`.
+
+    Per epoch, with rng = numpy generator seeded by (seed, epoch):
+      1. shuffle each bucket's indices and cut them into *global* batches of batch_size × world_size;
+      2. shuffle the order of all global batches (so buckets interleave);
+      3. rank r takes slice [r·B, (r+1)·B) of each global batch.
+    Step 1-2 do not depend on rank or world size, only on the global batch size, so one process with
+    batch B·W sees at every step exactly the union of what W ranks with batch B see. Every rank yields the
+    same number of batches (no rank waits at an all-reduce for a peer that ran out).
+
+    drop_last=True drops each bucket's incomplete remainder (a different remainder every epoch); False pads
+    it to a full global batch by repeating indices of the same bucket, so shapes still agree across ranks.
+
+    Resuming: the DataLoader runs the sampler ahead of training (prefetch), so the sampler cannot know how
+    many batches were really trained on. The trainer does: it saves `state_dict(batches_done=step_in_epoch)`
+    and later calls `load_state_dict(...)`; the next `iter()` starts at that batch of that epoch.
+    """
+
+    def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0, drop_last=True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"BucketBatchSampler: rank {rank} is not in [0, world_size={world_size})")
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.drop_last = seed, drop_last
+        self.global_batch = batch_size * world_size
+        members = {}  # bucket (h, w) -> indices
+        for i in range(len(dataset)):
+            members.setdefault(tuple(dataset.bucket_of(i)), []).append(i)
+        self.members = [np.array(members[b], dtype=np.int64) for b in sorted(members)]
+        self.epoch, self._resume_from, self._yielded = 0, 0, 0
+        if len(self) == 0:
+            sizes = {b: len(m) for b, m in sorted(members.items())}
+            raise ValueError(f"BucketBatchSampler: no bucket holds a full global batch of {self.global_batch} "
+                             f"(bucket sizes {sizes}); lower the batch size or pass drop_last=False")
+
+    def __len__(self):
+        if self.drop_last:
+            return sum(len(m) // self.global_batch for m in self.members)
+        return sum(math.ceil(len(m) / self.global_batch) for m in self.members)
+
+    def global_batches(self, epoch):
+        """All global batches of an epoch, in order: a list of int64 arrays of batch_size × world_size."""
+        rng = np.random.default_rng([self.seed, epoch])
+        G, out = self.global_batch, []
+        for idx in self.members:
+            idx = rng.permutation(idx)
+            full = len(idx) // G
+            out += [idx[k * G:(k + 1) * G] for k in range(full)]
+            tail = idx[full * G:]
+            if len(tail) and not self.drop_last:
+                out.append(np.concatenate([tail, np.resize(idx, G - len(tail))]))  # np.resize cycles
+        return [out[k] for k in rng.permutation(len(out))]
+
+    def __iter__(self):
+        start = self._resume_from  # read eagerly: a generator body would only run at the first next()
+        self._resume_from, self._yielded = 0, start
+        batches = self.global_batches(self.epoch)[start:]
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        return self._generate(batches, lo, hi)
+
+    def _generate(self, batches, lo, hi):
+        for gb in batches:
+            self._yielded += 1
+            yield gb[lo:hi].tolist()
+
+    def set_epoch(self, epoch):
+        """Select the epoch (the shuffle). A resume point loaded for this same epoch is kept."""
+        if epoch != self.epoch:
+            self._resume_from = 0
+        self.epoch = epoch
+
+    def state_dict(self, batches_done=None):
+        """{'epoch', 'batches_done'}. Pass batches_done = batches of this epoch actually trained on; without
+        it, the count this sampler has yielded is used, which is exact only without prefetching
+        (num_workers=0)."""
+        return dict(epoch=self.epoch, batches_done=self._yielded if batches_done is None else int(batches_done))
+
+    def load_state_dict(self, state):
+        """Resume: the next iter() yields batch `batches_done` onwards of epoch `epoch`."""
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        if not 0 <= done <= len(self):
+            raise ValueError(f"BucketBatchSampler.load_state_dict: batches_done={done} is outside [0, {len(self)}]"
+                             f" for this dataset and batch size; was the checkpoint made with other data?")
+        self.epoch, self._resume_from, self._yielded = epoch, done, done
+
+
+def collate(items):
+    """List of dataset items (None = unusable image) -> batch dict.
+
+    images: Tensor [B, 3, H, W] when all sizes agree (always, under BucketBatchSampler), else a list of
+    [3, H, W]; captions, systems: lists of str; dropped: how many None items were removed (the trainer adds
+    these up and logs them: it is the only count that crosses DataLoader worker processes). A batch can come
+    out smaller than asked, or empty (images == []); the trainer decides whether to skip it.
+    """
+    good = [it for it in items if it is not None]
+    images = [it["image"] for it in good]
+    if images and all(im.shape == images[0].shape for im in images):
+        images = torch.stack(images)  # [B, 3, H, W]
+    return dict(images=images, captions=[it["caption"] for it in good], systems=[it["system"] for it in good],
+                dropped=len(items) - len(good))

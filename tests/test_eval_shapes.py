@@ -1,0 +1,108 @@
+"""Tests for benchmarks/eval_shapes.py: the pixel classifier reads rendered ground truth back correctly.
+
+No generator is needed: images come from data.render_shapes, so the truth is known exactly."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+import data
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "eval_shapes.py")
+_spec = importlib.util.spec_from_file_location("eval_shapes", _PATH)
+eval_shapes = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(eval_shapes)
+
+
+@pytest.mark.parametrize("resolution,n_images", [(128, 300), (64, 400)])
+def test_classifier_reads_rendered_scenes(resolution, n_images):
+    # The training distribution itself (jitter, varied sizes, ~30% pairs), seed unrelated to training.
+    ds = data.ShapesDataset(resolution, seed=12345)
+    totals = dict(color=0, shape=0, position=0, all=0, count=0)
+    misses = []
+    for i in range(n_images):
+        objects, caption = ds.scene(i)
+        found = eval_shapes.classify_image(data.render_shapes(objects, resolution))
+        result = eval_shapes.score(data.parse_caption(caption), found)
+        for k in totals:
+            totals[k] += result[k]
+        if not (result["all"] and result["count"]):
+            misses.append((caption, [(f["color"], f["shape"], f["position"], round(f["fill"], 3)) for f in found]))
+    accuracy = {k: v / n_images for k, v in totals.items()}
+    print(f"\nclassifier accuracy at {resolution} px over {n_images} scenes: {accuracy}")
+    for k, v in accuracy.items():
+        assert v >= 0.99, f"{k} accuracy {v:.3f} at {resolution} px; misses: {misses[:5]}"
+
+
+def test_every_eval_prompt_is_read_back_from_its_rendering():
+    # One image per prompt at the clean sizes: every colour x shape x position, and all 30 pairs.
+    for prompt in eval_shapes.EVAL_PROMPTS:
+        objects = data.parse_caption(prompt)
+        found = eval_shapes.classify_image(np.asarray(data.render_shapes(objects, 64)))  # array input too
+        result = eval_shapes.score(objects, found)
+        assert result["all"] and result["count"], (prompt, found)
+
+
+def test_score_catches_each_kind_of_mistake():
+    truth = [dict(color="red", shape="circle", position="top left")]
+    found = eval_shapes.classify_image(data.render_shapes(truth, 64))
+    assert eval_shapes.score(truth, found) == dict(color=True, shape=True, position=True, all=True, count=True)
+    for key, wrong in (("color", "blue"), ("shape", "square"), ("position", "center")):
+        asked = [dict(truth[0], **{key: wrong})]
+        result = eval_shapes.score(asked, found)
+        assert result[key] is False and result["all"] is False
+        assert all(result[k] for k in ("color", "shape", "position") if k != key)
+    # nothing drawn: everything wrong; a pair where only one object is drawn: position (and all) wrong
+    blank = eval_shapes.classify_image(data.render_shapes([], 64))
+    assert blank == [] and not any(eval_shapes.score(truth, blank).values())
+    pair = truth + [dict(color="green", shape="square", position="bottom right")]
+    result = eval_shapes.score(pair, found)
+    assert not result["position"] and not result["all"] and not result["count"]
+
+
+def test_connected_components_separates_objects():
+    mask = np.zeros((9, 9), bool)
+    mask[1:3, 1:3] = True        # component A
+    mask[3, 3] = True            # touches A diagonally: same component (8-connectivity)
+    mask[6:8, 5:9] = True        # component B
+    labels, n = eval_shapes.connected_components(mask)
+    assert n == 2
+    assert labels[1, 1] == labels[3, 3] != labels[7, 8]
+    assert (labels > 0).sum() == mask.sum() and labels[0, 0] == 0
+
+
+def test_eval_prompts_are_fixed_and_valid():
+    prompts = eval_shapes.EVAL_PROMPTS
+    assert len(prompts) == 150 and len(set(prompts)) == 150
+    singles = [p for p in prompts if " and " not in p]
+    assert len(singles) == 120
+    for p in prompts:
+        objects = data.parse_caption(p)
+        if len(objects) == 2:
+            a, b = objects
+            assert a["position"] != b["position"] and a["color"] != b["color"] and a["shape"] != b["shape"]
+
+
+def test_main_end_to_end_with_a_perfect_generator(monkeypatch, tmp_path):
+    # A stand-in for sample.py whose "model" draws exactly what it is asked: every accuracy must be 1.
+    import json
+    import sys
+    import types
+
+    calls = []
+
+    class PerfectPipeline:
+        def generate(self, prompts, seed=0, **options):
+            calls.append((len(prompts), seed, options))
+            return [data.render_shapes(data.parse_caption(p), 64) for p in prompts]
+
+    fake = types.SimpleNamespace(load_pipeline=lambda ckpt: PerfectPipeline())
+    monkeypatch.setitem(sys.modules, "sample", fake)
+    out = tmp_path / "eval.json"
+    summary = eval_shapes.main(["--seeds", "0,1", "--limit", "125", "--steps", "7", "--out", str(out)])
+    assert summary["overall"]["n"] == 250 and summary["two"]["n"] == 10
+    assert all(summary[g][k] == 1.0 for g in summary for k in ("color", "shape", "position", "all", "count"))
+    assert calls[0] == (30, 0, {"steps": 7}) and len({seed for _, seed, _ in calls}) == len(calls)
+    saved = json.loads(out.read_text())
+    assert saved["summary"]["overall"]["all"] == 1.0 and len(saved["records"]) == 250
