@@ -442,15 +442,30 @@ def _read_config(folder):
     missing = [n for n in required if n not in hf]
     if missing:
         raise ValueError(f"{path} lacks {missing}; it is not a complete Gemma-2 config")
-    return {n: hf[n] for n in names if n in hf}
+    config = {n: hf[n] for n in names if n in hf}
+    # transformers >= 5 writes rope_theta inside `rope_parameters`; older versions at the top level.
+    rope = hf.get("rope_parameters") or {"rope_type": "default", "rope_theta": hf.get("rope_theta", 10000.0)}
+    if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+        raise ValueError(f"{path}: RoPE scaling {rope} is not supported (Gemma-2 uses plain RoPE)")
+    config["rope_theta"] = rope["rope_theta"]
+    # Newer configs spell out the layer pattern; this file builds the released one (sliding on even layers).
+    layer_types = hf.get("layer_types")
+    released = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(hf["num_hidden_layers"])]
+    if layer_types is not None and layer_types != released:
+        raise ValueError(f"{path}: layer_types {layer_types} differ from Gemma-2's alternation "
+                         "(sliding on even layers, full on odd ones), which is the only one supported")
+    return config
 
 
 def _weight_files(folder):
     """{checkpoint key: shard path}, through the index when there is one."""
     index_path = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{index_path} is not a safetensors index ({err!r}); download it again") from None
         return {key: os.path.join(folder, name) for key, name in weight_map.items()}
     files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
     if len(files) != 1:

@@ -16,9 +16,10 @@ from helpers import manifest, randomize_, rel_err
 
 # A tiny Gemma-2 that exercises every feature (spec/gemma2.md §5.1): GQA (4 heads, 2 kv heads),
 # query_pre_attn_scalar != head_dim (catches a wrong scale), a sliding window shorter than the sequence,
-# and a small soft-cap so that it changes the numbers.
+# a small soft-cap so that it changes the numbers, and a RoPE base other than Gemma's 10000 (transformers 5
+# stores it in config.json's `rope_parameters`; a loader that missed it would fall back to the default).
 TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
+            num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=500.0,
             query_pre_attn_scalar=24, sliding_window=5, attn_logit_softcapping=5.0)
 
 CAPTIONS = ["a red circle in the top left", "a blue square on the right", "a green triangle at the bottom",
