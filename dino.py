@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 # ----- Presets ---------------------------------------------------------------------------------------------
 # The released ViTs, from `dinov3/hub/backbones.py` (spec/dinov3.md §1.1-1.2). Keys are the official
@@ -110,10 +111,19 @@ class RopePositionEmbedding(nn.Module):
         # only met it by accident (a callback flipping the encoder to train mode, DESIGN.md §5).
         self.rescale_coords = rescale_coords
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` must not round the periods a second time (fp32 ones from HF would
+        # change): keep the buffer's fp32 values and only follow the device (spec/dinov3.md §3.4).
+        before = self.periods
+        super()._apply(fn, recurse)
+        if not before.is_meta:
+            self.periods = before.to(device=self.periods.device, dtype=torch.float32)
+        return self
+
     def forward(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (sin, cos), each [h*w, Dh], for patches in row-major order."""
         # RoPE is always computed in fp32, even if the model was cast to bf16 (as the official code).
-        periods = self.periods.float()
+        periods = self.periods
         dev = periods.device
         coords_y = torch.arange(0.5, h, device=dev, dtype=torch.float32) / h  # patch centres in (0, 1)
         coords_x = torch.arange(0.5, w, device=dev, dtype=torch.float32) / w
@@ -406,67 +416,54 @@ def _periods(head_dim: int, base: float, bf16: bool) -> torch.Tensor:
 
 
 def hf_to_meta(hf_sd: dict, num_heads: int, rope_base: float = 100.0, bf16_periods: bool = False) -> dict:
-    """Rename an HF `DINOv3ViTModel` state dict to the Meta layout (inverse of HF's converter).
+    """Rename an HF `DINOv3ViTModel` state dict to the Meta layout (the inverse of HF's converter).
 
-    q/k/v are fused into `qkv`; HF has no k bias, so the k third of the bias is zero and the mask is
-    [1, 0, 1] (which is what makes the two layouts compute the same thing). HF stores no RoPE periods:
-    they are recomputed in fp32 as HF does, or bf16-rounded like the Meta releases if `bf16_periods`.
-    Keys that do not map stay under their own names, so the strict load reports them as unexpected.
+    q/k/v are fused into `qkv`. HF has no k bias, so the k third of the bias is zero and the mask is
+    [1, 0, 1], which makes both layouts compute the same thing. HF stores no RoPE periods: they are
+    recomputed in fp32 as HF does, or bf16-rounded like the Meta releases if `bf16_periods`.
+    Keys that do not map stay under their HF names, so the strict load reports them as unexpected.
     """
-    sd = {k[len("model."):] if k.startswith("model.layer.") else k: v for k, v in hf_sd.items()}  # 5.x in-memory
-    top = {"embeddings.cls_token": "cls_token", "embeddings.register_tokens": "storage_tokens",
-           "embeddings.mask_token": "mask_token", "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",
-           "embeddings.patch_embeddings.bias": "patch_embed.proj.bias",
-           "norm.weight": "norm.weight", "norm.bias": "norm.bias"}
-    per_layer = {"norm1": "norm1", "norm2": "norm2", "attention.o_proj": "attn.proj",
-                 "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
-                 "mlp.gate_proj": "mlp.w1", "mlp.up_proj": "mlp.w2", "mlp.down_proj": "mlp.w3"}
-    out, dim = {}, None
-    for k, v in sd.items():
-        if k in top:
-            out[top[k]] = v.reshape(1, -1) if k == "embeddings.mask_token" else v  # [1,1,D] -> [1,D]
-            continue
-        m = re.fullmatch(r"layer\.(\d+)\.(.+)", k)
-        if m is None:
-            out[k] = v
-            continue
-        i, rest = m.groups()
-        for hf_name, meta_name in per_layer.items():
-            if rest == hf_name or rest.startswith(hf_name + "."):
-                out[f"blocks.{i}.{meta_name}{rest[len(hf_name):]}"] = v
-                break
-        else:
-            if not re.fullmatch(r"attention\.[qkv]_proj\.(weight|bias)", rest):  # q/k/v are fused below
-                out[k] = v
-    # A plain (non-gated) MLP has only up/down: those are fc1/fc2, not w2/w3.
-    for k in [k for k in out if re.fullmatch(r"blocks\.\d+\.mlp\.w2\.(weight|bias)", k)]:
-        i = k.split(".")[1]
-        if f"blocks.{i}.mlp.w1.weight" not in out:
-            out[k.replace("mlp.w2", "mlp.fc1")] = out.pop(k)
-            w3 = k.replace("mlp.w2", "mlp.w3")
-            if w3 in out:
-                out[w3.replace("mlp.w3", "mlp.fc2")] = out.pop(w3)
-    # Fuse q/k/v per layer.
-    layers = sorted({int(m.group(1)) for k in sd if (m := re.fullmatch(r"layer\.(\d+)\..+", k))})
-    for i in layers:
-        names = [f"layer.{i}.attention.{p}_proj.weight" for p in "qkv"]
-        if all(n in sd for n in names):
-            out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([sd[n] for n in names], 0)  # [3D, D]
-            dim = sd[names[0]].shape[0]
-        else:  # leave the pieces under HF names so the error shows them
-            out.update({n: sd[n] for n in names if n in sd})
-        q_b, v_b = sd.get(f"layer.{i}.attention.q_proj.bias"), sd.get(f"layer.{i}.attention.v_proj.bias")
-        if q_b is not None and v_b is not None:
-            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([q_b, torch.zeros_like(q_b), v_b])
-            out[f"blocks.{i}.attn.qkv.bias_mask"] = torch.cat(
-                [torch.ones_like(q_b), torch.zeros_like(q_b), torch.ones_like(q_b)])
-        else:
-            out.update({n: b for n, b in ((f"layer.{i}.attention.q_proj.bias", q_b),
-                                          (f"layer.{i}.attention.v_proj.bias", v_b)) if b is not None})
-        if f"layer.{i}.attention.k_proj.bias" in sd:
-            out[f"layer.{i}.attention.k_proj.bias"] = sd[f"layer.{i}.attention.k_proj.bias"]
-    if dim is not None:
-        out["rope_embed.periods"] = _periods(dim // num_heads, rope_base, bf16_periods)
+    # transformers 5.x names blocks `model.layer.*` in memory (files keep `layer.*`): accept both.
+    sd = {k[len("model."):] if k.startswith("model.layer.") else k: v for k, v in hf_sd.items()}
+    out = {}
+
+    def move(hf_key, meta_key):
+        if hf_key in sd:
+            out[meta_key] = sd.pop(hf_key)
+
+    for hf_key, meta_key in [("embeddings.cls_token", "cls_token"), ("embeddings.register_tokens", "storage_tokens"),
+                             ("embeddings.mask_token", "mask_token"),
+                             ("embeddings.patch_embeddings.weight", "patch_embed.proj.weight"),
+                             ("embeddings.patch_embeddings.bias", "patch_embed.proj.bias"),
+                             ("norm.weight", "norm.weight"), ("norm.bias", "norm.bias")]:
+        move(hf_key, meta_key)
+    if "mask_token" in out:
+        out["mask_token"] = out["mask_token"].reshape(1, -1)  # HF [1, 1, D] -> Meta [1, D]
+
+    layer_ids = {int(m.group(1)) for k in sd if (m := re.match(r"layer\.(\d+)\.", k))}
+    for i in sorted(layer_ids):
+        a, b = f"layer.{i}.", f"blocks.{i}."
+        gated = a + "mlp.gate_proj.weight" in sd
+        renames = {"norm1": "norm1", "norm2": "norm2", "attention.o_proj": "attn.proj",
+                   **({"mlp.gate_proj": "mlp.w1", "mlp.up_proj": "mlp.w2", "mlp.down_proj": "mlp.w3"} if gated
+                      else {"mlp.up_proj": "mlp.fc1", "mlp.down_proj": "mlp.fc2"})}
+        for hf_name, meta_name in renames.items():
+            for p in ("weight", "bias"):
+                move(f"{a}{hf_name}.{p}", f"{b}{meta_name}.{p}")
+        move(a + "layer_scale1.lambda1", b + "ls1.gamma")
+        move(a + "layer_scale2.lambda1", b + "ls2.gamma")
+        qkv = [a + f"attention.{p}_proj.weight" for p in "qkv"]
+        if all(n in sd for n in qkv):
+            out[b + "attn.qkv.weight"] = torch.cat([sd.pop(n) for n in qkv])  # [3D, D], rows q | k | v
+        q_bias, v_bias = a + "attention.q_proj.bias", a + "attention.v_proj.bias"
+        if q_bias in sd and v_bias in sd:
+            zeros = torch.zeros_like(sd[q_bias])
+            out[b + "attn.qkv.bias"] = torch.cat([sd.pop(q_bias), zeros, sd.pop(v_bias)])
+            out[b + "attn.qkv.bias_mask"] = torch.cat([zeros + 1, zeros, zeros + 1])
+    out.update(sd)  # whatever did not map
+    if "patch_embed.proj.weight" in out:
+        head_dim = out["patch_embed.proj.weight"].shape[0] // num_heads
+        out["rope_embed.periods"] = _periods(head_dim, rope_base, bf16_periods)
     return out
 
 
@@ -487,8 +484,8 @@ def _infer_config(sd: dict, where: str) -> dict:
     periods = sd.get("rope_embed.periods")
     head_dim = 4 * periods.numel() if periods is not None else 64  # 64: every release but 7B
     if dim % head_dim:
-        raise ValueError(f"{where}: 'rope_embed.periods' has {periods.numel()} entries -> head dim {head_dim}, "
-                         f"which does not divide embed_dim {dim}")
+        raise ValueError(f"{where}: head dim {head_dim} (4 x the length of 'rope_embed.periods', 64 if absent) "
+                         f"does not divide embed_dim {dim}")
     storage = sd.get("storage_tokens")
     cfg = dict(patch_size=patch_size, embed_dim=dim, depth=max(block_ids) + 1, num_heads=dim // head_dim,
                n_storage_tokens=storage.shape[1] if storage is not None else 0,
@@ -505,8 +502,7 @@ def _infer_config(sd: dict, where: str) -> dict:
                                                   "n_storage_tokens", "qkv_bias", "untie_global_and_local_cls_norm"))
         if same and preset["ffn_layer"] in ffn_kinds and \
                 ffn_hidden_dim(dim, preset["ffn_layer"], preset["ffn_ratio"]) == hidden:
-            return dict(preset, untie_global_and_local_cls_norm=cfg["untie_global_and_local_cls_norm"],
-                        in_chans=in_chans)
+            return dict(preset, in_chans=in_chans)
     # Otherwise find a ratio that reproduces the hidden width (SwiGLU stores 2/3 of int(D * ratio)).
     for kind in ffn_kinds:
         width = hidden if kind == "mlp" else hidden * 3 / 2
@@ -554,27 +550,29 @@ def _strict_load(model: DINOv3, sd: dict, where: str):
     model.load_state_dict(sd, strict=True)
 
 
-def _read_hf(path: str) -> tuple[dict, dict]:
-    """An HF folder (model.safetensors or shards + index, config.json) or a bare file -> (tensors, config)."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    config = {}
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        with open(os.path.join(folder, "config.json")) as f:
-            config = json.load(f)
-    if not os.path.isdir(path):
-        return _read_tensors(path), config
+def _read_folder(path: str) -> dict:
+    """An HF folder: model.safetensors, or shards listed in model.safetensors.index.json (7B)."""
     index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):  # sharded (7B)
+    if os.path.isfile(index):
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         sd = {}
         for shard in shards:
             sd.update(_read_tensors(os.path.join(path, shard)))
-        return sd, config
+        return sd
     single = os.path.join(path, "model.safetensors")
     if not os.path.isfile(single):
         raise ValueError(f"folder {path!r} has no model.safetensors (or model.safetensors.index.json)")
-    return _read_tensors(single), config
+    return _read_tensors(single)
+
+
+def _read_hf_config(folder: str) -> dict:
+    """config.json beside HF weights, if any (only the head count and RoPE base are needed from it)."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def load_dinov3(path: str, check_hash: bool = False, bf16_periods: bool = False) -> DINOv3:
@@ -591,14 +589,10 @@ def load_dinov3(path: str, check_hash: bool = False, bf16_periods: bool = False)
         raise FileNotFoundError(f"DINOv3 checkpoint {path!r} does not exist")
     if check_hash:
         _verify_hash(path)
-    if os.path.isdir(path):
-        sd, hf_config = _read_hf(path)
-    else:
-        sd, hf_config = _read_tensors(path), {}
+    sd = _read_folder(path) if os.path.isdir(path) else _read_tensors(path)
     is_hf = "embeddings.patch_embeddings.weight" in sd
     if is_hf:
-        if not hf_config and not os.path.isdir(path):
-            sd, hf_config = _read_hf(path)  # a bare model.safetensors may still have config.json beside it
+        hf_config = _read_hf_config(path if os.path.isdir(path) else os.path.dirname(path))
         if hf_config.get("layer_norm_eps", NORM_EPS) != NORM_EPS:
             raise ValueError(f"{path!r}: config.json has layer_norm_eps={hf_config['layer_norm_eps']}; DINOv3 "
                              f"uses {NORM_EPS} and this implementation supports only that")
@@ -631,13 +625,10 @@ def save_dinov3(model: DINOv3, path: str):
 
 def _to_float_chw(image) -> torch.Tensor:
     """One image or a batch (PIL / numpy / tensor) -> float tensor [B, 3, H, W] in [0, 1]."""
-    try:
-        from PIL import Image
-        if isinstance(image, Image.Image):
-            image = np.asarray(image.convert("RGB"))  # [H, W, 3] uint8
-    except ImportError:
-        pass
-    t = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))  # copy: PIL arrays are read-only
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))  # [H, W, 3] uint8; grey / RGBA / palette become RGB
+    # np.array copies: arrays taken from PIL images are read-only.
+    t = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
     if t.ndim == 3:
         t = t[None]
     if t.ndim != 4:
@@ -675,10 +666,10 @@ def preprocess(images, patch_size: int = 16) -> torch.Tensor:
         x = _to_float_chw(images)
     H, W = x.shape[-2:]
     if H % patch_size or W % patch_size:
-        raise ValueError(f"image size {W}x{H} (WxH) is not a multiple of the patch size {patch_size}: resize or "
-                         f"crop it first, e.g. to {W // patch_size * patch_size or patch_size}x"
-                         f"{H // patch_size * patch_size or patch_size} or "
-                         f"{-(-W // patch_size) * patch_size}x{-(-H // patch_size) * patch_size}")
+        p = patch_size
+        raise ValueError(f"image size {H}x{W} (HxW) is not a multiple of the patch size {p}: resize or crop it "
+                         f"first, e.g. to {max(p, H // p * p)}x{max(p, W // p * p)} "
+                         f"or {-(-H // p) * p}x{-(-W // p) * p}")
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (x - mean) / std

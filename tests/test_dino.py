@@ -122,6 +122,27 @@ def test_save_load_roundtrip_small_patch8(tmp_path):
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
 
 
+def test_rope_rescale_only_behind_flag_and_dtype_cast_keeps_periods():
+    kw = dict(patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    x = INPUTS[1]
+    model = randomize_(dino.DINOv3(**kw), seed=7)
+    with torch.no_grad():
+        assert torch.equal(model.train().forward_features(x)["x_prenorm"],
+                           model.eval().forward_features(x)["x_prenorm"])  # default: no augmentation
+    augmented = dino.DINOv3(**kw, pos_embed_rope_rescale_coords=2.0)
+    augmented.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(augmented.eval().encode(x), model.encode(x))
+        torch.manual_seed(0)
+        assert rel_err(augmented.train().forward_features(x)["x_prenorm"],
+                       model.forward_features(x)["x_prenorm"]) > 1e-4
+    # casting to bf16 keeps the RoPE periods in fp32, unrounded (spec/dinov3.md §3.4)
+    periods = model.rope_embed.periods.clone()
+    model.to(torch.bfloat16)
+    assert model.rope_embed.periods.dtype == torch.float32 and torch.equal(model.rope_embed.periods, periods)
+    assert model.blocks[0].norm1.weight.dtype == torch.bfloat16
+
+
 # ----- Layouts of the released variants --------------------------------------------------------------------
 
 PARAM_COUNTS = {  # spec/dinov3.md §1.2, counted on the official model
