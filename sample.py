@@ -170,7 +170,7 @@ def load_pipeline(ckpt=None, device=None, dit=None, **overrides):
     gemma_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gemma = text.load_gemma2(parts["gemma"], dtype=gemma_dtype).to(device).eval()
     tokenizer = text.Tokenizer(os.path.join(parts["gemma"], "tokenizer.model"))
-    stats = dino.LatentStats.load(parts["stats"]).to(device)
+    stats = dino.LatentStats.load(parts["stats"])
     source = os.path.relpath(parts["dit"]) if parts.get("dit") else "in-memory"
     return Pipeline(dit, decoder, stats, gemma, tokenizer, parts["sample"], parts["max_cap_len"], source)
 

@@ -246,8 +246,9 @@ def prepare_encoders(run_dir, preset, args, rank, dataset):
             os.makedirs(gemma_dir, exist_ok=True)
             torch.manual_seed(args.seed)
             captions = data.all_captions() + [text.SYSTEM_PROMPTS[k] for k in text.SYSTEM_PROMPTS]
-            gemma_cfg = dict(preset["gemma"])
-            text.train_tokenizer(captions, os.path.join(gemma_dir, "tokenizer.model"), gemma_cfg["vocab_size"])
+            tok_path = text.train_tokenizer(captions, os.path.join(gemma_dir, "tokenizer.model"),
+                                            preset["gemma"]["vocab_size"])
+            gemma_cfg = dict(preset["gemma"], vocab_size=text.Tokenizer(tok_path).vocab_size)
             text.save_gemma2(text.Gemma2Encoder(**gemma_cfg), gemma_dir)
             dino.save_dinov3(dino.DINOv3(**preset["dino"]), os.path.join(enc_dir, "dino.safetensors"))
             paths = dict(dino="encoders/dino.safetensors", gemma="encoders/gemma", stats=None)
@@ -272,24 +273,29 @@ def load_encoders(run_dir, paths, device):
 
 @torch.no_grad()
 def images_to_latents(dino_model, images):
-    """[B,3,H,W] in [-1,1] -> raw DINOv3 patch features [B,C,H/p,W/p] (fp32, eval, no grad)."""
-    return dino_model.encode(dino.imagenet_normalize((images + 1) / 2))
+    """[B,3,H,W] in [-1,1] -> raw DINOv3 patch features [B,C,H/p,W/p] (fp32, eval, no grad).
+
+    DINOv3 reads ImageNet-normalised pixels (spec autoencoder.md §1.1), not the [-1, 1] images the data
+    loader and the decoder's loss use."""
+    mean = images.new_tensor(dino.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(dino.IMAGENET_STD).view(1, 3, 1, 1)
+    return dino_model.encode(((images + 1) / 2 - mean) / std)
 
 
 def prepare_stats(run_dir, paths, dino_model, dataset, device, rank, seed):
     """The per-channel latent statistics: the released file, or computed once over 2,048 training images."""
     if paths.get("stats"):
-        return dino.LatentStats.load(resolve(run_dir, paths["stats"])).to(device)
+        return dino.LatentStats.load(resolve(run_dir, paths["stats"]))
     path = os.path.join(run_dir, "encoders", "latent_stats.pt")
     if rank == 0 and not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         sampler = data.BucketBatchSampler(dataset, 64, seed=seed)
         batches = (data.collate([dataset[i] for i in idx])["images"].to(device) for idx, _ in zip(sampler, range(32)))
-        stats = dino.LatentStats.compute(images_to_latents(dino_model, b) for b in batches)
+        stats = dino.LatentStats.from_latents(images_to_latents(dino_model, b) for b in batches)
         atomic_save(stats.save, path)
         tqdm.write(f"computed latent statistics over {32 * 64} images -> {path}")
     barrier()
-    return dino.LatentStats.load(path).to(device)
+    return dino.LatentStats.load(path)
 
 
 # ----- One DiT stage -----------------------------------------------------------------------------------
@@ -315,7 +321,7 @@ def train_dit(args, preset, rank, world, device):
     dataset = data.open_dataset(args.data, res, seed=args.seed, patch=patch)
 
     # The generator. Small presets take their widths from the encoders they were given.
-    cfg = dict(dit_lib.NEXTDIT_CONFIGS[preset["dit"]], in_channels=dino_model.embed_dim, cap_feat_dim=gemma.hidden_size)
+    cfg = dict(dit_lib.NEXTDIT_CONFIGS[preset["dit"]], in_channels=dino_model.embed_dim, cap_feat_dim=gemma.config["hidden_size"])
     model = dit_lib.NextDiT(**cfg).to(device)
     ema = dit_lib.NextDiT(**cfg).to(device).requires_grad_(False)
     if args.grad_checkpointing:
