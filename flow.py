@@ -1,0 +1,250 @@
+"""Flow matching for SVG-T2I: the probability path, the training loss, and the samplers.
+
+Where it sits in the pipeline
+-----------------------------
+Training draws a flow time t, mixes a normalised DINOv3 latent with Gaussian noise along a straight line,
+and regresses NextDiT's output onto the line's constant velocity. Sampling integrates the learned
+velocity field from noise (t = 0) to data (t = 1) with an ODE solver, under classifier-free guidance.
+
+Conventions (spec/nextdit_flow_train.md §4), used everywhere in this file:
+  * t is the DATA time: t = 0 is pure noise, t = 1 is data. NextDiT receives t itself.
+  * σ = 1 − t is the NOISE LEVEL (DPM-Solver's τ). A "shift" s > 1 moves time towards noise:
+        σ' = s·σ / (1 + (s − 1)·σ)           (the same formula in training and in every sampler)
+  * x0 is noise, x1 is data:   x_t = t·x1 + (1 − t)·x0,   target velocity u = x1 − x0.
+  * velocity_fn(x, t) is called with x [B, ...] float32 and t a [B] float32 tensor in [0, 1].
+
+Sections: path and loss · timestep sampling and shift · samplers (Euler, midpoint, DPM-Solver++ 2M) ·
+classifier-free guidance · seeded noise.
+"""
+import math
+
+import torch
+from tqdm import tqdm
+
+# ----- Official sampling defaults (spec §4.4: scripts/sample.sh and eval/generation/svg_generate.py) -----
+DEFAULT_SOLVER = "dpm"      # DPM-Solver++ 2M, "time_uniform_flow" grid
+DEFAULT_STEPS = 50          # model evaluations
+DEFAULT_CFG = 4.0           # guidance scale
+DEFAULT_RENORM = True       # "renorm" CFG: guided velocity never longer than the conditional one
+DEFAULT_SHIFT = 10.0        # --time_shifting_factor used with the dpm solver
+DEFAULT_ODE_SHIFT = 6.0     # --t_shift default of sample_svg_t2i.py for euler / midpoint
+DPM_SIGMA_MAX = 0.999       # the DPM grid starts at noise level shift(0.999), not 1 (spec §4.2 a)
+
+# ----- Training defaults (spec §4.1) ---------------------------------------------------------------
+LOGNORM_MU = 0.0            # --mu 0.0: t = sigmoid(N(0, 1))
+SHIFT_TOKENS = (256, 4096)  # the resolution shift interpolates μ linearly between these token counts ...
+SHIFT_MU = (0.5, 1.15)      # ... and these values (256 tokens: s = 1.65; 1024: 1.88; 4096: 3.16)
+
+
+def _per_sample(t, like):
+    """[B] -> [B, 1, 1, ...] broadcastable against `like` [B, ...]."""
+    return t.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+# ----- Path and loss ----------------------------------------------------------------------------------
+
+def interpolate(x0_noise, x1_data, t):
+    """x_t = t·x1 + (1 − t)·x0 (spec §4.1, ICPlan). Tensors [B, ...] with t [B], or lists of [C, Hi, Wi]."""
+    if isinstance(x1_data, (list, tuple)):
+        return [ti * x1 + (1 - ti) * x0 for x0, x1, ti in zip(x0_noise, x1_data, t)]
+    t = _per_sample(t, x1_data)
+    return t * x1_data + (1 - t) * x0_noise
+
+
+def velocity_target(x0_noise, x1_data):
+    """The path's velocity d x_t / dt = x1 − x0 (constant along each straight line)."""
+    if isinstance(x1_data, (list, tuple)):
+        return [x1 - x0 for x0, x1 in zip(x0_noise, x1_data)]
+    return x1_data - x0_noise
+
+
+def training_loss(v_pred, x0_noise, x1_data):
+    """Per-sample mean squared error to the velocity target -> [B]; no weighting (spec §4.1).
+
+    Accepts tensors [B, ...] or lists of different-size tensors (multi-aspect batches): each sample is
+    averaged over its own elements, so every image counts equally whatever its size.
+    """
+    target = velocity_target(x0_noise, x1_data)
+    if isinstance(v_pred, (list, tuple)):
+        return torch.stack([(v.float() - u.float()).square().mean() for v, u in zip(v_pred, target)])
+    return (v_pred.float() - target.float()).square().flatten(1).mean(1)
+
+
+# ----- Timestep sampling and the resolution shift -----------------------------------------------------
+
+def sample_timesteps(n, generator=None, mode="lognorm", mu=LOGNORM_MU, device=None):
+    """Draw n training times t in (0, 1) -> [n] float32.
+
+    'lognorm': t = sigmoid(u), u ~ N(mu, 1)   (what every official training script uses)
+    'uniform': t ~ U(0, 1)                     (the argparse default)
+    Drawn on the generator's device (CPU by default) for reproducibility, then moved to `device`.
+    """
+    gen_device = generator.device if generator is not None else "cpu"
+    if mode == "lognorm":
+        t = torch.sigmoid(torch.randn(n, generator=generator, device=gen_device) + mu)
+    elif mode == "uniform":
+        t = torch.rand(n, generator=generator, device=gen_device)
+    else:
+        raise ValueError(f"sample_timesteps: mode must be 'lognorm' or 'uniform', got {mode!r}")
+    return t.to(device) if device is not None else t
+
+
+def resolution_shift(num_tokens):
+    """Training shift s = e^μ, μ linear in the image-token count: 256 -> 0.5, 4096 -> 1.15 (spec §4.1).
+
+    Official training uses a fixed count per stage, (resolution / 16)²: 256 px -> 1.649, 512 -> 1.878,
+    1024 -> 3.158.
+    """
+    (n0, n1), (mu0, mu1) = SHIFT_TOKENS, SHIFT_MU
+    mu = mu0 + (mu1 - mu0) * (num_tokens - n0) / (n1 - n0)
+    return math.exp(mu)
+
+
+def shift_sigma(sigma, s):
+    """Shift a NOISE LEVEL σ = 1 − t: σ' = s·σ / (1 + (s − 1)·σ). s > 1 raises σ (more time near noise);
+    σ = 0 and σ = 1 are fixed points."""
+    return s * sigma / (1 + (s - 1) * sigma)
+
+
+def shift_timesteps(t, s):
+    """Shift DATA times t (0 = noise) towards noise: t' = 1 − shift_sigma(1 − t, s), so t' ≤ t for s > 1.
+
+    This is the official training shift t <- 1 − e^μ / (e^μ + (1/(1 − t) − 1)) with s = e^μ, written in σ.
+    """
+    return 1 - shift_sigma(1 - t, s)
+
+
+# ----- Samplers ---------------------------------------------------------------------------------------
+# All three take `steps` = number of model evaluations and return the final latent in float32.
+
+def _call(velocity_fn, x, t_value):
+    """Evaluate velocity_fn at a scalar time, broadcast to a [B] float32 tensor; output in float32."""
+    t = torch.full((x.shape[0],), float(t_value), device=x.device, dtype=torch.float32)
+    return velocity_fn(x, t).float()
+
+
+def euler_midpoint_grid(intervals, shift):
+    """Data-time grid 0 = t_0 < ... < t_n = 1: a uniform grid in σ, shifted (spec §4.2 b)."""
+    sigma = 1 - torch.linspace(0, 1, intervals + 1, dtype=torch.float64)
+    return (1 - shift_sigma(sigma, shift)).tolist()
+
+
+def dpm_sigma_grid(steps, shift):
+    """DPM-Solver "time_uniform_flow" noise levels σ_k = shift(0.999·(N − k)/N), k = 0..N, ending at 0."""
+    u = DPM_SIGMA_MAX * (steps - torch.arange(steps + 1, dtype=torch.float64)) / steps
+    return shift_sigma(u, shift).tolist()
+
+
+def sample_euler(velocity_fn, x, steps, shift, progress=False):
+    """Explicit Euler from t = 0 to 1 on the shifted grid: `steps` intervals, one evaluation each."""
+    grid = euler_midpoint_grid(steps, shift)
+    for t, t_next in tqdm(list(zip(grid[:-1], grid[1:])), disable=not progress, desc="euler"):
+        x = x + (t_next - t) * _call(velocity_fn, x, t)
+    return x
+
+
+def sample_midpoint(velocity_fn, x, steps, shift, progress=False):
+    """Explicit midpoint (torchdiffeq 'midpoint'): two evaluations per interval, so steps // 2 intervals."""
+    if steps < 2:
+        raise ValueError("sample: the midpoint solver needs steps >= 2 (two model evaluations per interval)")
+    grid = euler_midpoint_grid(steps // 2, shift)
+    for t, t_next in tqdm(list(zip(grid[:-1], grid[1:])), disable=not progress, desc="midpoint"):
+        h = t_next - t
+        x_mid = x + 0.5 * h * _call(velocity_fn, x, t)
+        x = x + h * _call(velocity_fn, x_mid, t + 0.5 * h)
+    return x
+
+
+def sample_dpm(velocity_fn, x, steps, shift, progress=False):
+    """DPM-Solver++ 2M (data prediction, multistep, order 2) in the official flow form (spec §4.2 a).
+
+    Schedule in the noise level τ: α = 1 − τ, σ = τ, λ = log(α/σ). The model's velocity becomes a data
+    prediction x̂1 = x + τ·v(x, t = 1 − τ). The first step is first order (no history yet), the middle
+    steps are second-order multistep, and the last step (to τ = 0, where λ = ∞) is first order, which
+    lands exactly on x̂1 of the previous point. N steps cost N evaluations.
+    """
+    taus = dpm_sigma_grid(steps, shift)
+    lam = [math.log((1 - tau) / tau) if tau > 0 else math.inf for tau in taus]
+
+    def data_pred(x, tau):
+        return x + tau * _call(velocity_fn, x, 1 - tau)
+
+    pred_prev, pred = None, data_pred(x, taus[0])
+    for k in tqdm(range(1, steps + 1), disable=not progress, desc="dpm++2m"):
+        tau_s, tau_t = taus[k - 1], taus[k]
+        if tau_t == 0:
+            x = pred                                                   # first order to τ = 0: x = x̂1
+        else:
+            h = lam[k] - lam[k - 1]
+            phi = math.expm1(-h)                                       # e^{-h} − 1 (negative)
+            x = (tau_t / tau_s) * x - (1 - tau_t) * phi * pred
+            if pred_prev is not None:                                  # second-order correction
+                r = (lam[k - 1] - lam[k - 2]) / h
+                x = x - 0.5 * (1 - tau_t) * phi * (pred - pred_prev) / r
+        if k < steps:
+            pred_prev, pred = pred, data_pred(x, tau_t)
+    return x
+
+
+SOLVERS = {"euler": sample_euler, "midpoint": sample_midpoint, "dpm": sample_dpm}
+
+
+def sample(velocity_fn, noise, steps=DEFAULT_STEPS, solver=DEFAULT_SOLVER, shift=None, progress=False):
+    """Integrate the flow from `noise` (t = 0) to data (t = 1) with `steps` model evaluations.
+
+    velocity_fn(x, t): x [B, ...] float32, t [B] float32 in [0, 1] (0 = noise) -> v, same shape as x.
+    solver: 'dpm' (DPM-Solver++ 2M), 'euler' or 'midpoint'. shift: the time shift s (None = 1, no shift);
+    the official defaults are DEFAULT_SHIFT = 10 for dpm and DEFAULT_ODE_SHIFT = 6 for euler/midpoint.
+    Returns float32 (the official sampler also integrates in float32).
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"sample: solver must be one of {sorted(SOLVERS)}, got {solver!r}")
+    if steps < 1:
+        raise ValueError(f"sample: steps must be >= 1, got {steps}")
+    with torch.no_grad():
+        return SOLVERS[solver](velocity_fn, noise.float(), steps, 1.0 if shift is None else float(shift), progress)
+
+
+# ----- Classifier-free guidance (spec §4.3) -----------------------------------------------------------
+
+def cfg_velocity(v_cond, v_uncond, scale, renorm=DEFAULT_RENORM):
+    """Guided velocity v = v_u + scale·(v_c − v_u).
+
+    With `renorm` (the official default), each sample's v is scaled down, if needed, so that its L2 norm
+    over the whole latent (all of C, H, W) is at most that of v_c: v *= min(1, ‖v_c‖ / ‖v‖). This
+    tames over-saturation at high guidance scales.
+    """
+    v = v_uncond + scale * (v_cond - v_uncond)
+    if renorm:
+        cond_norm = v_cond.flatten(1).norm(dim=1)                     # [B]
+        ratio = (cond_norm / (v.flatten(1).norm(dim=1) + 1e-12)).clamp(max=1.0)
+        v = v * ratio.view(-1, *([1] * (v.dim() - 1)))
+    return v
+
+
+def with_cfg(velocity_fn, scale, renorm=DEFAULT_RENORM):
+    """Wrap a batched velocity function for guidance: one call on [x ; x] evaluates cond and uncond.
+
+    `velocity_fn(x2, t2)` must treat the first half of its batch as conditional and the second half as
+    unconditional (e.g. a NextDiT whose captions are [prompts ; empty prompts]). Returns a velocity_fn
+    for `sample` that takes the B latents alone.
+    """
+    def guided(x, t):
+        v = velocity_fn(torch.cat([x, x]), torch.cat([t, t]))
+        v_cond, v_uncond = v.chunk(2)
+        return cfg_velocity(v_cond, v_uncond, scale, renorm)
+    return guided
+
+
+# ----- Seeded noise -----------------------------------------------------------------------------------
+
+def seeded_noise(batch, channels, height, width, seed=None, generator=None, device="cpu", dtype=torch.float32):
+    """Standard normal noise [batch, channels, height, width] (height FIRST; the official sampler
+    transposed non-square sizes). height/width are latent sizes, i.e. pixels / 16 for DINOv3 latents.
+
+    Drawn on the CPU from `seed` (or `generator`), so a seed gives the same image on every device.
+    """
+    if generator is None and seed is not None:
+        generator = torch.Generator().manual_seed(int(seed))
+    noise = torch.randn(batch, channels, height, width, generator=generator)
+    return noise.to(device=device, dtype=dtype)
