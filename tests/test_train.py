@@ -1,0 +1,140 @@
+"""train.py: stages chain, a killed run resumes exactly, checkpoints are atomic, DDP equals one process,
+a compiled step equals an eager one. Everything on the 'tiny' preset and the built-in shapes dataset."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--preset", "tiny", "--no-compile", "--workers", "0", "--preview-every", "0"]
+
+
+def run(out, *extra):
+    train.main(["--out", str(out), *FAST, *extra])
+
+
+def weights(path):
+    return load_file(str(path))
+
+
+def assert_same(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), f"{k} differs by {(a[k] - b[k]).abs().max():.3g}"
+
+
+def copy_encoders(src, dst):
+    """Two runs compared weight for weight must share their random frozen encoders."""
+    os.makedirs(dst, exist_ok=True)
+    shutil.copy(os.path.join(src, "encoders.json"), dst)
+    shutil.copytree(os.path.join(src, "encoders"), os.path.join(dst, "encoders"))
+
+
+def test_stage1_writes_the_documented_files_and_stage2_starts_from_it(tiny_run, tmp_path):
+    stage1 = tiny_run / "stage1"
+    for name in ("model.safetensors", "ema.safetensors", "config.json"):
+        assert (stage1 / name).exists()
+    assert (stage1 / "latest" / "COMPLETE").exists()
+    assert (tiny_run / "log.jsonl").read_text().strip()
+    # Stage 2 with learning rate 0: its weights must be exactly stage 1's final (non-EMA) weights.
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    run(run_dir, "--stage", "2", "--max-steps", "1", "--lr", "0")
+    assert_same(weights(run_dir / "stage2" / "model.safetensors"), weights(stage1 / "model.safetensors"))
+
+
+def test_stage2_without_stage1_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="stage1.*does not exist"):
+        run(tmp_path, "--stage", "2", "--max-steps", "1")
+
+
+def test_killed_run_resumes_exactly(tiny_run, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    copy_encoders(tiny_run, straight)
+    copy_encoders(tiny_run, resumed)
+    run(straight, "--stage", "1", "--max-steps", "6", "--ckpt-every", "3")
+    run(resumed, "--stage", "1", "--max-steps", "3", "--ckpt-every", "3")       # "killed" after step 3
+    run(resumed, "--stage", "1", "--max-steps", "6", "--ckpt-every", "3")       # the same command again
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert_same(weights(straight / "stage1" / name), weights(resumed / "stage1" / name))
+
+
+def test_killed_checkpoint_write_leaves_the_previous_one(tiny_run, tmp_path, monkeypatch):
+    stage_dir = tmp_path / "stage1"
+    shutil.copytree(tiny_run / "stage1" / "latest", stage_dir / "latest")
+    before = weights(stage_dir / "latest" / "model.safetensors")
+
+    def die(*a, **k):
+        raise KeyboardInterrupt("killed mid-write")
+    monkeypatch.setattr(train, "save_file", die)
+    state = dict(weights=dict(model={"w": torch.zeros(1)}), step=99)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_latest(str(stage_dir), 0, state, {})
+    assert train.find_latest(str(stage_dir)) == str(stage_dir / "latest")
+    assert_same(weights(stage_dir / "latest" / "model.safetensors"), before)
+    # A kill between the two renames leaves only latest.old/, which is still found.
+    os.replace(stage_dir / "latest", stage_dir / "latest.old")
+    assert train.find_latest(str(stage_dir)) == str(stage_dir / "latest.old")
+
+
+def test_two_processes_equal_one_process(tiny_run, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    copy_encoders(tiny_run, one)
+    copy_encoders(tiny_run, two)
+    common = [*FAST, "--stage", "1", "--max-steps", "3", "--global-batch-size", "4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--out", str(one), *common], check=True,
+                   cwd=ROOT, env=env)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                    os.path.join(ROOT, "train.py"), "--out", str(two), *common], check=True, cwd=ROOT, env=env)
+    assert_same(weights(one / "stage1" / "model.safetensors"), weights(two / "stage1" / "model.safetensors"),
+                atol=1e-5)
+
+
+def test_gradient_accumulation_equals_a_big_batch(tiny_run, tmp_path):
+    big, accum = tmp_path / "big", tmp_path / "accum"
+    copy_encoders(tiny_run, big)
+    copy_encoders(tiny_run, accum)
+    run(big, "--stage", "1", "--max-steps", "2", "--global-batch-size", "4", "--micro-batch-size", "4")
+    run(accum, "--stage", "1", "--max-steps", "2", "--global-batch-size", "4", "--micro-batch-size", "2")
+    assert_same(weights(big / "stage1" / "model.safetensors"), weights(accum / "stage1" / "model.safetensors"),
+                atol=1e-5)
+
+
+def test_autoencoder_stage_trains_the_decoder_that_previews_use(tiny_run):
+    import sample
+    decoder_file = tiny_run / "autoencoder_P" / "stage1" / "model.safetensors"
+    assert decoder_file.exists()
+    assert sample.find_parts(str(tiny_run))["decoder"] == str(decoder_file)
+
+
+def test_compiled_training_step_matches_eager():
+    import flow
+    import model as dit_lib
+    torch.manual_seed(0)
+    cfg = dict(dit_lib.NEXTDIT_CONFIGS["tiny"], in_channels=8, cap_feat_dim=16)
+    eager = dit_lib.NextDiT(**cfg)
+    for p in eager.parameters():                 # leave the zero init: every path must carry signal
+        torch.nn.init.normal_(p, std=0.05)
+    compiled_model = dit_lib.NextDiT(**cfg)
+    compiled_model.load_state_dict(eager.state_dict())
+    x1, x0 = torch.randn(2, 8, 4, 6), torch.randn(2, 8, 4, 6)
+    t = torch.rand(2)
+    cap, mask = torch.randn(2, 5, 16), torch.tensor([[1] * 5, [1] * 3 + [0] * 2]).bool()
+
+    def step(m, fn):
+        loss = flow.training_loss(fn(flow.interpolate(x0, x1, t), t, cap, mask), x0, x1).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in m.named_parameters()}
+
+    loss_e, grads_e = step(eager, eager)
+    loss_c, grads_c = step(compiled_model, torch.compile(compiled_model))
+    assert torch.allclose(loss_e, loss_c, rtol=1e-5, atol=1e-6)
+    for n in grads_e:
+        assert torch.allclose(grads_e[n], grads_c[n], rtol=1e-4, atol=1e-6), n
