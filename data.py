@@ -216,7 +216,8 @@ class _ImageListDataset(torch.utils.data.Dataset):
         rec = self.records[i]
         try:
             with Image.open(rec["path"]) as im:
-                im.load()  # decode now: a truncated file fails here, inside the try
+                im.load()  # decode now: a truncated file fails here, inside the try (EXIF rotation is
+                # ignored, as in the official loader)
                 image = to_rgb(im)
         except Exception as err:  # noqa: BLE001 - skip, count and report; a run never dies of one bad file
             self._bad.report(rec["path"], err)
@@ -243,7 +244,9 @@ def _parse_jsonl_line(line, where, folder):
                          f"found keys {sorted(item)}")
     if path_key not in item or not isinstance(item[path_key], str):
         raise ValueError(f"{where}: '{path_key}' missing or not a string")
-    caption = item.get(cap_key)
+    if cap_key not in item:
+        raise ValueError(f"{where}: '{cap_key}' missing (use \"\" or null for an uncaptioned image)")
+    caption = item[cap_key]  # None or "" -> "" (system prompt alone), as the official item processor
     if caption is not None and not isinstance(caption, str):
         raise ValueError(f"{where}: '{cap_key}' must be a string, got {type(caption).__name__}")
     size = None
@@ -420,7 +423,7 @@ def all_captions():
     return singles + pairs
 
 
-PREVIEW_PROMPTS = [  # a fixed handful the trainer renders at every checkpoint
+PREVIEW_PROMPTS = [  # a fixed handful for previews (e.g. a grid rendered at each checkpoint)
     "a red circle in the top left",
     "a blue square in the center",
     "a yellow triangle in the bottom right",
@@ -523,6 +526,9 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
     drop_last=True drops each bucket's incomplete remainder (a different remainder every epoch); False pads
     it to a full global batch by repeating indices of the same bucket, so shapes still agree across ranks.
+
+    The official trainer seeds its order with global_seed + resolution·100 (spec §5.1) so that stages do
+    not replay one order; a trainer can pass the same as `seed`.
 
     Resuming: the DataLoader runs the sampler ahead of training (prefetch), so the sampler cannot know how
     many batches were really trained on. The trainer does: it saves `state_dict(batches_done=step_in_epoch)`

@@ -53,9 +53,10 @@ def _shift(a, dy, dx, fill):
 def connected_components(mask):
     """8-connected components of a bool mask [H, W] -> int label map (0 = background, 1..n) and n.
 
-    Label propagation: every foreground pixel starts with its own number and repeatedly takes the smallest
-    number among its neighbours; after as many rounds as the longest path inside an object, each component
-    carries one number. Vectorised, so a 128² image takes a few milliseconds."""
+    Label propagation: every foreground pixel starts with its own number (its flat index + 1) and repeatedly
+    takes the smallest number among its neighbours, until nothing changes; then each component carries one
+    number. Pointer jumping speeds this up: a label v was born at pixel v - 1, in the same component, so a
+    pixel may also adopt that pixel's current label. Vectorised: a few milliseconds for a 128² image."""
     big = mask.size + 1
     labels = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), big)
     while True:
@@ -65,6 +66,8 @@ def connected_components(mask):
                 if dy or dx:
                     smallest = np.minimum(smallest, _shift(labels, dy, dx, big))
         smallest = np.where(mask, smallest, big)
+        for _ in range(2):  # pointer jumping (labels only ever decrease, so this never splits a component)
+            smallest = np.where(mask, smallest.ravel()[np.where(mask, smallest - 1, 0)], big)
         if np.array_equal(smallest, labels):
             break
         labels = smallest

@@ -196,6 +196,7 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(image_dir, caplog, m
 @pytest.mark.parametrize("bad_line,message", [
     ('{"path": "good.png", "prompt": "oops"', "not valid JSON"),
     ('{"prompt": "no path"}', "needs 'path'"),
+    ('{"path": "good.png", "caption": "wrong key"}', "'prompt' missing"),
     ('["a", "list"]', "expected a JSON object"),
     ('{"path": "good.png", "prompt": "x", "width": 0, "height": 5}', "positive integers"),
 ])

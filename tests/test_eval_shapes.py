@@ -72,6 +72,35 @@ def test_connected_components_separates_objects():
     assert (labels > 0).sum() == mask.sum() and labels[0, 0] == 0
 
 
+def _bfs_partition(mask):
+    """Reference: plain breadth-first flood fill, 8-connected -> set of frozensets of pixels."""
+    seen, parts = set(), set()
+    for start in zip(*np.nonzero(mask)):
+        if start in seen:
+            continue
+        todo, part = [start], set()
+        seen.add(start)
+        while todo:
+            y, x = todo.pop()
+            part.add((y, x))
+            for ny in (y - 1, y, y + 1):
+                for nx in (x - 1, x, x + 1):
+                    if (0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx]
+                            and (ny, nx) not in seen):
+                        seen.add((ny, nx))
+                        todo.append((ny, nx))
+        parts.add(frozenset(part))
+    return parts
+
+
+@pytest.mark.parametrize("density", [0.3, 0.45, 0.6])
+def test_connected_components_match_flood_fill(density):
+    mask = np.random.default_rng(int(density * 100)).random((24, 31)) < density
+    labels, n = eval_shapes.connected_components(mask)
+    ours = {frozenset(zip(*np.nonzero(labels == k))) for k in range(1, n + 1)}
+    assert ours == _bfs_partition(mask)
+
+
 def test_eval_prompts_are_fixed_and_valid():
     prompts = eval_shapes.EVAL_PROMPTS
     assert len(prompts) == 150 and len(set(prompts)) == 150
