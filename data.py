@@ -530,9 +530,10 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     The official trainer seeds its order with global_seed + resolution·100 (spec §5.1) so that stages do
     not replay one order; a trainer can pass the same as `seed`.
 
-    Resuming: the DataLoader runs the sampler ahead of training (prefetch), so the sampler cannot know how
-    many batches were really trained on. The trainer does: it saves `state_dict(batches_done=step_in_epoch)`
-    and later calls `load_state_dict(...)`; the next `iter()` starts at that batch of that epoch.
+    Resuming: the DataLoader runs the sampler ahead of training (prefetch), so the sampler cannot count what
+    was really trained on. The training loop does, in `batches_done` (`sampler.batches_done += 1` per batch
+    it consumes); `state_dict()` saves it with the epoch, `load_state_dict()` restores both, and every
+    `iter()` starts at batch `batches_done` of the current epoch. `set_epoch` to a new epoch resets it to 0.
     """
 
     def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0, drop_last=True):
@@ -545,7 +546,8 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         for i in range(len(dataset)):
             members.setdefault(tuple(dataset.bucket_of(i)), []).append(i)
         self.members = [np.array(members[b], dtype=np.int64) for b in sorted(members)]
-        self.epoch, self._resume_from, self._yielded = 0, 0, 0
+        self.epoch = 0
+        self.batches_done = 0  # of this epoch, advanced by the training loop (see the class docstring)
         if len(self) == 0:
             sizes = {b: len(m) for b, m in sorted(members.items())}
             raise ValueError(f"BucketBatchSampler: no bucket holds a full global batch of {self.global_batch} "
@@ -570,28 +572,21 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return [out[k] for k in rng.permutation(len(out))]
 
     def __iter__(self):
-        start = self._resume_from  # read eagerly: a generator body would only run at the first next()
-        self._resume_from, self._yielded = 0, start
-        batches = self.global_batches(self.epoch)[start:]
+        # Sliced here, eagerly: a generator body would only read batches_done at the first next(), by which
+        # time the training loop may already have advanced it.
+        batches = self.global_batches(self.epoch)[self.batches_done:]
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
-        return self._generate(batches, lo, hi)
-
-    def _generate(self, batches, lo, hi):
-        for gb in batches:
-            self._yielded += 1
-            yield gb[lo:hi].tolist()
+        return (gb[lo:hi].tolist() for gb in batches)
 
     def set_epoch(self, epoch):
-        """Select the epoch (the shuffle). A resume point loaded for this same epoch is kept."""
+        """Select the epoch (the shuffle). A new epoch starts at batch 0; setting the current epoch again
+        keeps a resume point loaded for it."""
         if epoch != self.epoch:
-            self._resume_from = 0
+            self.batches_done = 0
         self.epoch = epoch
 
-    def state_dict(self, batches_done=None):
-        """{'epoch', 'batches_done'}. Pass batches_done = batches of this epoch actually trained on; without
-        it, the count this sampler has yielded is used, which is exact only without prefetching
-        (num_workers=0)."""
-        return dict(epoch=self.epoch, batches_done=self._yielded if batches_done is None else int(batches_done))
+    def state_dict(self):
+        return dict(epoch=self.epoch, batches_done=self.batches_done)
 
     def load_state_dict(self, state):
         """Resume: the next iter() yields batch `batches_done` onwards of epoch `epoch`."""
@@ -599,7 +594,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         if not 0 <= done <= len(self):
             raise ValueError(f"BucketBatchSampler.load_state_dict: batches_done={done} is outside [0, {len(self)}]"
                              f" for this dataset and batch size; was the checkpoint made with other data?")
-        self.epoch, self._resume_from, self._yielded = epoch, done, done
+        self.epoch, self.batches_done = epoch, done
 
 
 def collate(items):
