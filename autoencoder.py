@@ -333,8 +333,9 @@ def match_distribution(dino_feats, res_feats, eps=1e-6):
     """Give the residual channels DINOv3's overall scale: a *scalar* mean/std transfer (spec §1.3).
 
     dino_feats [B, C, ...], res_feats [B, R, ...]. The target mean is the mean over channels of the
-    per-channel means, over (batch, positions); the std likewise from per-channel *unbiased* stds. The four
-    statistics are detached, so gradients flow only through the residual values themselves.
+    per-channel means, over (batch, positions); the std likewise from per-channel unbiased stds (both stds
+    share the B·N count, so the Bessel factor cancels). The four statistics are detached, so gradients flow
+    only through the residual values themselves.
 
     Batch dependence: the statistics are pooled over the whole batch, so an image's latent depends on its
     batch mates. The official native-resolution trainer encoded one image at a time (B = 1), its ImageNet

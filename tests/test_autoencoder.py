@@ -61,6 +61,20 @@ def test_released_decoder_layout(kind, z, count):
     assert dec.upsample_factor == 16
 
 
+def test_released_loss_layouts():
+    """LPIPS and the PatchGAN have the released `loss.perceptual_loss.*` / `loss.discriminator.*` tables (§4)."""
+    with torch.device("meta"):
+        lp, disc = A.LPIPS(), A.PatchDiscriminator()
+    for module, n_tensors, numel in [(lp, 33, 14_716_166), (disc, 22, 2_767_425)]:
+        sd = module.state_dict()
+        # The spec's numel counts float tensors (not BatchNorm's integer num_batches_tracked).
+        assert len(sd) == n_tensors and sum(v.numel() for v in sd.values() if v.is_floating_point()) == numel
+    assert sum(p.numel() for p in disc.parameters()) == 2_765_633
+    assert {k.rsplit(".", 1)[0] for k in disc.state_dict()} == {f"main.{i}" for i in (0, 2, 3, 5, 6, 8, 9, 11)}
+    # Two stride-2 hidden convs then two stride-1 ones: 64 → 32 → 16 → 8 → 7 → 6 logits per side.
+    assert A.PatchDiscriminator()(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 6, 6)
+
+
 def test_released_residual_vit_layout():
     with torch.device("meta"):
         vit = A.ResidualViT(**A.RESIDUAL_VIT_CONFIG)
@@ -154,6 +168,16 @@ def test_residual_vit_matches_reference(size):
     assert rel_err(out.flatten(2), expected) < 1e-5
 
 
+def test_residual_vit_non_square_grid_with_stored_token_count():
+    """A 2×8 grid has as many tokens as the stored 4×4 one; the official code would reuse the 4×4
+    positions there, we use the real ones (the reference recomputes when given no stored positions)."""
+    vit = randomize_(A.ResidualViT(64, 2, 2, 8, patch_size=8, img_size=32), seed=4).eval()
+    x = torch.randn(1, 3, 16, 64)
+    sd = dict(vit.state_dict(), freqs_t_x=torch.zeros(0), freqs_t_y=torch.zeros(0))
+    with torch.no_grad():
+        assert rel_err(vit(x).flatten(2), reference_residual_vit(sd, x, num_heads=2, patch=8)) < 1e-5
+
+
 def test_residual_vit_rejects_bad_sizes():
     vit = A.ResidualViT(64, 1, 1, 8, patch_size=8, img_size=32)
     with pytest.raises(ValueError, match="multiple of the patch size 8"):
@@ -165,7 +189,8 @@ def test_match_distribution():
     h = torch.randn(3, 16, 5, 4, generator=gen) * 2 + 1
     hv = torch.randn(3, 4, 5, 4, generator=gen) * 0.3 - 2
     out = A.match_distribution(h, hv)
-    # Literal official form on [B, C, N], unbiased std, scalar statistics.
+    # Literal official form on [B, C, N], scalar statistics. (Its unbiased std cancels out in the
+    # ratio std_h/std_v, both taken over the same B·N positions, except inside the 1e-6.)
     h3, v3 = h.flatten(2), hv.flatten(2)
     m_h, s_h = h3.mean(dim=(0, 2)).mean(), h3.std(dim=(0, 2), unbiased=True).mean()
     m_v, s_v = v3.mean(dim=(0, 2)).mean(), v3.std(dim=(0, 2), unbiased=True).mean()
@@ -223,7 +248,7 @@ def test_decoder_overfits_four_images(one_thread):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] / 3, (losses[0], losses[-1])   # measured: ~0.5 -> ~0.08
+    assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])   # measured: 0.554 -> 0.056 (10x)
 
 
 # ----- Losses --------------------------------------------------------------------------------------
