@@ -3,10 +3,10 @@
 SVG-T2I has no VAE. Its latent space is the frozen DINOv3 ViT-S+/16 feature map (dino.py), and this file
 holds everything on the other side of that latent:
 
-    image [-1,1] ─► ImageNet-normalise ─► DINOv3 (frozen) ─────────────► [B,384,H/16,W/16] ─┐
-                                     └──► ResidualViT (R only) ─► match_distribution ─► [B,8,.,.] ─┤ concat
-                                                                                               ▼
-                           image ◄── Decoder (LDM-style convs, ×16 upsampling) ◄── z [B,384|392,h,w]
+    image [-1,1] ─► ImageNet-norm ─► DINOv3 (frozen) ────────────────────► [B,384,H/16,W/16] ─┐
+                               └──► ResidualViT (R) ─► match_distribution ─► [B,8,H/16,W/16] ─┤ concat
+                                                                                              ▼
+                      image ◄── Decoder (LDM-style convs, ×16 upsampling) ◄── z [B,384|392,h,w]
 
 - Autoencoder-P ("pure"): z is the DINOv3 features alone (384 channels). The released DiT uses these.
 - Autoencoder-R ("residual"): a small RoPE ViT adds 8 channels of detail DINOv3 drops (392 in all).
@@ -30,8 +30,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 # The released decoder (every yaml's `ddconfig`, spec §2.1): 5 levels → 4 upsamplings → ×16.
-# `z_channels` is 384 for P and 392 for R; nothing else differs.
+# `z_channels` is 384 for P (DINOv3 ViT-S+ width) and 392 for R (+ 8 residual); nothing else differs.
 DECODER_CONFIG = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2)
+RELEASED_Z_CHANNELS = dict(P=384, R=392)
 # The released residual branch: `rope_mixed_deit_small_patch16_LS(img_size=1024)` with an 8-channel head.
 RESIDUAL_VIT_CONFIG = dict(embed_dim=384, depth=12, num_heads=6, out_dim=8, patch_size=16, img_size=1024)
 
@@ -135,8 +136,8 @@ class Decoder(nn.Module):
 
         block_in = widths[lowest]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = nn.ModuleDict(OrderedDict(
-            block_1=ResnetBlock(block_in, block_in), attn_1=AttnBlock(block_in), block_2=ResnetBlock(block_in, block_in)))
+        self.mid = nn.ModuleDict(OrderedDict(block_1=ResnetBlock(block_in, block_in), attn_1=AttnBlock(block_in),
+                                             block_2=ResnetBlock(block_in, block_in)))
 
         # `up[i]` is level i (up[0] = full resolution); it is *built* and *run* from the lowest level up,
         # but registered in index order, which is the official state-dict order.
@@ -391,9 +392,8 @@ class Autoencoder(nn.Module):
     def kind(self):
         """'R' (DINOv3 ⊕ residual channels) or 'P' (DINOv3 channels only)."""
         # A decode-only file has no residual ViT; its 392-channel conv_in still says R (spec §4).
-        if self.extra_vit is not None or (self.encoder is None and self.decoder.z_channels == 384 + 8):
-            return "R"
-        return "P"
+        decode_only_r = self.encoder is None and self.decoder.z_channels == RELEASED_Z_CHANNELS["R"]
+        return "R" if self.extra_vit is not None or decode_only_r else "P"
 
     @property
     def config(self):
@@ -427,7 +427,8 @@ class Autoencoder(nn.Module):
             raise ValueError(f"Autoencoder.encode: image size {H}x{W} is not a multiple of the patch size {p}; "
                              f"resize or crop to multiples of {p} (the official P code silently cropped)")
         x_in = imagenet_normalize(images.float())
-        with torch.no_grad():
+        # DINOv3 runs in fp32 (as the official code), even inside a caller's bf16 autocast region.
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
             z = self.encoder.encode(x_in)                  # [B, D, H/p, W/p]
         if self.extra_vit is not None:
             residual = self.extra_vit(x_in)                # [B, 8, H/p, W/p]; has grad when training R
@@ -443,7 +444,8 @@ class Autoencoder(nn.Module):
 
 # ----- LPIPS (taming / LPIPS v0.1 "vgg") ---------------------------------------------------------------
 
-# VGG16 `features` indices of the 13 convs, and where LPIPS cuts the stack (after relu1_2 … relu5_3).
+# torchvision's VGG16 `features`: conv widths and max-pools ("M"), each conv followed by a ReLU; LPIPS cuts
+# the stack after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3, i.e. before `features` indices 4, 9, 16, 23, 30.
 VGG16_WIDTHS = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
 LPIPS_SLICE_ENDS = [4, 9, 16, 23, 30]
 LPIPS_CHANNELS = [64, 128, 256, 512, 512]
@@ -772,11 +774,12 @@ def _infer_residual_config(state, where):
         raise ValueError(f"{where}: residual ViT key extra_vit.{err.args[0]} is missing; the file is truncated")
 
 
-def _dinov3_from_state_dict(state, where):
-    """A DINOv3 from Meta-layout tensors, through dino.py's own config inference and strict loading."""
+def _dinov3_from_state_dict(state, where, config=None):
+    """A DINOv3 from Meta-layout tensors: our files store its config; for a released `.ckpt` it is read off
+    the shapes by dino.py's own inference (the same one `load_dinov3` uses)."""
     import dino   # imported here: decode-only use needs no encoder code
-    model = dino.DINOv3(**dino._infer_config(state, where))
-    dino._strict_load(model, state, where)
+    model = dino.DINOv3(**(config or dino._infer_config(state, where)))
+    _load_strict(model, state, where)
     return model.eval().requires_grad_(False)
 
 
@@ -800,7 +803,8 @@ def load_autoencoder(path, map_location="cpu", encoder=None, kind=None):
         residual = ResidualViT(**residual_cfg)
         _load_strict(residual, parts["extra_vit"], f"{where} (extra_vit.*)")
     if encoder is None and parts["encoder"]:
-        encoder = _dinov3_from_state_dict(parts["encoder"], f"{where} (encoder.*)")
+        encoder = _dinov3_from_state_dict(parts["encoder"], f"{where} (encoder.*)",
+                                          config["encoder"] if config else None)
 
     ae = Autoencoder(encoder, decoder, residual).to(map_location)
     if kind is not None and ae.kind != kind:
