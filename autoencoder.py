@@ -598,7 +598,8 @@ class AutoencoderLoss(nn.Module):
     `disc_start` counts optimisation iterations (the official 5000 were Lightning global steps, 2 per
     iteration: 2,500 iterations). LPIPS needs two user-supplied files (torchvision `vgg16` and LPIPS v0.1
     `vgg.pth`); without them the loss is L1 + GAN and says so once. Inputs may be lists of images of
-    different sizes: every image counts (the official list path kept only the last one, spec fact 14).
+    different sizes: every image counts (the official list path kept only the last one, spec fact 14), in
+    proportion to its pixel count, as in the official batched path.
     """
 
     def __init__(self, lpips_path=None, vgg_path=None, disc_start=2500, disc_weight=0.5, perceptual_weight=1.0):
