@@ -90,13 +90,15 @@ def find_parts(ckpt):
 class Pipeline:
     """Frozen text encoder + trained Next-DiT + latent statistics + pixel decoder, ready to sample."""
 
-    def __init__(self, dit, decoder, stats, gemma, tokenizer, defaults, max_cap_len, source):
-        self.dit, self.decoder, self.stats = dit, decoder, stats
+    def __init__(self, dit, autoencoder, stats, gemma, tokenizer, defaults, max_cap_len, source):
+        self.dit, self.autoencoder, self.stats = dit, autoencoder, stats
         self.gemma, self.tokenizer = gemma, tokenizer
         self.defaults, self.max_cap_len, self.source = defaults, max_cap_len, source
         self.device = next(dit.parameters()).device
-        # pixels per latent cell = the encoder's patch (the decoder upsamples by as much) x the DiT's patch
-        self.latent_patch = decoder.upsample_factor * dit.config["patch_size"]
+        # pixels per latent cell = the encoder's patch, which the decoder's upsampling undoes; the DiT then
+        # groups patch_size x patch_size cells into one token, so sizes must be multiples of both
+        self.pixels_per_latent = autoencoder.decoder.upsample_factor
+        self.latent_patch = self.pixels_per_latent * dit.config["patch_size"]
 
     @torch.no_grad()
     def generate(self, prompts, seed=0, size=None, steps=None, cfg=None, solver=None, shift=None, system="base",
@@ -122,17 +124,17 @@ class Pipeline:
         cap_tokens = self.dit.refine_captions(feats, mask)
 
         # Noise, H first: [n, C, H/p, W/p]
-        C, h, w = self.dit.config["in_channels"], height // self.decoder.upsample_factor, width // self.decoder.upsample_factor
+        C, h, w = self.dit.config["in_channels"], height // self.pixels_per_latent, width // self.pixels_per_latent
         noise = torch.cat([flow.seeded_noise(1, C, h, w, seed + i) for i in range(n)]).to(self.device)
 
         def velocity(x, t):
-            t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(2 * n)
+            t = torch.cat([t, t])                                                    # [2n]
             v = self.dit(torch.cat([x, x]), t, feats, mask, cap_tokens=cap_tokens)
             v_cond, v_uncond = v.chunk(2)
             return flow.cfg_velocity(v_cond, v_uncond, cfg, renorm=True) if cfg != 1 else v_cond
 
         latents = flow.sample(velocity, noise, steps, solver=solver, shift=shift, progress=progress)
-        pixels = self.decoder.decode(self.stats.denormalize(latents))              # [n, 3, H, W] in ~[-1, 1]
+        pixels = self.autoencoder.decode(self.stats.denormalize(latents))              # [n, 3, H, W] in ~[-1, 1]
         # to uint8 as the official sampler does: (x + 1) / 2, clamp, x 255, truncate (autoencoder.md §6)
         pixels = ((pixels + 1) / 2).clamp(0, 1).mul(255).byte().permute(0, 2, 3, 1).cpu().numpy()
         meta = dict(seed=None, steps=steps, cfg=cfg, solver=solver, shift=shift, system=system,
@@ -166,13 +168,13 @@ def load_pipeline(ckpt=None, device=None, dit=None, **overrides):
         dit = dit_lib.load_nextdit(parts["dit"], map_location="cpu")
     dit = dit.to(device).eval()
     encoder = dino.load_dinov3(parts["dino"]) if parts.get("dino") else None
-    decoder = ae_lib.load_autoencoder(parts["decoder"], encoder=encoder).to(device).eval()
+    autoencoder = ae_lib.load_autoencoder(parts["decoder"], encoder=encoder).to(device).eval()
     gemma_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gemma = text.load_gemma2(parts["gemma"], dtype=gemma_dtype).to(device).eval()
     tokenizer = text.Tokenizer(os.path.join(parts["gemma"], "tokenizer.model"))
     stats = dino.LatentStats.load(parts["stats"])
     source = os.path.relpath(parts["dit"]) if parts.get("dit") else "in-memory"
-    return Pipeline(dit, decoder, stats, gemma, tokenizer, parts["sample"], parts["max_cap_len"], source)
+    return Pipeline(dit, autoencoder, stats, gemma, tokenizer, parts["sample"], parts["max_cap_len"], source)
 
 
 # ----- Files ---------------------------------------------------------------------------------------------

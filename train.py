@@ -100,7 +100,7 @@ PRESETS = {
                   n_storage_tokens=4, qkv_bias=True, layerscale_init=1.0, pos_embed_rope_base=100.0),
         gemma=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                    num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
-                   vocab_size=256),
+                   vocab_size=512),
         dit_res=(32, 32, 64, 64), dit_steps=(20, 10, 10, 10),
         micro_batch=(4, 4, 4, 4), global_batch=(4, 4, 4, 4),
         ae_res=(32, 32, 64), ae_steps=(20, 10, 10), ae_micro_batch=(4, 4, 4),
@@ -298,6 +298,34 @@ def prepare_stats(run_dir, paths, dino_model, dataset, device, rank, seed):
     return dino.LatentStats.load(path)
 
 
+def epoch_batches(loader, sampler, counts):
+    """(batch, weight) forever, epoch after epoch.
+
+    Counts what the training loop consumed (not what the loader prefetched) so a resumed run starts at the
+    right batch, and adds up unreadable images in counts['skipped']. If every image of a micro-batch was
+    unreadable, the previous batch stands in with loss weight 0: each rank must still run the same number
+    of forward/backward passes, or DDP would wait forever for the one that skipped."""
+    last = None
+    while True:
+        for batch in loader:
+            sampler.batches_done += 1
+            counts["skipped"] += batch["dropped"]
+            if batch["captions"]:
+                last = batch
+                yield batch, 1.0
+            elif last is not None:
+                yield last, 0.0
+        sampler.set_epoch(sampler.epoch + 1)      # a new epoch: the sampler reshuffles by (seed, epoch)
+
+
+def total_over_ranks(value):
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor(float(value))
+    dist.all_reduce(t)
+    return t.item()
+
+
 # ----- One DiT stage -----------------------------------------------------------------------------------
 
 def train_dit(args, preset, rank, world, device):
@@ -326,8 +354,13 @@ def train_dit(args, preset, rank, world, device):
     ema = dit_lib.NextDiT(**cfg).to(device).requires_grad_(False)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
-    sampler = data.BucketBatchSampler(dataset, micro, rank=rank, world_size=world, seed=args.seed + 100 * res)
+    # The released layout carries a `norm_final.weight` that forward never uses (spec §1.6); no gradient ever
+    # reaches it, and DDP would wait for one. Freeze it.
+    model.norm_final.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
+    # The sampler hands each rank its share of a step's global batch (micro x accum images), which the loop
+    # below cuts into `accum` micro-batches: accumulating gradients over them equals one big batch.
+    sampler = data.BucketBatchSampler(dataset, micro * accum, rank=rank, world_size=world, seed=args.seed + 100 * res)
 
     step, latest = 0, find_latest(stage_dir)
     if latest:                                  # resume this stage exactly
@@ -349,37 +382,32 @@ def train_dit(args, preset, rank, world, device):
     else:
         ema.load_state_dict(model.state_dict())
 
-    gen = torch.Generator(device).manual_seed(args.seed * 1000 + rank)     # t, noise, caption dropout
-    if latest:
-        rng = load_rng(latest, rank)
-        gen.set_state(rng["gen"])
-        torch.set_rng_state(rng["torch"])
-
     ddp_model = DDP(model) if world > 1 else model
     fwd = ddp_model if args.no_compile else torch.compile(ddp_model)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    shift = flow.resolution_shift((res // patch) ** 2 // cfg["patch_size"] ** 2)
+    shift = flow.resolution_shift((res // patch) ** 2 // cfg["patch_size"] ** 2)   # token count -> s
 
-    def encode_batch(batch):
-        latents = stats.normalize(images_to_latents(dino_model, batch["images"].to(device)))
-        keep = torch.rand(len(batch["captions"]), generator=gen, device=device) >= CAPTION_DROPOUT
-        texts = [text.format_prompt(c, s) if kept else "" for c, s, kept in
-                 zip(batch["captions"], batch["systems"], keep.tolist())]
+    def sample_generators(step, n):
+        """One generator per sample for its caption dropout, t and noise, seeded by (seed, stage, step, index
+        in the global batch): the draws are the same whatever the number of processes or the accumulation,
+        and a resumed run needs no RNG state to continue exactly."""
+        base = (((args.seed * 7919 + k) * 1_000_003 + step) << 20) + rank * micro * accum
+        return [torch.Generator(device).manual_seed(base + i) for i in range(n)]
+
+    def make_inputs(batch, gens):
+        """Images -> normalised latents x1 [B,C,h,w]; captions (10% dropped to "") -> Gemma features."""
+        x1 = stats.normalize(images_to_latents(dino_model, batch["images"].to(device)))
+        keep = [torch.rand(1, generator=g, device=device).item() >= CAPTION_DROPOUT for g in gens]
+        texts = [text.format_prompt(c, s) if kept else "" for c, s, kept in zip(batch["captions"], batch["systems"], keep)]
         cap_feats, cap_mask = text.encode_prompts(gemma, tokenizer, texts, "", preset["max_cap_len"])
-        return latents, cap_feats.float(), cap_mask
+        t = torch.cat([flow.sample_timesteps(1, generator=g, device=device) for g in gens])
+        x0 = torch.stack([torch.randn(x1.shape[1:], generator=g, device=device) for g in gens])
+        return x0, x1, flow.shift_timesteps(t, shift), cap_feats.float(), cap_mask
 
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.collate,
                                          num_workers=args.workers, persistent_workers=args.workers > 0)
-    batches = iter(loader)
-
-    def next_batch():
-        nonlocal batches
-        try:
-            return next(batches)
-        except StopIteration:                     # a new epoch: the sampler reshuffles by (seed, epoch)
-            sampler.set_epoch(sampler.epoch + 1)
-            batches = iter(loader)
-            return next(batches)
+    counts = dict(skipped=0)
+    batches = epoch_batches(loader, sampler, counts)
 
     log_path = os.path.join(run_dir, "log.jsonl")
     bar = tqdm(total=max_steps, initial=step, desc=f"stage {k} @ {res}px", disable=rank != 0, dynamic_ncols=True)
@@ -388,16 +416,20 @@ def train_dit(args, preset, rank, world, device):
     while step < max_steps:
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
+        batch, weight = next(batches)                  # this rank's micro x accum images
+        gens = sample_generators(step, len(batch["captions"]))
         for micro_step in range(accum):
-            batch = next_batch()
-            sampler.batches_done += 1             # what the loop consumed, not what the loader prefetched
-            x1, cap_feats, cap_mask = encode_batch(batch)
-            x0 = torch.randn(x1.shape, generator=gen, device=device)
-            t = flow.shift_timesteps(flow.sample_timesteps(len(x1), generator=gen, device=device), shift)
+            part = slice(micro_step * micro, (micro_step + 1) * micro)
+            chunk = dict(images=batch["images"][part], captions=batch["captions"][part], systems=batch["systems"][part])
+            chunk_weight = weight
+            if not chunk["captions"]:                  # unreadable images shortened the batch: run, weight 0
+                part, chunk_weight = slice(0, micro), 0.0
+                chunk = dict(images=batch["images"][part], captions=batch["captions"][part], systems=batch["systems"][part])
+            x0, x1, t, cap_feats, cap_mask = make_inputs(chunk, gens[part])
             sync = micro_step == accum - 1 or world == 1
             with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast:
                 v = fwd(flow.interpolate(x0, x1, t), t, cap_feats, cap_mask)
-                loss = flow.training_loss(v.float(), x0, x1).mean() / accum
+                loss = flow.training_loss(v.float(), x0, x1).mean() * (chunk_weight / accum)
             loss.backward()
             loss_sum += loss.item()
             seen += len(x1) * world
@@ -409,8 +441,8 @@ def train_dit(args, preset, rank, world, device):
 
         if step % preset["log_every"] == 0 or step == max_steps:
             elapsed = time.time() - t0
-            row = dict(stage=k, step=step, loss=loss_sum, grad_norm=grad_norm.item(), images_per_s=seen / elapsed,
-                       skipped_images=getattr(dataset, "skipped", 0))
+            row = dict(stage=k, step=step, loss=total_over_ranks(loss_sum) / world, grad_norm=grad_norm.item(), images_per_s=seen / elapsed,
+                       skipped_images=total_over_ranks(counts["skipped"]))
             bar.set_postfix(loss=f"{loss_sum:.4f}", img_s=f"{seen / elapsed:.1f}")
             if rank == 0:
                 with open(log_path, "a") as f:
@@ -419,7 +451,7 @@ def train_dit(args, preset, rank, world, device):
         if step % args.ckpt_every == 0 or step == max_steps:
             save_latest(stage_dir, rank, dict(
                 weights=dict(model=cpu_state(model), ema=cpu_state(ema)), optimizer=optimizer.state_dict(),
-                sampler=sampler.state_dict(), step=step), dict(gen=gen.get_state(), torch=torch.get_rng_state()))
+                sampler=sampler.state_dict(), step=step), dict(torch=torch.get_rng_state()))
         every = args.preview_every if args.preview_every is not None else preset["preview_every"]
         if rank == 0 and every and (step % every == 0 or step == max_steps):
             write_preview(run_dir, ema, k, step, res, preset, device)
@@ -451,6 +483,18 @@ def write_preview(run_dir, ema, stage, step, res, preset, device):
 
 
 # ----- One autoencoder stage ---------------------------------------------------------------------------
+# The decoder (and, for R, the residual ViT) learns to invert the frozen DINOv3 (spec autoencoder.md §3):
+# per iteration one generator update (L1 + LPIPS + adaptive-weight GAN) and one discriminator update. The
+# two losses each run the discriminator more than once and take an autograd.grad for the adaptive weight,
+# which DDP's hooks do not expect; so gradients are averaged across ranks by hand instead.
+
+def average_gradients(params, world):
+    if world > 1:
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+
 
 def train_autoencoder(args, preset, rank, world, device):
     k, kind = args.stage, args.autoencoder
@@ -467,19 +511,23 @@ def train_autoencoder(args, preset, rank, world, device):
     dino_model, _, _ = load_encoders(run_dir, paths, device)
     dataset = data.open_dataset(args.data, res, seed=args.seed, patch=dino_model.patch_size)
 
-    residual = ae_lib.ResidualViT(**ae_lib.RESIDUAL_VIT_DEFAULTS) if kind == "R" else None
+    residual = None
+    if kind == "R":   # the released R branch is a ViT-S/16; small presets shrink it and match the DINO patch
+        residual = ae_lib.ResidualViT(**dict(ae_lib.RESIDUAL_VIT_CONFIG, **preset.get("residual", {}),
+                                             patch_size=dino_model.patch_size))
     z_channels = dino_model.embed_dim + (residual.out_dim if residual is not None else 0)
     decoder = ae_lib.Decoder(z_channels=z_channels, **preset["decoder"])
     ae = ae_lib.Autoencoder(dino_model, decoder, residual).to(device)
     loss_fn = ae_lib.AutoencoderLoss(lpips_path=args.lpips, vgg_path=args.vgg, disc_start=AE_DISC_START).to(device)
     params = list(ae.trainable_parameters())
+    disc_params = list(loss_fn.discriminator.parameters())
     opt_g = torch.optim.Adam(params, lr=AE_LR, betas=AE_BETAS)
-    opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=AE_LR, betas=AE_BETAS)
+    opt_d = torch.optim.Adam(disc_params, lr=AE_LR, betas=AE_BETAS)
     sampler = data.BucketBatchSampler(dataset, micro, rank=rank, world_size=world, seed=args.seed + 100 * res)
 
     step, latest = 0, find_latest(stage_dir)
     if latest:
-        ae.load_trainable_state_dict(load_file(os.path.join(latest, "model.safetensors")))
+        ae.load_state_dict(load_file(os.path.join(latest, "model.safetensors")))
         loss_fn.discriminator.load_state_dict(load_file(os.path.join(latest, "discriminator.safetensors")))
         trainer = torch.load(os.path.join(latest, "trainer.pt"), weights_only=False)
         opt_g.load_state_dict(trainer["opt_g"])
@@ -487,54 +535,50 @@ def train_autoencoder(args, preset, rank, world, device):
         sampler.load_state_dict(trainer["sampler"])
         step = trainer["step"]
         torch.set_rng_state(load_rng(latest, rank)["torch"])
-        log0(rank, f"autoencoder {kind} stage {k}: resuming at step {step}")
+        log0(rank, f"autoencoder {kind} stage {k}: resuming from {latest} at step {step}")
     elif k > 1:
         prev = os.path.join(run_dir, f"autoencoder_{kind}", f"stage{k - 1}", "model.safetensors")
         if not os.path.exists(prev):
             raise SystemExit(f"autoencoder stage {k} starts from {prev}, which does not exist: run stage {k - 1} first")
-        ae.load_trainable_state_dict(ae_lib.load_autoencoder(prev).trainable_state_dict())
+        ae.load_state_dict(ae_lib.load_autoencoder(prev).state_dict())
+        log0(rank, f"autoencoder {kind} stage {k}: initialised from {prev}")
 
-    ddp_ae = DDP(ae, find_unused_parameters=False) if world > 1 else ae
-    ddp_disc = DDP(loss_fn.discriminator) if world > 1 else loss_fn.discriminator
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.collate,
-                                         num_workers=args.workers)
-    batches = iter(loader)
+                                         num_workers=args.workers, persistent_workers=args.workers > 0)
+    counts = dict(skipped=0)
+    batches = epoch_batches(loader, sampler, counts)
     bar = tqdm(total=max_steps, initial=step, desc=f"autoencoder {kind} stage {k} @ {res}px", disable=rank != 0)
     ae.train()
     while step < max_steps:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            sampler.set_epoch(sampler.epoch + 1)
-            batches = iter(loader)
-            batch = next(batches)
-        sampler.batches_done += 1
+        batch, weight = next(batches)
         images = batch["images"].to(device)
-        recon = ddp_ae(images)                    # encode (DINOv3 under no_grad) then decode
-        loss_g, log_g = loss_fn.generator_loss(recon, images, step, last_layer=decoder.conv_out.weight,
-                                               discriminator=ddp_disc)
+        recon = ae(images)                        # encode (DINOv3 frozen, no grad) then decode
+        loss_g, log_g = loss_fn.generator_loss(recon, images, step, last_layer=decoder.conv_out.weight)
         opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
+        (loss_g * weight).backward()
+        average_gradients(params, world)
         opt_g.step()
-        loss_d, log_d = loss_fn.discriminator_loss(recon.detach(), images, step, discriminator=ddp_disc)
-        if loss_d.requires_grad:
+        if loss_fn.disc_active(step):             # before disc_start the discriminator loss is exactly 0
+            loss_d, log_d = loss_fn.discriminator_loss(recon.detach(), images, step)
             opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
+            (loss_d * weight).backward()
+            average_gradients(disc_params, world)
             opt_d.step()
+            log_g.update(log_d)
         step += 1
         bar.update(1)
-        bar.set_postfix(l1=f"{log_g.get('l1', 0.0):.4f}")
+        bar.set_postfix(l1=f"{log_g['l1'].item():.4f}")
         if rank == 0 and (step % preset["log_every"] == 0 or step == max_steps):
             with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(dict(autoencoder=kind, stage=k, step=step, **log_g, **log_d)) + "\n")
+                f.write(json.dumps(dict(autoencoder=kind, stage=k, step=step, skipped_images=counts["skipped"],
+                                        **{n: v.item() for n, v in log_g.items()})) + "\n")
         if step % args.ckpt_every == 0 or step == max_steps:
             save_latest(stage_dir, rank, dict(
-                weights=dict(model=ae.trainable_state_dict(), discriminator=cpu_state(loss_fn.discriminator)),
+                weights=dict(model=cpu_state(ae), discriminator=cpu_state(loss_fn.discriminator)),
                 opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(), sampler=sampler.state_dict(), step=step),
                 dict(torch=torch.get_rng_state()))
     bar.close()
     if rank == 0:
-        os.makedirs(stage_dir, exist_ok=True)
         ae_lib.save_autoencoder(ae, os.path.join(stage_dir, "model.safetensors"))
         log0(rank, f"autoencoder {kind} stage {k} done: {stage_dir}/model.safetensors")
     barrier()

@@ -137,4 +137,7 @@ def test_compiled_training_step_matches_eager():
     loss_c, grads_c = step(compiled_model, torch.compile(compiled_model))
     assert torch.allclose(loss_e, loss_c, rtol=1e-5, atol=1e-6)
     for n in grads_e:
+        if grads_e[n] is None:                   # norm_final.weight: in the released layout, never used
+            assert grads_c[n] is None, n
+            continue
         assert torch.allclose(grads_e[n], grads_c[n], rtol=1e-4, atol=1e-6), n
