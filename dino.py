@@ -145,13 +145,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(t: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """Rotate the patch tokens of t [B, heads, N, Dh]; the leading N - hw tokens (CLS, registers) pass as is."""
-    n_prefix = t.shape[-2] - sin.shape[0]
-    prefix, patches = t[:, :, :n_prefix], t[:, :, n_prefix:]
-    dtype = t.dtype
-    patches = patches.float()  # rotate in fp32 whatever the activation dtype (official behaviour)
-    patches = patches * cos + rotate_half(patches) * sin
-    return torch.cat([prefix, patches.to(dtype)], dim=2)
+    """Rotate t [..., N, Dh] by tables [N, Dh]; in fp32 whatever the activation dtype (official behaviour).
+
+    DINOv3 rotates only the patch tokens. DINOv3.forward_features gives the leading CLS and register rows
+    angle 0 (cos 1, sin 0), which leaves them exactly as they are, so no split and re-concatenation of
+    the sequence is needed.
+    """
+    rotated = t.float() * cos + rotate_half(t.float()) * sin
+    return rotated.to(t.dtype)
 
 
 # ----- Attention -------------------------------------------------------------------------------------------
@@ -188,10 +189,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)  # [B, N, 3, heads, Dh]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, N, Dh]
-        sin, cos = rope
-        q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)  # v is never rotated
-        out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(Dh), no mask
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # [3, B, heads, N, Dh]
+        q, k = apply_rope(qkv[:2], *rope).unbind(0)  # q and k rotated in one pass; v is never rotated
+        out = F.scaled_dot_product_attention(q, k, qkv[2])  # scale 1/sqrt(Dh), no mask
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
@@ -346,7 +346,10 @@ class DINOv3(nn.Module):
         if self.n_storage_tokens > 0:
             prefix.append(self.storage_tokens.expand(B, -1, -1))  # [B, R, D]
         tokens = torch.cat(prefix + [patches], dim=1)  # [B, 1+R+hw, D]; no additive position embedding
-        rope = self.rope_embed(h, w)  # computed once: the same tables serve every block and head
+        sin, cos = self.rope_embed(h, w)  # [hw, Dh], computed once: every block and head shares them
+        # Angle 0 for the 1 + R prefix tokens (CLS, registers): DINOv3 does not rotate them.
+        n_prefix = tokens.shape[1] - h * w
+        rope = (F.pad(sin, (0, 0, n_prefix, 0)), F.pad(cos, (0, 0, n_prefix, 0), value=1.0))  # [N, Dh] each
         for block in self.blocks:
             tokens = block(tokens, rope)
         normed = self.norm(tokens)

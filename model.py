@@ -17,7 +17,7 @@ The network, in the order data meets it (spec §1.4):
     t ──► TimestepEmbedder ──► c [B, 1024]  (conditions every modulated block; no pooled caption term)
     caption ──► cap_embedder (RMSNorm + Linear) ──► context_refiner (plain blocks, caption only)
     image ──► patchify ──► x_embedder ──► noise_refiner (modulated blocks, image only)
-    [caption ; image ; padding] ──► layers (modulated joint blocks) ──► final_layer ──► unpatchify
+    [caption ; image] ──► layers (modulated joint blocks) ──► final_layer (image rows) ──► unpatchify
 
 Every block is the same JointTransformerBlock: attention with GQA, per-head QK RMSNorm and 3-axis RoPE, a
 SwiGLU FFN, RMSNorms before and after each sub-layer ("sandwich norm"), and optionally a tanh-gated adaLN
@@ -47,10 +47,11 @@ NEXTDIT_CONFIGS = {
     "0.8B": dict(patch_size=1, in_channels=384, dim=1152, n_layers=28, n_refiner_layers=2, n_heads=16,
                  n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True,
                  cap_feat_dim=2304, axes_dims=[24, 24, 24], axes_lens=[600, 512, 512]),
-    # CPU demo: ~10 M parameters at in_channels=64, cap_feat_dim=64. head_dim 32 = 8 (text) + 12 + 12.
-    "demo": dict(patch_size=1, in_channels=64, dim=256, n_layers=6, n_refiner_layers=1, n_heads=8,
-                 n_kv_heads=4, multiple_of=64, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True,
-                 cap_feat_dim=64, axes_dims=[8, 12, 12], axes_lens=[600, 512, 512]),
+    # CPU demo: 4.2 M parameters at in_channels=64, cap_feat_dim=64 (sized so all four stages train in
+    # minutes on 2 cores). head_dim 32 = 8 (caption axis) + 8 (rows) + 16 (columns).
+    "demo": dict(patch_size=1, in_channels=64, dim=192, n_layers=4, n_refiner_layers=1, n_heads=6,
+                 n_kv_heads=3, multiple_of=64, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True,
+                 cap_feat_dim=64, axes_dims=[8, 8, 16], axes_lens=[600, 512, 512]),
     # Unit tests: trains in seconds. head_dim 16 = 4 + 6 + 6.
     "tiny": dict(patch_size=1, in_channels=16, dim=64, n_layers=2, n_refiner_layers=1, n_heads=4,
                  n_kv_heads=2, multiple_of=32, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True,
@@ -75,17 +76,23 @@ def ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier):
 # ----- Normalisation ----------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, cast back, then scaled (the official fallback RMSNorm)."""
+    """Root-mean-square norm computed in float32, cast back, then scaled (the official fallback RMSNorm).
+
+    forward(x, scale) also multiplies by an optional per-sample factor `scale` [B, 1, D] (an adaLN scale or
+    gate). It is folded into the weight, a [B, 1, D] product, so that the full [B, S, D] activation is
+    multiplied once instead of twice, forward and backward.
+    """
 
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+    def forward(self, x, scale=None):
+        weight = self.weight if scale is None else self.weight * scale
+        # F.rms_norm is the same x · rsqrt(mean(x²) + eps) with fewer intermediate tensors (~1.6x faster
+        # forward+backward on CPU than writing it out); the weight is applied after the cast back.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * weight
 
 
 # ----- Timestep embedding -----------------------------------------------------------------------------
@@ -115,23 +122,26 @@ class TimestepEmbedder(nn.Module):
 # neighbouring dimensions (2i, 2i+1) are one complex number (interleaved layout, not split halves).
 
 def rope_tables(axes_dims, axes_lens, theta=ROPE_THETA):
-    """Per-axis (cos, sin) tables [len_i, dim_i/2] in float32, built like the official complex64 table:
-    frequencies in float64, angles cast to float32, then cos/sin. Always on CPU (moved on use)."""
+    """Per-axis tables of unit complex numbers cos + i·sin, [len_i, dim_i/2] complex64, built like the
+    official complex64 table: frequencies in float64, angles cast to float32, then cos/sin. Built once,
+    on the CPU; NextDiT.rope copies them once per device."""
     tables = []
     for d, length in zip(axes_dims, axes_lens):
         freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d)  # [d/2]
         angles = torch.outer(torch.arange(length, dtype=torch.float64, device="cpu"), freqs).float()
-        tables.append((angles.cos(), angles.sin()))
+        tables.append(torch.complex(angles.cos(), angles.sin()))
     return tables
 
 
-def apply_rope(x, cos, sin):
-    """Rotate interleaved pairs of x [B, S, H, D] by angles given as cos/sin [B, S, D/2]; float32 math."""
-    x_pairs = x.float().unflatten(-1, (-1, 2))                           # [B, S, H, D/2, 2]
-    real, imag = x_pairs[..., 0], x_pairs[..., 1]
-    cos, sin = cos[:, :, None], sin[:, :, None]                          # broadcast over heads
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rope(x, freqs):
+    """Rotate interleaved pairs of x [B, S, H, D] by freqs [B, S, D/2] (unit complex); float32 math.
+
+    Reading each pair (2i, 2i+1) as one complex number makes the rotation a single complex multiply
+    (as the official code does); forward + backward this is ~5x faster on CPU than the same product
+    spelled out in real and imaginary parts with a stack.
+    """
+    x_complex = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, S, H, D/2] complex
+    return torch.view_as_real(x_complex * freqs[:, :, None]).flatten(-2).type_as(x)
 
 
 # ----- Attention --------------------------------------------------------------------------------------
@@ -154,14 +164,14 @@ class JointAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, QK_NORM_EPS) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, QK_NORM_EPS) if qk_norm else nn.Identity()
 
-    def forward(self, x, key_mask, cos, sin):
+    def forward(self, x, key_mask, freqs):
         B, S, _ = x.shape
         hd = self.head_dim
         q, k, v = self.qkv(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
         q = self.q_norm(q.view(B, S, self.n_heads, hd))                 # [B, S, H, hd]
         k = self.k_norm(k.view(B, S, self.n_kv_heads, hd))              # [B, S, Hkv, hd]
         v = v.view(B, S, self.n_kv_heads, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
         # GQA: kv head j serves query heads j·n_rep ... j·n_rep + n_rep − 1 (consecutive repeats).
         n_rep = self.n_heads // self.n_kv_heads
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, S, hd]
@@ -212,15 +222,16 @@ class JointTransformerBlock(nn.Module):
         if modulation:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_dim, 4 * dim))
 
-    def forward(self, x, key_mask, cos, sin, c=None):
+    def forward(self, x, key_mask, freqs, c=None):
         if not self.modulation:
-            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), key_mask, cos, sin))
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), key_mask, freqs))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(4, dim=-1)  # [B,1,D]
-        attn_out = self.attention(self.attention_norm1(x) * (1 + scale_msa), key_mask, cos, sin)
-        x = x + gate_msa.tanh() * self.attention_norm2(attn_out)
-        ffn_out = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
-        return x + gate_mlp.tanh() * self.ffn_norm2(ffn_out)
+        # Each adaLN factor rides on a norm's weight (RMSNorm's `scale`): the same products, fewer passes.
+        attn_out = self.attention(self.attention_norm1(x, 1 + scale_msa), key_mask, freqs)
+        x = x + self.attention_norm2(attn_out, gate_msa.tanh())
+        ffn_out = self.feed_forward(self.ffn_norm1(x, 1 + scale_mlp))
+        return x + self.ffn_norm2(ffn_out, gate_mlp.tanh())
 
 
 # ----- Final layer ------------------------------------------------------------------------------------
@@ -322,27 +333,40 @@ class NextDiT(nn.Module):
         self.grad_checkpointing = enabled
         return self
 
-    # ----- Positions ----------------------------------------------------------------------------------
+    # ----- Positions and masks ------------------------------------------------------------------------
+    # Everything here depends only on the caption mask and the image sizes, never on x or t; all of it
+    # is built from tensors (no .tolist()), so the batched forward traces into one torch.compile graph.
     def rope(self, pos_ids):
-        """pos_ids [B, S, 3] int64 -> cos, sin [B, S, head_dim/2], axis groups concatenated in order."""
-        key = pos_ids.device
-        if key not in self._rope_cache:
-            self._rope_cache[key] = [(c.to(key), s.to(key)) for c, s in self._rope_cpu]
-        tables = self._rope_cache[key]
-        cos = torch.cat([tables[i][0][pos_ids[..., i]] for i in range(3)], dim=-1)
-        sin = torch.cat([tables[i][1][pos_ids[..., i]] for i in range(3)], dim=-1)
-        return cos, sin
+        """pos_ids [B, S, 3] int64 -> freqs [B, S, head_dim/2] complex64, axis groups concatenated in order."""
+        tables = self._rope_cache.get(pos_ids.device)
+        if tables is None:   # the tables are built once, on the CPU, and copied once per device
+            tables = self._rope_cache[pos_ids.device] = [tab.to(pos_ids.device) for tab in self._rope_cpu]
+        return torch.cat([tab[pos_ids[..., i]] for i, tab in enumerate(tables)], dim=-1)
 
     @staticmethod
-    def grid_positions(axis0, height, width, device):
-        """Image token positions (axis0, row, col) in row-major order -> [height·width, 3]."""
-        rows = torch.arange(height, device=device).repeat_interleave(width)
-        cols = torch.arange(width, device=device).repeat(height)
-        return torch.stack([torch.full_like(rows, axis0), rows, cols], dim=-1)
+    def caption_positions(cap_mask):
+        """Caption token j sits at (j, 0, 0); padding at (0, 0, 0) (a masked key whose output is unused)."""
+        axis0 = torch.arange(cap_mask.shape[1], device=cap_mask.device) * cap_mask      # [B, L]
+        return torch.stack([axis0, torch.zeros_like(axis0), torch.zeros_like(axis0)], dim=-1)  # [B, L, 3]
 
-    def caption_lengths(self, cap_mask):
-        """Check the mask is right-padded with >= 1 token per sample; return the lengths as a Python list."""
-        cap_mask = cap_mask.bool()
+    @staticmethod
+    def grid_positions(axis0, height, width):
+        """Image token positions (axis0, row, col) in row-major order -> [B, height·width, 3].
+
+        axis0 [B] is each sample's caption length: image tokens sit just after their caption (spec §1.3).
+        """
+        rows = torch.arange(height, device=axis0.device).repeat_interleave(width)       # [N]
+        cols = torch.arange(width, device=axis0.device).repeat(height)                  # [N]
+        grid = torch.stack([rows, cols], dim=-1).expand(axis0.shape[0], -1, -1)         # [B, N, 2]
+        return torch.cat([axis0[:, None, None].expand(-1, height * width, 1), grid], dim=-1)
+
+    def check_caption_mask(self, cap_mask):
+        """Raise a clear error unless cap_mask [B, L] is right-padded with 1 <= length < axes_lens[0].
+
+        These checks read values (a host sync, and a graph break under torch.compile), so the model runs
+        them in eager mode only; a compiled training step relies on its data pipeline having been
+        checked eagerly.
+        """
         lengths = cap_mask.sum(1)
         expected = torch.arange(cap_mask.shape[1], device=cap_mask.device)[None] < lengths[:, None]
         if not torch.equal(expected, cap_mask):
@@ -353,7 +377,6 @@ class NextDiT(nn.Module):
         if max(lengths) >= self.axes_lens[0]:
             raise ValueError(f"NextDiT: caption of {max(lengths)} tokens exceeds the RoPE text axis "
                              f"(axes_lens[0] = {self.axes_lens[0]}); truncate captions first")
-        return lengths
 
     # ----- Caption path (independent of x and t) ------------------------------------------------------
     def refine_captions(self, cap_feats, cap_mask):
@@ -362,92 +385,101 @@ class NextDiT(nn.Module):
         Caption embedder + context refiner. It sees neither x nor t, so a sampler computes it once and
         passes it to every step as forward(..., cap_tokens=...). Padded rows hold meaningless values.
         """
-        lengths = self.caption_lengths(cap_mask)
-        B, L, _ = cap_feats.shape
-        # Caption token j sits at (j, 0, 0); padding at (0, 0, 0) (masked as a key, dropped as a query).
-        pos = torch.zeros(B, L, 3, dtype=torch.long, device=cap_feats.device)
-        pos[..., 0] = torch.arange(L, device=cap_feats.device) * cap_mask.bool()
-        cos, sin = self.rope(pos)
-        key_mask = None if min(lengths) == L else cap_mask.bool()
+        cap_mask = cap_mask.bool()
+        if not torch.compiler.is_compiling():
+            self.check_caption_mask(cap_mask)
+        freqs = self.rope(self.caption_positions(cap_mask))              # [B, L, hd/2]
         cap = self.cap_embedder(cap_feats)                               # [B, L, dim]
         for blk in self.context_refiner:
-            cap = blk(cap, key_mask, cos, sin)
+            cap = blk(cap, cap_mask, freqs)
         return cap
 
     # ----- Patchify -----------------------------------------------------------------------------------
-    def patchify(self, image):
-        """[C, H, W] -> [H/p · W/p, p·p·C] tokens, row-major, features ordered (ph, pw, C)."""
-        C, H, W = image.shape
+    def patchify(self, images):
+        """[B, C, H, W] -> [B, H/p · W/p, p·p·C] tokens, row-major, features ordered (ph, pw, C)."""
+        B, C, H, W = images.shape
         p = self.patch_size
         if C != self.in_channels or H % p or W % p:
-            raise ValueError(f"NextDiT: latent of shape {tuple(image.shape)} needs {self.in_channels} channels "
-                             f"and H, W divisible by patch_size {p}")
+            raise ValueError(f"NextDiT: latent of shape {tuple(images.shape[1:])} needs {self.in_channels} "
+                             f"channels and H, W divisible by patch_size {p}")
         if H // p > self.axes_lens[1] or W // p > self.axes_lens[2]:
             raise ValueError(f"NextDiT: latent {H}x{W} exceeds the RoPE grid {self.axes_lens[1:]} (in patches)")
-        return image.view(C, H // p, p, W // p, p).permute(1, 3, 2, 4, 0).reshape((H // p) * (W // p), p * p * C)
+        tokens = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # [B, h, w, p, p, C]
+        return tokens.reshape(B, (H // p) * (W // p), p * p * C)
 
     def unpatchify(self, tokens, height, width):
-        """[H/p · W/p, p·p·C] -> [C, H, W], the inverse of patchify."""
+        """[B, H/p · W/p, p·p·C] -> [B, C, H, W], the inverse of patchify."""
         p, C = self.patch_size, self.out_channels
-        return tokens.view(height // p, width // p, p, p, C).permute(4, 0, 2, 1, 3).reshape(C, height, width)
+        grid = tokens.reshape(tokens.shape[0], height // p, width // p, p, p, C)        # [B, h, w, p, p, C]
+        return grid.permute(0, 5, 1, 3, 2, 4).reshape(tokens.shape[0], C, height, width)
+
+    def pad_images(self, images, cap_lens):
+        """A list of [C, Hi, Wi] -> zero-padded patches [B, N, p·p·C], positions [B, N, 3] and the mask of
+        real tokens [B, N] (None when every image has the same size). The only per-sample loop."""
+        p = self.patch_size
+        tokens = [self.patchify(im[None])[0] for im in images]            # [Ni, p·p·C] each
+        lens = [len(tok) for tok in tokens]
+        n = max(lens)
+        patches = torch.stack([F.pad(tok, (0, 0, 0, n - len(tok))) for tok in tokens])
+        pos = torch.stack([F.pad(self.grid_positions(cap_lens[i:i + 1], h // p, w // p)[0], (0, 0, 0, n - lens[i]))
+                           for i, (h, w) in enumerate(im.shape[-2:] for im in images)])
+        mask = torch.arange(n, device=patches.device)[None] < torch.tensor(lens, device=patches.device)[:, None]
+        return patches, pos, None if min(lens) == n else mask
 
     # ----- Forward ------------------------------------------------------------------------------------
     def forward(self, x, t, cap_feats, cap_mask, cap_tokens=None):
-        images = list(x) if isinstance(x, (list, tuple)) else list(x.unbind(0))
-        B = len(images)
-        device = images[0].device
+        # A [B, C, H, W] tensor (one size) takes the fast path: no per-sample Python, no host syncs under
+        # torch.compile. A list of different-size images is padded to the longest and masked.
+        batched = torch.is_tensor(x)
+        B = len(x)
+        device = x[0].device
         t = torch.as_tensor(t, device=device)
         t = t.expand(B) if t.dim() == 0 else t
         if t.shape != (B,) or cap_feats.shape[0] != B or cap_mask.shape[0] != B:
             raise ValueError(f"NextDiT: batch sizes disagree: {B} latents, t {tuple(t.shape)}, cap_feats "
                              f"{tuple(cap_feats.shape)}, cap_mask {tuple(cap_mask.shape)}")
-        cap_lens = self.caption_lengths(cap_mask)
+        cap_mask = cap_mask.bool()
+        if not torch.compiler.is_compiling():
+            self.check_caption_mask(cap_mask)
         c = self.t_embedder(t)                                           # [B, adaln_dim]
         if cap_tokens is None:
             cap_tokens = self.refine_captions(cap_feats, cap_mask)       # [B, L, dim]
 
-        # Image tokens, zero-padded to the longest image, through the noise refiner.
+        # Image tokens [B, N, p·p·C] and their positions, through the noise refiner.
         p = self.patch_size
-        sizes = [tuple(im.shape[-2:]) for im in images]
-        img_lens = [(h // p) * (w // p) for h, w in sizes]
-        max_img = max(img_lens)
-        patches = torch.zeros(B, max_img, p * p * self.in_channels, device=device, dtype=images[0].dtype)
-        img_pos = torch.zeros(B, max_img, 3, dtype=torch.long, device=device)
-        for i, (im, (h, w)) in enumerate(zip(images, sizes)):
-            patches[i, :img_lens[i]] = self.patchify(im)
-            # Axis-0 position of every image token = its own caption length (spec §1.3).
-            img_pos[i, :img_lens[i]] = self.grid_positions(cap_lens[i], h // p, w // p, device)
-        img_mask = torch.arange(max_img, device=device)[None] < torch.tensor(img_lens, device=device)[:, None]
-        cos, sin = self.rope(img_pos)
-        key_mask = None if min(img_lens) == max_img else img_mask
+        cap_lens = cap_mask.sum(1)                                       # [B]
+        if batched:
+            patches, img_mask = self.patchify(x), None
+            img_pos = self.grid_positions(cap_lens, x.shape[-2] // p, x.shape[-1] // p)
+        else:
+            patches, img_pos, img_mask = self.pad_images(x, cap_lens)
+        img_freqs = self.rope(img_pos)                                   # [B, N, hd/2]
         img = self.x_embedder(patches)                                   # [B, N, dim]
         for blk in self.noise_refiner:
-            img = blk(img, key_mask, cos, sin, c)
+            img = blk(img, img_mask, img_freqs, c)
 
-        # Joint sequence per sample: [caption (cap_len) ; image (img_len) ; zero padding].
-        seq_lens = [cl + il for cl, il in zip(cap_lens, img_lens)]
-        max_seq = max(seq_lens)
-        joint = img.new_zeros(B, max_seq, img.shape[-1])
-        joint_pos = torch.zeros(B, max_seq, 3, dtype=torch.long, device=device)
-        for i, (cl, il) in enumerate(zip(cap_lens, img_lens)):
-            joint[i, :cl] = cap_tokens[i, :cl].to(joint.dtype)
-            joint[i, cl:cl + il] = img[i, :il]
-            joint_pos[i, :cl, 0] = torch.arange(cl, device=device)
-            joint_pos[i, cl:cl + il] = img_pos[i, :il]
-        seq_mask = torch.arange(max_seq, device=device)[None] < torch.tensor(seq_lens, device=device)[:, None]
-        cos, sin = self.rope(joint_pos)
-        key_mask = None if min(seq_lens) == max_seq else seq_mask
+        # Joint sequence [caption (L rows, right-padded) ; image (N rows)]. Attention is blind to the order
+        # of tokens (RoPE carries the positions) and every other op is per token, so this plain
+        # concatenation computes what the official per-sample [caption ; image ; padding] packing does,
+        # without a loop. Caption padding is zeroed (so nothing a caller left there, even NaN, can leak
+        # through a zero attention weight) and masked as a key.
+        L = cap_mask.shape[1]
+        cap = cap_tokens.to(img.dtype).masked_fill(~cap_mask[..., None], 0.0)
+        joint = torch.cat([cap, img], dim=1)                             # [B, L + N, dim]
+        freqs = torch.cat([self.rope(self.caption_positions(cap_mask)), img_freqs], dim=1)
+        img_keys = cap_mask.new_ones(B, img.shape[1]) if img_mask is None else img_mask
+        key_mask = torch.cat([cap_mask, img_keys], dim=1)               # [B, L + N]
         for blk in self.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                joint = checkpoint(blk, joint, key_mask, cos, sin, c, use_reentrant=False)
+                joint = checkpoint(blk, joint, key_mask, freqs, c, use_reentrant=False)
             else:
-                joint = blk(joint, key_mask, cos, sin, c)
-        out = self.final_layer(joint, c)                                 # [B, S, p·p·C]
+                joint = blk(joint, key_mask, freqs, c)
+        out = self.final_layer(joint[:, L:], c)                          # image rows only: [B, N, p·p·C]
 
-        # Unpatchify each sample's own image tokens.
-        v = [self.unpatchify(out[i, cl:cl + il], h, w)
-             for i, (cl, il, (h, w)) in enumerate(zip(cap_lens, img_lens, sizes))]
-        return v if isinstance(x, (list, tuple)) else torch.stack(v)
+        if batched:
+            return self.unpatchify(out, x.shape[-2], x.shape[-1])
+        return [self.unpatchify(out[i:i + 1, :(im.shape[-2] // p) * (im.shape[-1] // p)], *im.shape[-2:])[0]
+                for i, im in enumerate(x)]
 
 
 # ----- Checkpoints ------------------------------------------------------------------------------------

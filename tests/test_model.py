@@ -214,3 +214,50 @@ def test_bad_inputs_get_clear_errors():
         model(torch.randn(2, 8, 4, 4), torch.rand(2), feats, mask.flip(1))
     with pytest.raises(ValueError, match="batch sizes"):
         model(torch.randn(3, 8, 4, 4), torch.rand(3), feats, mask)
+
+
+# ----- Fast paths (benchmarks/bench_speed.py measures them) -------------------------------------------
+
+def test_tensor_and_list_inputs_agree_with_uneven_captions():
+    # A tensor takes the batched path (one concatenation, no per-sample loop), a list the padded path.
+    model = build(patch_size=2)
+    x = torch.randn(3, 8, 6, 4)
+    feats, mask = caption_inputs([7, 2, 5], 7)
+    t = torch.tensor([0.2, 0.6, 0.9])
+    with torch.no_grad():
+        batched = model(x, t, feats, mask)
+        listed = model(list(x), t, feats, mask)
+        # Garbage in the padded rows of cached caption tokens must not reach real outputs.
+        cap_tokens = model.refine_captions(feats, mask)
+        junk = cap_tokens.masked_fill(~mask[..., None], float("nan"))
+        cached = model(x, t, feats, mask, cap_tokens=junk)
+    assert rel_err(torch.stack(listed), batched) <= 1e-5
+    assert rel_err(cached, batched) <= 1e-6
+
+
+def test_batched_forward_traces_without_graph_breaks():
+    # torch._dynamo.explain only traces (no compilation): one graph means torch.compile sees the whole
+    # forward, caption-mask checks included (they run eagerly only).
+    model = build()
+    x = torch.randn(2, 8, 4, 6)
+    feats, mask = caption_inputs([5, 3], 5)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x, torch.rand(2), feats, mask)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager():
+    model = build().train()
+    compiled = torch.compile(build().train())
+    x = torch.randn(2, 8, 4, 6)
+    feats, mask = caption_inputs([5, 3], 5)
+    t = torch.tensor([0.3, 0.8])
+    grads = []
+    for net, params in ((model, model.parameters()), (compiled, compiled.parameters())):
+        out = net(x, t, feats, mask)
+        out.square().mean().backward()
+        grads.append((out, torch.cat([p.grad.flatten() for p in params])))
+    assert rel_err(grads[1][0], grads[0][0]) <= 1e-5
+    assert rel_err(grads[1][1], grads[0][1]) <= 1e-4
