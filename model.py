@@ -334,8 +334,9 @@ class NextDiT(nn.Module):
         return self
 
     # ----- Positions and masks ------------------------------------------------------------------------
-    # Everything here depends only on the caption mask and the image sizes, never on x or t; all of it
-    # is built from tensors (no .tolist()), so the batched forward traces into one torch.compile graph.
+    # Positions and masks depend only on the caption mask and the image sizes, never on x or t. They are
+    # built with tensor ops alone (no .tolist(), no per-sample loop), so the batched forward traces into
+    # one torch.compile graph; only the eager-mode input check below reads values.
     def rope(self, pos_ids):
         """pos_ids [B, S, 3] int64 -> freqs [B, S, head_dim/2] complex64, axis groups concatenated in order."""
         tables = self._rope_cache.get(pos_ids.device)

@@ -68,6 +68,7 @@ _RELEASED = dict(
     decoder=dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2),
     max_cap_len=256,                             # one honest limit (the official 512 flag was ignored)
     ema_decay=0.9999,                            # a 10k-step horizon (the official 0.95 is ~20 steps)
+    compile=True,                                # torch.compile the DiT (--no-compile / --compile override)
     sample=dict(steps=50, cfg=4.0, solver="dpm", shift=10.0),   # spec §4.4
     preview_every=5000, log_every=10,
 )
@@ -85,11 +86,12 @@ PRESETS = {
         gemma=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
                    vocab_size=512),
-        dit_res=(64, 96, 128, 128), dit_steps=(1200, 600, 600, 200),
+        dit_res=(64, 96, 128, 128), dit_steps=(1500, 300, 200, 100),
         micro_batch=(32, 32, 32, 32), global_batch=(32, 32, 32, 32),
-        ae_res=(64, 128, 128), ae_steps=(600, 300, 0), ae_micro_batch=(16, 8, 8),
+        ae_res=(64, 128), ae_steps=(1000, 200), ae_micro_batch=(16, 8),
         decoder=dict(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1),
-        max_cap_len=64, ema_decay=0.995,
+        residual=dict(embed_dim=64, depth=2, num_heads=4, img_size=128),
+        max_cap_len=64, ema_decay=0.998, compile=False,     # on 2 CPU cores compiling costs more than it saves
         sample=dict(steps=20, cfg=4.0, solver="dpm", shift=3.0),
         preview_every=400, log_every=10,
     ),
@@ -105,7 +107,8 @@ PRESETS = {
         micro_batch=(4, 4, 4, 4), global_batch=(4, 4, 4, 4),
         ae_res=(32, 32, 64), ae_steps=(20, 10, 10), ae_micro_batch=(4, 4, 4),
         decoder=dict(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1),
-        max_cap_len=64, ema_decay=0.9,
+        residual=dict(embed_dim=32, depth=1, num_heads=2, img_size=64),
+        max_cap_len=64, ema_decay=0.9, compile=False,
         sample=dict(steps=4, cfg=2.0, solver="dpm", shift=1.0),
         preview_every=0, log_every=5,
     ),
@@ -157,7 +160,10 @@ def atomic_save(write_fn, path):
 
 
 def atomic_json(obj, path):
-    atomic_save(lambda p: open(p, "w").write(json.dumps(obj, indent=2)), path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    atomic_save(write, path)
 
 
 def cpu_state(module):
@@ -200,12 +206,12 @@ def find_latest(stage_dir):
     return None
 
 
-def load_rng(latest, rank):
+def restore_rng(latest, rank):
+    """Put this rank's global RNG back. The training draws themselves (t, noise, caption dropout) do not need
+    it -- they are keyed by step -- so a resume on a different number of processes is fine too."""
     path = os.path.join(latest, f"rng_rank{rank}.pt")
-    if not os.path.exists(path):
-        raise SystemExit(f"{latest} has no RNG state for rank {rank}: it was written by a run with a different "
-                         "number of processes. Restart with the same --nproc_per_node, or delete it.")
-    return torch.load(path, weights_only=False)
+    if os.path.exists(path):
+        torch.set_rng_state(torch.load(path, weights_only=False)["torch"])
 
 
 # ----- EMA -------------------------------------------------------------------------------------------
@@ -370,6 +376,7 @@ def train_dit(args, preset, rank, world, device):
         optimizer.load_state_dict(trainer["optimizer"])
         sampler.load_state_dict(trainer["sampler"])
         step = trainer["step"]
+        restore_rng(latest, rank)
         log0(rank, f"stage {k}: resuming from {latest} at step {step}")
     elif k > 1:                                 # start from the previous stage's final weights
         prev = os.path.join(run_dir, f"stage{k - 1}", "model.safetensors")
@@ -383,7 +390,8 @@ def train_dit(args, preset, rank, world, device):
         ema.load_state_dict(model.state_dict())
 
     ddp_model = DDP(model) if world > 1 else model
-    fwd = ddp_model if args.no_compile else torch.compile(ddp_model)
+    use_compile = preset["compile"] if args.compile is None else args.compile
+    fwd = torch.compile(ddp_model) if use_compile else ddp_model
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     shift = flow.resolution_shift((res // patch) ** 2 // cfg["patch_size"] ** 2)   # token count -> s
 
@@ -534,7 +542,7 @@ def train_autoencoder(args, preset, rank, world, device):
         opt_d.load_state_dict(trainer["opt_d"])
         sampler.load_state_dict(trainer["sampler"])
         step = trainer["step"]
-        torch.set_rng_state(load_rng(latest, rank)["torch"])
+        restore_rng(latest, rank)
         log0(rank, f"autoencoder {kind} stage {k}: resuming from {latest} at step {step}")
     elif k > 1:
         prev = os.path.join(run_dir, f"autoencoder_{kind}", f"stage{k - 1}", "model.safetensors")
@@ -605,7 +613,10 @@ def parse_args(argv=None):
     p.add_argument("--preview-every", type=int, help="sample a preview grid every N steps (0: never)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order, t, noise and caption dropout")
     p.add_argument("--lr", type=float, default=LR, help="AdamW learning rate (constant, no warm-up, as official)")
-    p.add_argument("--no-compile", action="store_true", help="run the DiT eagerly instead of torch.compile")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile the DiT (default for the 2B/0.8B presets)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="run the DiT eagerly (default for the small presets: on a CPU, compiling costs minutes)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute joint blocks in backward (saves memory)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank")
     p.add_argument("--dino", help="DINOv3 weights (.pth or HF folder) for the released presets")

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -202,18 +203,20 @@ def main(argv=None):
     prompts = EVAL_PROMPTS[:args.limit] if args.limit else EVAL_PROMPTS
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
 
-    records = []
+    records, start = [], time.time()
     for seed in seeds:
         for b in range(0, len(prompts), args.batch_size):
             batch = prompts[b:b + args.batch_size]
-            # One seed per call; distinct calls get distinct seeds so no two prompts share their noise.
-            images = pipe.generate(batch, seed=seed * 1000 + b // args.batch_size, **options)
+            # generate() seeds image j with seed + j: prompt number i of the list gets seed·1000 + i, so no
+            # two prompts share their noise, and the result does not depend on --batch-size.
+            images = pipe.generate(batch, seed=seed * 1000 + b, progress=False, **options)
             for prompt, image in zip(batch, images):
                 asked, found = parse_caption(prompt), classify_image(image)
                 records.append(dict(prompt=prompt, seed=seed, n_objects=len(asked), found=found,
                                     score=score(asked, found)))
     summary = summarize(records)
     print_table(summary)
+    print(f"{len(records)} images in {time.time() - start:.0f} s")
     with open(args.out, "w") as f:
         json.dump(dict(ckpt=args.ckpt, seeds=seeds, options=options, summary=summary, records=records), f,
                   indent=1)

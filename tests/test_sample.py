@@ -56,3 +56,28 @@ def test_size_not_a_multiple_of_the_latent_cell_is_a_clear_error(tiny_run):
 def test_missing_checkpoint_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished DiT stage|no decoder"):
         sample.load_pipeline(str(tmp_path))
+
+
+def test_a_folder_of_released_files_loads(tiny_run, tmp_path):
+    """The released layout, written from the tiny run's random weights: the DiT as a plain
+    consolidated.00-of-01.pth state dict, the autoencoder as a Lightning .ckpt, the stats .pt, a Gemma folder."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    release = tmp_path / "release"
+    (release / "dit-stage4-T274M").mkdir(parents=True)
+    torch.save(load_file(tiny_run / "stage1" / "ema.safetensors"),
+               release / "dit-stage4-T274M" / "consolidated.00-of-01.pth")
+    ae_state = load_file(tiny_run / "autoencoder_P" / "stage1" / "model.safetensors")
+    ae_state["loss.logvar"] = torch.zeros(())
+    torch.save({"state_dict": ae_state, "global_step": 10, "epoch": 0}, release / "svg_autoencoder-P-stage3.ckpt")
+    shutil.copy(tiny_run / "encoders" / "latent_stats.pt", release / "dinov3_s16p_layer_patchtoken_stats_dist.pt")
+    shutil.copytree(tiny_run / "encoders" / "gemma", release / "gemma-2-2b")
+
+    pipe = sample.load_pipeline(str(release), device="cpu")
+    assert pipe.defaults["steps"] == 50 and pipe.defaults["shift"] == 10.0   # the official sampler settings
+    assert pipe.max_cap_len == 512
+    image = pipe.generate(["a red circle"], size=(64, 32), steps=2, progress=False)[0]
+    assert image.size == (64, 32)
