@@ -86,14 +86,14 @@ PRESETS = {
         gemma=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
                    vocab_size=512),
-        dit_res=(64, 96, 128, 128), dit_steps=(1500, 300, 200, 100),
+        dit_res=(64, 96, 128, 128), dit_steps=(1500, 600, 1000, 250), lr=5e-4,   # small model: 2.5x the official lr
         micro_batch=(32, 32, 32, 32), global_batch=(32, 32, 32, 32),
-        ae_res=(64, 128), ae_steps=(1000, 200), ae_micro_batch=(16, 8),
+        ae_res=(64, 128), ae_steps=(700, 150), ae_micro_batch=(16, 8),
         decoder=dict(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1),
         residual=dict(embed_dim=64, depth=2, num_heads=4, img_size=128),
         max_cap_len=64, ema_decay=0.998, compile=False,     # on 2 CPU cores compiling costs more than it saves
         sample=dict(steps=20, cfg=4.0, solver="dpm", shift=3.0),
-        preview_every=400, log_every=10,
+        preview_every=500, log_every=10,
     ),
     # Seconds per stage: what the tests train.
     "tiny": dict(
@@ -227,7 +227,7 @@ def update_ema(ema, model, decay, step):
 
 # ----- Frozen encoders: make once (small presets), then always load ------------------------------------
 
-def prepare_encoders(run_dir, preset, args, rank, dataset):
+def prepare_encoders(run_dir, preset, args, rank):
     """Write RUN_DIR/encoders.json once and return its contents (paths to DINOv3, Gemma-2, stats).
 
     The released presets point at the user's files. The small presets make their own random frozen
@@ -288,18 +288,26 @@ def images_to_latents(dino_model, images):
     return dino_model.encode(((images + 1) / 2 - mean) / std)
 
 
-def prepare_stats(run_dir, paths, dino_model, dataset, device, rank, seed):
-    """The per-channel latent statistics: the released file, or computed once over 2,048 training images."""
+def prepare_stats(run_dir, paths, dino_model, dataset, device, rank):
+    """The per-channel latent statistics: the released file, or computed once over the first 2,048 images
+    of the training data (small presets, whose random encoders have no released statistics)."""
     if paths.get("stats"):
         return dino.LatentStats.load(resolve(run_dir, paths["stats"]))
     path = os.path.join(run_dir, "encoders", "latent_stats.pt")
     if rank == 0 and not os.path.exists(path):
+        by_bucket = {}
+        for i in range(min(len(dataset), 2048)):
+            by_bucket.setdefault(dataset.bucket_of(i), []).append(i)
+
+        def latents():
+            for indices in by_bucket.values():
+                for j in range(0, len(indices), 64):
+                    batch = data.collate([dataset[i] for i in indices[j:j + 64]])
+                    if batch["captions"]:
+                        yield images_to_latents(dino_model, batch["images"].to(device))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        sampler = data.BucketBatchSampler(dataset, 64, seed=seed)
-        batches = (data.collate([dataset[i] for i in idx])["images"].to(device) for idx, _ in zip(sampler, range(32)))
-        stats = dino.LatentStats.from_latents(images_to_latents(dino_model, b) for b in batches)
-        atomic_save(stats.save, path)
-        tqdm.write(f"computed latent statistics over {32 * 64} images -> {path}")
+        atomic_save(dino.LatentStats.from_latents(latents()).save, path)
+        tqdm.write(f"computed latent statistics over {sum(map(len, by_bucket.values()))} images -> {path}")
     barrier()
     return dino.LatentStats.load(path)
 
@@ -347,15 +355,16 @@ def train_dit(args, preset, rank, world, device):
                          f"{world} processes; pick a multiple of {micro * world}")
     accum = global_batch // (micro * world)
 
-    dataset = data.open_dataset(args.data, res, seed=args.seed)
-    paths = prepare_encoders(run_dir, preset, args, rank, dataset)
+    paths = prepare_encoders(run_dir, preset, args, rank)
     dino_model, gemma, tokenizer = load_encoders(run_dir, paths, device)
-    stats = prepare_stats(run_dir, paths, dino_model, dataset, device, rank, args.seed)
-    patch = dino_model.patch_size
-    dataset = data.open_dataset(args.data, res, seed=args.seed, patch=patch)
-
     # The generator. Small presets take their widths from the encoders they were given.
-    cfg = dict(dit_lib.NEXTDIT_CONFIGS[preset["dit"]], in_channels=dino_model.embed_dim, cap_feat_dim=gemma.config["hidden_size"])
+    cfg = dict(dit_lib.NEXTDIT_CONFIGS[preset["dit"]], in_channels=dino_model.embed_dim,
+               cap_feat_dim=gemma.config["hidden_size"])
+    # One DiT token covers (encoder patch x DiT patch) pixels: buckets are counted in those.
+    patch = dino_model.patch_size * cfg["patch_size"]
+    dataset = data.open_dataset(args.data, res, seed=args.seed, patch=patch)
+    stats = prepare_stats(run_dir, paths, dino_model, dataset, device, rank)
+
     model = dit_lib.NextDiT(**cfg).to(device)
     ema = dit_lib.NextDiT(**cfg).to(device).requires_grad_(False)
     if args.grad_checkpointing:
@@ -363,7 +372,9 @@ def train_dit(args, preset, rank, world, device):
     # The released layout carries a `norm_final.weight` that forward never uses (spec §1.6); no gradient ever
     # reaches it, and DDP would wait for one. Freeze it.
     model.norm_final.requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
+    lr = args.lr if args.lr is not None else preset.get("lr", LR)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=BETAS,
+                                  eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
     # The sampler hands each rank its share of a step's global batch (micro x accum images), which the loop
     # below cuts into `accum` micro-batches: accumulating gradients over them equals one big batch.
     sampler = data.BucketBatchSampler(dataset, micro * accum, rank=rank, world_size=world, seed=args.seed + 100 * res)
@@ -393,7 +404,7 @@ def train_dit(args, preset, rank, world, device):
     use_compile = preset["compile"] if args.compile is None else args.compile
     fwd = torch.compile(ddp_model) if use_compile else ddp_model
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    shift = flow.resolution_shift((res // patch) ** 2 // cfg["patch_size"] ** 2)   # token count -> s
+    shift = flow.resolution_shift((res // patch) ** 2)               # image tokens at this stage -> s
 
     def sample_generators(step, n):
         """One generator per sample for its caption dropout, t and noise, seeded by (seed, stage, step, index
@@ -514,8 +525,7 @@ def train_autoencoder(args, preset, rank, world, device):
     max_steps = args.max_steps if args.max_steps is not None else preset["ae_steps"][k - 1]
     micro = args.micro_batch_size or preset["ae_micro_batch"][k - 1]
 
-    dataset = data.open_dataset(args.data, res, seed=args.seed)
-    paths = prepare_encoders(run_dir, preset, args, rank, dataset)
+    paths = prepare_encoders(run_dir, preset, args, rank)
     dino_model, _, _ = load_encoders(run_dir, paths, device)
     dataset = data.open_dataset(args.data, res, seed=args.seed, patch=dino_model.patch_size)
 
@@ -592,6 +602,24 @@ def train_autoencoder(args, preset, rank, world, device):
     barrier()
 
 
+# ----- Export: the files sample.py needs, and nothing else ------------------------------------------------
+
+def export_for_sampling(run_dir, dest):
+    """Copy a run's sampling files to `dest` (how assets/demo/ is made): the encoders, the last decoder stage,
+    the last DiT stage's EMA weights and config. Optimizer states, non-EMA weights and earlier stages stay."""
+    import sample
+    parts = sample.find_parts(run_dir)
+    if not parts["dit"] or not parts["decoder"]:
+        raise SystemExit(f"{run_dir} has no finished DiT stage and decoder to export")
+    shutil.rmtree(dest, ignore_errors=True)
+    for src in (os.path.join(run_dir, "encoders.json"), os.path.join(run_dir, "encoders"), parts["decoder"],
+                parts["dit"], os.path.join(os.path.dirname(parts["dit"]), "config.json")):
+        target = os.path.join(dest, os.path.relpath(src, run_dir))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, target)
+    tqdm.write(f"exported {run_dir} -> {dest}")
+
+
 # ----- Command line ------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -612,7 +640,8 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-every", type=int, default=500, help="write RUN_DIR/stage{K}/latest/ every N steps")
     p.add_argument("--preview-every", type=int, help="sample a preview grid every N steps (0: never)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order, t, noise and caption dropout")
-    p.add_argument("--lr", type=float, default=LR, help="AdamW learning rate (constant, no warm-up, as official)")
+    p.add_argument("--lr", type=float, help=f"AdamW learning rate, constant, no warm-up (default {LR} as official; "
+                   "the demo preset uses its own)")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the DiT (default for the 2B/0.8B presets)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
@@ -624,7 +653,10 @@ def parse_args(argv=None):
     p.add_argument("--stats", help="latent statistics file (.pt with mean/std); computed once if omitted")
     p.add_argument("--lpips", help="LPIPS v0.1 vgg.pth for the autoencoder loss (without it: L1 + GAN only)")
     p.add_argument("--vgg", help="torchvision vgg16 .pth for LPIPS")
-    p.add_argument("--demo", action="store_true", help="walk every stage of the preset: autoencoder P 1..3, DiT 1..4")
+    p.add_argument("--demo", action="store_true", help="walk every stage of the preset: autoencoder P stages, then "
+                   "DiT 1..4 (stage 4 on shapes:clean when --data is shapes)")
+    p.add_argument("--export", metavar="DIR", help="after training, copy the files sample.py needs to DIR "
+                   "(`--demo --export assets/demo` rebuilds the shipped demo)")
     return p.parse_args(argv)
 
 
@@ -652,6 +684,8 @@ def main(argv=None):
             train_autoencoder(args, preset, rank, world, device)
         else:
             train_dit(args, preset, rank, world, device)
+        if args.export and rank == 0:
+            export_for_sampling(args.out, args.export)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

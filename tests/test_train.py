@@ -141,3 +141,33 @@ def test_compiled_training_step_matches_eager():
             assert grads_c[n] is None, n
             continue
         assert torch.allclose(grads_e[n], grads_c[n], rtol=1e-4, atol=1e-6), n
+
+
+def test_bad_images_are_skipped_counted_and_never_stop_a_run(tiny_run, tmp_path):
+    import json
+
+    from PIL import Image
+    folder = tmp_path / "data"
+    folder.mkdir()
+    lines = []
+    for i in range(6):
+        Image.new("RGB", (40, 40), (40 * i, 100, 200)).save(folder / f"{i}.png")
+        lines.append(json.dumps({"path": f"{i}.png", "prompt": f"a square number {i}"}))
+    Image.new("RGB", (40, 40)).save(folder / "corrupt.jpg")
+    (folder / "corrupt.jpg").write_bytes((folder / "corrupt.jpg").read_bytes()[:100])   # truncated JPEG
+    lines += [json.dumps({"path": "corrupt.jpg", "prompt": "x"}), json.dumps({"path": "missing.png", "prompt": "y"})]
+    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    copy_encoders(tiny_run, out)
+    run(out, "--stage", "1", "--data", str(folder / "pairs.jsonl"), "--max-steps", "2", "--global-batch-size", "4")
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and rows[-1]["skipped_images"] == 2      # one epoch = both bad files, once each
+    assert (out / "stage1" / "model.safetensors").exists()
+
+
+def test_malformed_jsonl_stops_start_up_naming_file_and_line(tiny_run, tmp_path):
+    (tmp_path / "pairs.jsonl").write_text('{"path": "a.png", "prompt": "ok"}\n{"path": "b.png", "prompt": \n')
+    out = tmp_path / "run"
+    copy_encoders(tiny_run, out)
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:2"):
+        run(out, "--stage", "1", "--data", str(tmp_path / "pairs.jsonl"), "--max-steps", "1")
