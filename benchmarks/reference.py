@@ -111,12 +111,13 @@ def hf_dinov3(config, seed=0):
 
 # ----- Gemma-2 -> transformers Gemma2Model ------------------------------------------------------------------
 
-def hf_gemma2(config, seed=0, attn_implementation="sdpa"):
+def hf_gemma2(config, seed=0):
     """A random transformers Gemma2Model from an HF-named config (text.GEMMA2_CONFIGS style), soft-capping
-    off: the numbers SVG-T2I's features were computed with (text.py docstring)."""
+    off: the numbers SVG-T2I's features were computed with (text.py docstring). Eager attention: the only
+    implementation transformers 5 offers for Gemma-2 (it refuses "sdpa")."""
     import transformers
     cfg = dict(config, attn_logit_softcapping=None, final_logit_softcapping=None, pad_token_id=0)
-    hf_cfg = transformers.Gemma2Config(**cfg, attn_implementation=attn_implementation)
+    hf_cfg = transformers.Gemma2Config(**cfg, attn_implementation="eager")
     torch.manual_seed(seed)
     return transformers.Gemma2Model(hf_cfg).eval()
 
