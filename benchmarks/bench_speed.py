@@ -388,6 +388,7 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "speed.json"))
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (pinned for every run)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (they take minutes)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per measurement (the median is reported)")
     p.add_argument("--memory-probe", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--size", default="mid", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -397,7 +398,7 @@ def main(argv=None):
         return memory_probe(args.memory_probe, args.size, args.threads)
 
     start = time.time()
-    runs = 1 if args.quick else 5
+    runs = 1 if args.quick else args.runs
     sizes = ["tiny"] if args.quick else ["small", "mid"]
     results = dict(machine=machine_info(args.threads), command=" ".join(sys.argv), quick=args.quick)
     results["matmul_gflops"] = matmul_rate(1024 if args.quick else 2048, 3 if args.quick else 10) / 1e9
