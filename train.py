@@ -31,10 +31,15 @@ import math
 import os
 import shutil
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -86,7 +91,7 @@ PRESETS = {
         gemma=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
                    vocab_size=512),
-        dit_res=(64, 96, 128, 128), dit_steps=(1500, 600, 1000, 250), lr=5e-4,   # small model: 2.5x the official lr
+        dit_res=(64, 96, 128, 128), dit_steps=(800, 500, 1400, 300), lr=5e-4,    # small model: 2.5x the official lr
         micro_batch=(32, 32, 32, 32), global_batch=(32, 32, 32, 32),
         ae_res=(64, 128), ae_steps=(700, 150), ae_micro_batch=(16, 8),
         decoder=dict(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1),
@@ -222,7 +227,93 @@ def restore_rng(latest, rank):
 def update_ema(ema, model, decay, step):
     decay = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().float(), 1 - decay)
+        e.lerp_(p.detach().float(), 1 - decay)   # under FSDP both are DTensor shards cut alike: no gathers
+
+
+# ----- Data parallelism: DDP or FSDP ---------------------------------------------------------------------
+# DDP keeps full copies of the weights, gradients and AdamW moments on every device and averages gradients
+# with one all-reduce per step: simple, and comfortable up to ~1 B parameters. The 2B DiT needs 10 GB of fp32
+# weights, 10 GB of gradients, 21 GB of AdamW moments and 10 GB of EMA per device that way. `--fsdp` shards
+# all of them over the ranks instead (FSDP2, `fully_shard`, spec nextdit_flow_train.md §5.1): each rank
+# stores 1/world of every tensor (dim 0) as a DTensor, all-gathers a block's full weights just before the
+# block runs, frees them after, and reduce-scatters the block's gradients as soon as backward leaves it.
+
+def shard_nextdit(dit, device):
+    """FSDP2-wrap a NextDiT in place: one communication group per transformer block, then the root.
+
+    The official run auto-wrapped `model.layers` only; the refiner blocks are the same kind of block, so
+    they get their own groups too. The root group holds what is left (embedders, final layer, the unused
+    norm_final) and starts every iteration. The EMA copy goes through this same function, so its shards line
+    up with the model's and update_ema stays shard-local.
+    """
+    # On CUDA: bf16 weights in forward and backward, gradients reduced in fp32. The official scripts left
+    # --grad_precision unset and so reduced in bf16 (spec §5.1), a deviation from Lumina-Image-2.0's fp32
+    # reduce: a sum over hundreds of ranks with 8 mantissa bits drops the small contributions. The sharded
+    # master weights and AdamW stay fp32 either way. cast_forward_inputs=False: autocast already picks each
+    # op's precision, and casting inputs would round t to bf16 before the timestep embedding.
+    # On CPU: plain fp32 (bf16 matrix products are ~100x slower there, DESIGN §4).
+    if device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    else:
+        mp = MixedPrecisionPolicy()
+    # NextDiT returns unpatchify's view of its output; FSDP2 warns that an in-place op on it would skip a
+    # backward hook. The training loss reads it out of place, so the warning is noise here.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for blk in [*dit.noise_refiner, *dit.context_refiner, *dit.layers]:
+        fully_shard(blk, mp_policy=mp)     # resharded after forward, re-gathered in backward (FULL_SHARD)
+    fully_shard(dit, mp_policy=mp)         # the root keeps its small weights gathered until backward
+    return dit
+
+
+@contextlib.contextmanager
+def grad_sync(wrapped, sync):
+    """The context for one micro-step's forward *and* backward. With sync=False (every micro-step of a
+    gradient-accumulation step but the last) gradients only add up locally; the last micro-step then averages
+    the sum across ranks once. DDP has no_sync(); FSDP2 has a switch that its backward hooks read, which is
+    why backward must run inside this context too."""
+    if sync or not isinstance(wrapped, (DDP, FSDPModule)):   # a single process has nothing to sync
+        yield
+    elif isinstance(wrapped, DDP):
+        with wrapped.no_sync():
+            yield
+    else:
+        wrapped.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+
+
+# Checkpoints hold full, unsharded tensors whatever the wrapper, so a run saved under FSDP resumes under DDP
+# or in one process, and the reverse. Gathering is a collective: every rank calls these, rank 0 receives the
+# tensors (on the CPU, one at a time, so no device holds a second full copy), the other ranks get {}.
+FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state(dit):
+    """{key: fp32 CPU tensor} of a plain, DDP-wrapped or FSDP-sharded model (all ranks call; rank 0 gets it)."""
+    return {k: v.to(torch.float32) for k, v in get_model_state_dict(dit, options=FULL_ON_CPU).items()}
+
+
+def full_optimizer_state(dit, optimizer):
+    """AdamW's state keyed by parameter name ("layers.0.attention.qkv.weight"), full tensors (all ranks call)."""
+    return get_optimizer_state_dict(dit, optimizer, options=FULL_ON_CPU)
+
+
+def load_optimizer_state(dit, optimizer, state, path):
+    """Each rank keeps its own slice of the full, name-keyed state written by full_optimizer_state."""
+    if any(isinstance(key, int) for key in state["state"]):
+        raise SystemExit(f"{path}: the optimizer state is keyed by position (written by an older train.py), not "
+                         "by parameter name; delete this latest/ folder to restart the stage")
+    set_optimizer_state_dict(dit, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def plain_nextdit(cfg, state):
+    """A plain NextDiT around a full state dict (no copy): what save_nextdit, sample.py and previews read."""
+    with torch.device("meta"):             # no memory and no init for weights about to be replaced
+        dit = dit_lib.NextDiT(**cfg)
+    dit.load_state_dict(state, strict=True, assign=True)
+    return dit
 
 
 # ----- Frozen encoders: make once (small presets), then always load ------------------------------------
@@ -372,19 +463,18 @@ def train_dit(args, preset, rank, world, device):
     # The released layout carries a `norm_final.weight` that forward never uses (spec §1.6); no gradient ever
     # reaches it, and DDP would wait for one. Freeze it.
     model.norm_final.requires_grad_(False)
-    lr = args.lr if args.lr is not None else preset.get("lr", LR)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=BETAS,
-                                  eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
     # The sampler hands each rank its share of a step's global batch (micro x accum images), which the loop
     # below cuts into `accum` micro-batches: accumulating gradients over them equals one big batch.
     sampler = data.BucketBatchSampler(dataset, micro * accum, rank=rank, world_size=world, seed=args.seed + 100 * res)
 
-    step, latest = 0, find_latest(stage_dir)
+    # Weights are loaded into the plain model on every rank; the wrappers below start from them (DDP
+    # broadcasts rank 0's, which are the same; fully_shard keeps each rank's slice).
+    step, latest, trainer = 0, find_latest(stage_dir), None
     if latest:                                  # resume this stage exactly
         model.load_state_dict(load_file(os.path.join(latest, "model.safetensors")))
         ema.load_state_dict(load_file(os.path.join(latest, "ema.safetensors")))
-        trainer = torch.load(os.path.join(latest, "trainer.pt"), weights_only=False)
-        optimizer.load_state_dict(trainer["optimizer"])
+        # mmap: with several ranks per machine, the pages of the full optimizer state are shared, not copied.
+        trainer = torch.load(os.path.join(latest, "trainer.pt"), weights_only=False, mmap=True)
         sampler.load_state_dict(trainer["sampler"])
         step = trainer["step"]
         restore_rng(latest, rank)
@@ -400,9 +490,20 @@ def train_dit(args, preset, rank, world, device):
     else:
         ema.load_state_dict(model.state_dict())
 
-    ddp_model = DDP(model) if world > 1 else model
+    if args.fsdp:                               # shard model and EMA alike; `model` becomes the FSDP module
+        wrapped = shard_nextdit(model, device)
+        shard_nextdit(ema, device)
+    else:
+        wrapped = DDP(model) if world > 1 else model
+    # The optimizer is built after wrapping: fully_shard replaces each parameter by its DTensor shard, and
+    # AdamW must hold (and keep moments for) those.
+    lr = args.lr if args.lr is not None else preset.get("lr", LR)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=BETAS,
+                                  eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
+    if trainer is not None:
+        load_optimizer_state(model, optimizer, trainer["optimizer"], os.path.join(latest, "trainer.pt"))
     use_compile = preset["compile"] if args.compile is None else args.compile
-    fwd = torch.compile(ddp_model) if use_compile else ddp_model
+    fwd = torch.compile(wrapped) if use_compile else wrapped
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     shift = flow.resolution_shift((res // patch) ** 2)               # image tokens at this stage -> s
 
@@ -445,14 +546,18 @@ def train_dit(args, preset, rank, world, device):
                 part, chunk_weight = slice(0, micro), 0.0
                 chunk = dict(images=batch["images"][part], captions=batch["captions"][part], systems=batch["systems"][part])
             x0, x1, t, cap_feats, cap_mask = make_inputs(chunk, gens[part])
-            sync = micro_step == accum - 1 or world == 1
-            with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast:
-                v = fwd(flow.interpolate(x0, x1, t), t, cap_feats, cap_mask)
-                loss = flow.training_loss(v.float(), x0, x1).mean() * (chunk_weight / accum)
-            loss.backward()
+            with grad_sync(wrapped, sync=micro_step == accum - 1):
+                with autocast:
+                    v = fwd(flow.interpolate(x0, x1, t), t, cap_feats, cap_mask)
+                    loss = flow.training_loss(v.float(), x0, x1).mean() * (chunk_weight / accum)
+                loss.backward()
             loss_sum += loss.item()
             seen += len(x1) * world
+        # Under FSDP each rank holds gradient shards (DTensors); clip_grad_norm_ reduces the squared shard norms
+        # across ranks, so it clips by, and returns, the norm of the whole gradient (as a DTensor).
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         optimizer.step()
         step += 1
         update_ema(ema, model, preset["ema_decay"], step)
@@ -468,17 +573,22 @@ def train_dit(args, preset, rank, world, device):
                     f.write(json.dumps(row) + "\n")
             t0, seen = time.time(), 0
         if step % args.ckpt_every == 0 or step == max_steps:
-            save_latest(stage_dir, rank, dict(
-                weights=dict(model=cpu_state(model), ema=cpu_state(ema)), optimizer=optimizer.state_dict(),
-                sampler=sampler.state_dict(), step=step), dict(torch=torch.get_rng_state()))
+            save_latest(stage_dir, rank, dict(      # the gathers are collectives: every rank runs them
+                weights=dict(model=full_state(model), ema=full_state(ema)),
+                optimizer=full_optimizer_state(model, optimizer), sampler=sampler.state_dict(), step=step),
+                dict(torch=torch.get_rng_state()))
         every = args.preview_every if args.preview_every is not None else preset["preview_every"]
-        if rank == 0 and every and (step % every == 0 or step == max_steps):
-            write_preview(run_dir, ema, k, step, res, preset, device)
+        if every and (step % every == 0 or step == max_steps):
+            # Sampling needs whole weights: under FSDP every rank helps gather the EMA into a plain model.
+            preview_dit = plain_nextdit(cfg, full_state(ema)) if args.fsdp else ema
+            if rank == 0:
+                write_preview(run_dir, preview_dit, k, step, res, preset, device)
     bar.close()
 
+    model_state, ema_state = full_state(model), full_state(ema)      # every rank takes part
     if rank == 0:                                 # the stage's result, in the form sample.py reads
-        dit_lib.save_nextdit(model, os.path.join(stage_dir, "model.safetensors"))
-        dit_lib.save_nextdit(ema, os.path.join(stage_dir, "ema.safetensors"))
+        dit_lib.save_nextdit(plain_nextdit(cfg, model_state), os.path.join(stage_dir, "model.safetensors"))
+        dit_lib.save_nextdit(plain_nextdit(cfg, ema_state), os.path.join(stage_dir, "ema.safetensors"))
         atomic_json(dict(stage=k, resolution=res, steps=step, global_batch=global_batch, preset=args.preset,
                          dit=cfg, sample=dict(preset["sample"], size=res), max_cap_len=preset["max_cap_len"],
                          data=args.data, seed=args.seed), os.path.join(stage_dir, "config.json"))
@@ -647,6 +757,9 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="run the DiT eagerly (default for the small presets: on a CPU, compiling costs minutes)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute joint blocks in backward (saves memory)")
+    p.add_argument("--fsdp", action="store_true", help="DiT stages: shard weights, gradients, AdamW and EMA over the "
+                   "processes (FSDP2 fully_shard, one group per block; bf16 weights / fp32 gradient reduction on CUDA) "
+                   "instead of DDP's full copies; for the 2B model. The autoencoder always uses plain averaging")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank")
     p.add_argument("--dino", help="DINOv3 weights (.pth or HF folder) for the released presets")
     p.add_argument("--gemma", help="Gemma-2-2B folder (config.json, *.safetensors, tokenizer.model)")
@@ -681,6 +794,8 @@ def main(argv=None):
                 data_k = "shapes:clean" if k == 4 and args.data == "shapes" else args.data
                 train_dit(argparse.Namespace(**{**vars(args), "stage": k, "data": data_k}), preset, rank, world, device)
         elif args.autoencoder:
+            if args.fsdp:
+                raise SystemExit("--fsdp shards the DiT only; the autoencoder is small and trains without it")
             train_autoencoder(args, preset, rank, world, device)
         else:
             train_dit(args, preset, rank, world, device)
