@@ -256,6 +256,12 @@ def shard_nextdit(dit, device):
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
     else:
         mp = MixedPrecisionPolicy()
+    # Each rank initialised its own random weights (seeds differ by rank); fully_shard would keep each rank's
+    # slice of a different model. Start from rank 0's, as DDP does and the official sync_module_states=True.
+    if dist.is_initialized():
+        with torch.no_grad():
+            for tensor in dit.state_dict().values():
+                dist.broadcast(tensor, src=0)
     # NextDiT returns unpatchify's view of its output; FSDP2 warns that an in-place op on it would skip a
     # backward hook. The training loss reads it out of place, so the warning is noise here.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
