@@ -91,7 +91,7 @@ PRESETS = {
         gemma=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
                    vocab_size=512),
-        dit_res=(64, 96, 128, 128), dit_steps=(800, 500, 1400, 300), lr=5e-4,    # small model: 2.5x the official lr
+        dit_res=(64, 96, 128, 128), dit_steps=(1500, 600, 1000, 250), lr=5e-4,   # small model: 2.5x the official lr
         micro_batch=(32, 32, 32, 32), global_batch=(32, 32, 32, 32),
         ae_res=(64, 128), ae_steps=(700, 150), ae_micro_batch=(16, 8),
         decoder=dict(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1),
