@@ -132,6 +132,9 @@ def test_main_end_to_end_with_a_perfect_generator(monkeypatch, tmp_path):
     summary = eval_shapes.main(["--seeds", "0,1", "--limit", "125", "--steps", "7", "--out", str(out)])
     assert summary["overall"]["n"] == 250 and summary["two"]["n"] == 10
     assert all(summary[g][k] == 1.0 for g in summary for k in ("color", "shape", "position", "all", "count"))
-    assert calls[0] == (30, 0, {"steps": 7}) and len({seed for _, seed, _ in calls}) == len(calls)
+    assert calls[0] == (30, 0, {"steps": 7, "progress": False})
+    # generate() seeds image j with seed + j: every (seed, prompt) pair must get noise of its own
+    image_seeds = [seed + j for n, seed, _ in calls for j in range(n)]
+    assert len(set(image_seeds)) == len(image_seeds) == 250
     saved = json.loads(out.read_text())
     assert saved["summary"]["overall"]["all"] == 1.0 and len(saved["records"]) == 250
