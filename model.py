@@ -123,26 +123,33 @@ class TimestepEmbedder(nn.Module):
 # neighbouring dimensions (2i, 2i+1) are one complex number (interleaved layout, not split halves).
 
 def rope_tables(axes_dims, axes_lens, theta=ROPE_THETA):
-    """Per-axis tables of unit complex numbers cos + i·sin, [len_i, dim_i/2] complex64, built like the
-    official complex64 table: frequencies in float64, angles cast to float32, then cos/sin. Built once,
-    on the CPU; NextDiT.rope copies them once per device."""
+    """Per-axis tables of (cos, sin) pairs, [len_i, dim_i/2, 2] float32, built like the official complex64
+    table: frequencies in float64, angles cast to float32, then cos/sin. Built once, on the CPU;
+    NextDiT.rope copies them once per device."""
     tables = []
     for d, length in zip(axes_dims, axes_lens):
         freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d)  # [d/2]
         angles = torch.outer(torch.arange(length, dtype=torch.float64, device="cpu"), freqs).float()
-        tables.append(torch.complex(angles.cos(), angles.sin()))
+        tables.append(torch.stack([angles.cos(), angles.sin()], dim=-1))
     return tables
 
 
 def apply_rope(x, freqs):
-    """Rotate interleaved pairs of x [B, S, H, D] by freqs [B, S, D/2] (unit complex); float32 math.
+    """Rotate interleaved pairs of x [B, S, H, D] by the angles freqs [B, S, D/2, 2] = (cos, sin); float32.
 
-    Reading each pair (2i, 2i+1) as one complex number makes the rotation a single complex multiply
-    (as the official code does); forward + backward this is ~5x faster on CPU than the same product
-    spelled out in real and imaginary parts with a stack.
+    Each pair (2i, 2i+1) is one complex number and the rotation is one complex multiply, as in the official
+    code; eager PyTorch runs that ~5x faster on CPU (forward + backward) than the product spelled out in
+    real and imaginary parts. Inductor cannot generate code for complex ops (it falls back to eager kernels
+    and a compiled step became 2x slower), so under torch.compile the same product is spelled out and fused.
     """
-    x_complex = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, S, H, D/2] complex
-    return torch.view_as_real(x_complex * freqs[:, :, None]).flatten(-2).type_as(x)
+    pairs = x.float().unflatten(-1, (-1, 2))                                # [B, S, H, D/2, 2]
+    if torch.compiler.is_compiling():
+        real, imag = pairs.unbind(-1)
+        cos, sin = freqs[:, :, None].unbind(-1)                             # [B, S, 1, D/2] each
+        rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    else:
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(freqs)[:, :, None])
+    return rotated.flatten(-2).type_as(x)
 
 
 # ----- Attention --------------------------------------------------------------------------------------
@@ -339,11 +346,11 @@ class NextDiT(nn.Module):
     # built with tensor ops alone (no .tolist(), no per-sample loop), so the batched forward traces into
     # one torch.compile graph; only the eager-mode input check below reads values.
     def rope(self, pos_ids):
-        """pos_ids [B, S, 3] int64 -> freqs [B, S, head_dim/2] complex64, axis groups concatenated in order."""
+        """pos_ids [B, S, 3] int64 -> freqs [B, S, head_dim/2, 2] (cos, sin), axis groups concatenated in order."""
         tables = self._rope_cache.get(pos_ids.device)
         if tables is None:   # the tables are built once, on the CPU, and copied once per device
             tables = self._rope_cache[pos_ids.device] = [tab.to(pos_ids.device) for tab in self._rope_cpu]
-        return torch.cat([tab[pos_ids[..., i]] for i, tab in enumerate(tables)], dim=-1)
+        return torch.cat([tab[pos_ids[..., i]] for i, tab in enumerate(tables)], dim=-2)
 
     @staticmethod
     def caption_positions(cap_mask):
@@ -390,7 +397,7 @@ class NextDiT(nn.Module):
         cap_mask = cap_mask.bool()
         if not torch.compiler.is_compiling():
             self.check_caption_mask(cap_mask)
-        freqs = self.rope(self.caption_positions(cap_mask))              # [B, L, hd/2]
+        freqs = self.rope(self.caption_positions(cap_mask))              # [B, L, hd/2, 2]
         cap = self.cap_embedder(cap_feats)                               # [B, L, dim]
         for blk in self.context_refiner:
             cap = blk(cap, cap_mask, freqs)
@@ -455,7 +462,7 @@ class NextDiT(nn.Module):
             img_pos = self.grid_positions(cap_lens, x.shape[-2] // p, x.shape[-1] // p)
         else:
             patches, img_pos, img_mask = self.pad_images(x, cap_lens)
-        img_freqs = self.rope(img_pos)                                   # [B, N, hd/2]
+        img_freqs = self.rope(img_pos)                                   # [B, N, hd/2, 2]
         img = self.x_embedder(patches)                                   # [B, N, dim]
         for blk in self.noise_refiner:
             img = blk(img, img_mask, img_freqs, c)
