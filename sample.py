@@ -41,16 +41,22 @@ RELEASED_MAX_CAP_LEN = 512          # the official sampler's caption limit (spec
 
 def _highest(pattern):
     """The file matching `pattern` (with one {k} in a folder name) of the highest stage k, or None."""
+    # Sorted by the stage *number*: a plain string sort would put stage10 before stage2.
     found = sorted(glob.glob(pattern.format(k="*")), key=lambda p: int(re.findall(r"stage(\d+)", p)[-1]))
     return found[-1] if found else None
 
 
 def _find_run_parts(folder):
     """A training run folder (train.py's layout): DiT EMA weights of the last finished stage, its decoder."""
+    # encoders.json names the frozen encoders: paths relative to the run folder for the small presets'
+    # random encoders (so the folder can be moved or shipped, as assets/demo is), absolute for the user's
+    # released DINOv3 / Gemma-2 files.
     with open(os.path.join(folder, "encoders.json")) as f:
         enc = json.load(f)
     resolve = lambda p: p if p is None or os.path.isabs(p) else os.path.join(folder, p)
     dit_path = _highest(os.path.join(folder, "stage{k}", "ema.safetensors"))
+    # The stage's config.json carries the sampler defaults the model was meant for (steps, cfg, shift,
+    # size) and its caption limit; a stage still running has no ema.safetensors yet and is skipped.
     stage_cfg = {}
     if dit_path:
         with open(os.path.join(os.path.dirname(dit_path), "config.json")) as f:
@@ -63,9 +69,12 @@ def _find_run_parts(folder):
 
 def _find_released_parts(folder):
     """A folder of the released files, found by their names (README lists where each comes from)."""
+    # The release names its files; users download them into one folder, perhaps keeping the hub's sub-folders.
     first = lambda *pats: next((p for pat in pats for p in sorted(glob.glob(os.path.join(folder, pat)))), None)
     gemma = next((os.path.dirname(p) for p in sorted(glob.glob(os.path.join(folder, "*", "config.json")))
                   if os.path.exists(os.path.join(os.path.dirname(p), "tokenizer.model"))), None)
+    # dino=None: the released autoencoder .ckpt carries its own DINOv3 weights under `encoder.` (unused for
+    # sampling, which only decodes). The sampler defaults are the official ones (spec §4.4).
     return dict(dit=first("consolidated.00-of-01.pth", "*/consolidated.00-of-01.pth"),
                 decoder=first("*autoencoder*P*stage3*.ckpt", "*autoencoder*P*.ckpt", "*.ckpt"),
                 dino=None, gemma=gemma, stats=first("*stats*.pt"),
@@ -147,13 +156,14 @@ class Pipeline:
         return images
 
 
-def load_pipeline(ckpt=None, device=None, dit=None, **overrides):
+def load_pipeline(ckpt=None, device=None, dit_model=None, **overrides):
     """Build a Pipeline from a run folder, a folder of released files, or (ckpt=None) the shipped demo.
 
-    `dit` may be a NextDiT already in memory (train.py previews its EMA weights this way); keyword
-    overrides (dit_path, decoder, gemma, stats) replace individual files. Raises FileNotFoundError naming the
+    `dit_model` may be a NextDiT already in memory (train.py previews its EMA weights this way); keyword
+    overrides (dit, decoder, gemma, stats: file paths) replace individual files. Raises FileNotFoundError naming the
     missing piece."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Find every piece first and fail before loading gigabytes if one is missing.
     parts = find_parts(ckpt)
     parts.update({k: v for k, v in overrides.items() if v is not None})
     for piece, hint in (("decoder", "train one with `train.py --autoencoder P` or pass --decoder"),
@@ -161,6 +171,7 @@ def load_pipeline(ckpt=None, device=None, dit=None, **overrides):
                         ("stats", "the latent statistics file (--stats)")):
         if not parts.get(piece) or not os.path.exists(parts[piece]):
             raise FileNotFoundError(f"{ckpt or DEFAULT_CKPT}: no {piece} found ({hint})")
+    dit = dit_model
     if dit is None:
         if not parts.get("dit"):
             raise FileNotFoundError(f"{ckpt or DEFAULT_CKPT}: no finished DiT stage (stage*/ema.safetensors) "
@@ -169,6 +180,7 @@ def load_pipeline(ckpt=None, device=None, dit=None, **overrides):
     dit = dit.to(device).eval()
     encoder = dino.load_dinov3(parts["dino"]) if parts.get("dino") else None
     autoencoder = ae_lib.load_autoencoder(parts["decoder"], encoder=encoder).to(device).eval()
+    # Gemma-2 in bf16 on GPUs as the official sampler; fp32 on CPUs, where bf16 matmuls are ~100x slower.
     gemma_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gemma = text.load_gemma2(parts["gemma"], dtype=gemma_dtype).to(device).eval()
     tokenizer = text.Tokenizer(os.path.join(parts["gemma"], "tokenizer.model"))
@@ -180,6 +192,7 @@ def load_pipeline(ckpt=None, device=None, dit=None, **overrides):
 # ----- Files ---------------------------------------------------------------------------------------------
 
 def make_grid(images, cols=None):
+    # Row-major, at most 4 wide, on white: n images per prompt become one picture to glance at.
     cols = cols or min(len(images), 4)
     rows = -(-len(images) // cols)
     w, h = images[0].size
@@ -190,6 +203,7 @@ def make_grid(images, cols=None):
 
 
 def save_png(img, path, meta):
+    # A tEXt chunk travels with the file: anyone can reproduce the image from the PNG alone.
     info = PngImagePlugin.PngInfo()
     info.add_text("svg_t2i", meta)             # prompt, seed, steps, cfg, solver, shift, checkpoint
     img.save(path, pnginfo=info)
@@ -236,7 +250,9 @@ def main(argv=None):
             prompts = [line.strip() for line in f if line.strip()]
         if not prompts:
             raise SystemExit(f"{args.prompts}: no prompts (one per line)")
-    pipe = load_pipeline(args.ckpt, device=args.device, dit_path=args.dit, decoder=args.decoder,
+    # One pipeline for all prompts: the encoders and weights load once. Images of a prompt share its text
+    # features; each image's noise is seeded by --seed + j, so a result never depends on what else ran.
+    pipe = load_pipeline(args.ckpt, device=args.device, dit=args.dit, decoder=args.decoder,
                          gemma=args.gemma, stats=args.stats)
     os.makedirs(args.out, exist_ok=True)
     written = []

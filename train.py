@@ -606,7 +606,7 @@ def write_preview(run_dir, ema, stage, step, res, preset, device):
     """A grid of fixed prompts from the EMA weights, if a decoder exists yet (train one with --autoencoder P)."""
     import sample
     try:
-        pipe = sample.load_pipeline(run_dir, device=device, dit=ema)
+        pipe = sample.load_pipeline(run_dir, device=device, dit_model=ema)
     except FileNotFoundError as e:
         if not getattr(write_preview, "warned", False):
             tqdm.write(f"no previews: {e}")

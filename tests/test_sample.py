@@ -81,3 +81,11 @@ def test_a_folder_of_released_files_loads(tiny_run, tmp_path):
     assert pipe.max_cap_len == 512
     image = pipe.generate(["a red circle"], size=(64, 32), steps=2, progress=False)[0]
     assert image.size == (64, 32)
+
+
+def test_dit_override_picks_another_weights_file(tiny_run, tmp_path):
+    raw = tiny_run / "stage1" / "model.safetensors"                 # the non-EMA weights instead of ema
+    sample.main(["--prompt", "a red circle", "--ckpt", str(tiny_run), "--dit", str(raw), "--steps", "2",
+                 "--out", str(tmp_path)])
+    (name,) = os.listdir(tmp_path)
+    assert json.loads(Image.open(tmp_path / name).text["svg_t2i"])["checkpoint"].endswith("stage1/model.safetensors")
