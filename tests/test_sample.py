@@ -89,3 +89,10 @@ def test_dit_override_picks_another_weights_file(tiny_run, tmp_path):
                  "--out", str(tmp_path)])
     (name,) = os.listdir(tmp_path)
     assert json.loads(Image.open(tmp_path / name).text["svg_t2i"])["checkpoint"].endswith("stage1/model.safetensors")
+
+
+def test_the_shipped_demo_samples(tmp_path):
+    """README's second command: the committed assets/demo loads with today's code and writes a 128-px PNG."""
+    sample.main(["--prompt", "a red circle in the top left", "--steps", "4", "--out", str(tmp_path)])
+    (name,) = os.listdir(tmp_path)
+    assert Image.open(tmp_path / name).size == (128, 128)
