@@ -539,22 +539,25 @@ def train_dit(args, preset, rank, world, device):
     bar = tqdm(total=max_steps, initial=step, desc=f"stage {k} @ {res}px", disable=rank != 0, dynamic_ncols=True)
     t0, seen = time.time(), 0
     model.train()
+    # One optimizer step = `accum` micro-batches per rank x `world` ranks = the global batch. Per micro-batch:
+    #   x1 [b, C, h, w] normalised DINOv3 latents, x0 same-shape noise, t [b] in [0, 1] (0 = noise),
+    #   x_t = t·x1 + (1 − t)·x0, and the DiT is regressed onto the straight-line velocity x1 − x0 (paper §3.3).
     while step < max_steps:
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         batch, weight = next(batches)                  # this rank's micro x accum images
         gens = sample_generators(step, len(batch["captions"]))
+        take = lambda part: {key: batch[key][part] for key in ("images", "captions", "systems")}
         for micro_step in range(accum):
-            part = slice(micro_step * micro, (micro_step + 1) * micro)
-            chunk = dict(images=batch["images"][part], captions=batch["captions"][part], systems=batch["systems"][part])
-            chunk_weight = weight
-            if not chunk["captions"]:                  # unreadable images shortened the batch: run, weight 0
+            part, chunk_weight = slice(micro_step * micro, (micro_step + 1) * micro), weight
+            if not batch["captions"][part]:            # unreadable images shortened the batch: run, weight 0
                 part, chunk_weight = slice(0, micro), 0.0
-                chunk = dict(images=batch["images"][part], captions=batch["captions"][part], systems=batch["systems"][part])
-            x0, x1, t, cap_feats, cap_mask = make_inputs(chunk, gens[part])
+            x0, x1, t, cap_feats, cap_mask = make_inputs(take(part), gens[part])
+            # DDP/FSDP communicate gradients only on the last micro-step; the others just accumulate locally.
             with grad_sync(wrapped, sync=micro_step == accum - 1):
-                with autocast:
-                    v = fwd(flow.interpolate(x0, x1, t), t, cap_feats, cap_mask)
+                with autocast:                         # bf16 on CUDA only; fp32 master weights either way
+                    v = fwd(flow.interpolate(x0, x1, t), t, cap_feats, cap_mask)       # [b, C, h, w]
+                    # per-sample MSE, averaged; / accum so the accumulated gradient is the big batch's mean
                     loss = flow.training_loss(v.float(), x0, x1).mean() * (chunk_weight / accum)
                 loss.backward()
             loss_sum += loss.item()
@@ -571,8 +574,9 @@ def train_dit(args, preset, rank, world, device):
 
         if step % preset["log_every"] == 0 or step == max_steps:
             elapsed = time.time() - t0
-            row = dict(stage=k, step=step, loss=total_over_ranks(loss_sum) / world, grad_norm=grad_norm.item(), images_per_s=seen / elapsed,
-                       skipped_images=total_over_ranks(counts["skipped"]))
+            # loss and skipped images summed over ranks (collectives: every rank runs this line)
+            row = dict(stage=k, step=step, loss=total_over_ranks(loss_sum) / world, grad_norm=grad_norm.item(),
+                       images_per_s=seen / elapsed, skipped_images=total_over_ranks(counts["skipped"]))
             bar.set_postfix(loss=f"{loss_sum:.4f}", img_s=f"{seen / elapsed:.1f}")
             if rank == 0:
                 with open(log_path, "a") as f:
@@ -682,11 +686,14 @@ def train_autoencoder(args, preset, rank, world, device):
     counts = dict(skipped=0)
     batches = epoch_batches(loader, sampler, counts)
     bar = tqdm(total=max_steps, initial=step, desc=f"autoencoder {kind} stage {k} @ {res}px", disable=rank != 0)
-    ae.train()
+    ae.train()                                    # the decoder trains; Autoencoder.train keeps DINOv3 in eval
+    # Per iteration, as the official Lightning loop: one generator update, then (once the GAN is on) one
+    # discriminator update on the detached reconstructions. images [B, 3, H, W] in [-1, 1] are both the
+    # encoder's input and the loss target.
     while step < max_steps:
         batch, weight = next(batches)
         images = batch["images"].to(device)
-        recon = ae(images)                        # encode (DINOv3 frozen, no grad) then decode
+        recon = ae(images)                        # encode (DINOv3 frozen, no grad) then decode: [B, 3, H, W]
         loss_g, log_g = loss_fn.generator_loss(recon, images, step, last_layer=decoder.conv_out.weight)
         opt_g.zero_grad(set_to_none=True)
         (loss_g * weight).backward()
