@@ -814,6 +814,9 @@ def main(argv=None):
             train_dit(args, preset, rank, world, device)
         if args.export and rank == 0:
             export_for_sampling(args.out, args.export)
+        # Leave together: a rank that tears down its gloo threads while a peer is still finishing its last
+        # collective can abort at exit ("terminate called without an active exception", seen once in CI).
+        barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
