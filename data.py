@@ -267,7 +267,7 @@ class JsonlDataset(_ImageListDataset):
     format the official `MyDataset` reads, is accepted too. Every line is parsed at start-up so that a
     malformed one stops the run before any compute is spent, with its file and line number."""
 
-    def __init__(self, path, resolution, patch=16, max_ratio=4.0):
+    def __init__(self, path, resolution, patch=16, max_ratio=4.0, limit=None):
         folder = os.path.dirname(os.path.abspath(path))
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -279,7 +279,7 @@ class JsonlDataset(_ImageListDataset):
             lines = [(f"{path}: item {k}", json.dumps(it)) for k, it in enumerate(items)]
         else:
             lines = [(f"{path}:{n}", s) for n, s in enumerate(text.splitlines(), 1) if s.strip()]
-        records = [_parse_jsonl_line(s, where, folder) for where, s in lines]
+        records = [_parse_jsonl_line(s, where, folder) for where, s in lines][:limit]
         if not records:
             raise ValueError(f"{path}: no data lines")
         super().__init__(records, resolution, patch, max_ratio, source=path)
@@ -289,7 +289,7 @@ class FolderDataset(_ImageListDataset):
     """Every image under a folder (recursively, sorted), captioned by the same-stem `.txt` file next to it.
     Images without a caption file are left out and counted in the log. System prompt key: 'base'."""
 
-    def __init__(self, path, resolution, patch=16, max_ratio=4.0):
+    def __init__(self, path, resolution, patch=16, max_ratio=4.0, limit=None):
         if not os.path.isdir(path):
             raise ValueError(f"{path}: not a folder")
         records, uncaptioned = [], 0
@@ -310,7 +310,7 @@ class FolderDataset(_ImageListDataset):
             log.warning("%s: %d images have no same-stem .txt caption and are left out", path, uncaptioned)
         if not records:
             raise ValueError(f"{path}: no images with a same-stem .txt caption found")
-        super().__init__(records, resolution, patch, max_ratio, source=path)
+        super().__init__(records[:limit], resolution, patch, max_ratio, source=path)
 
 
 # ----- The shapes world: palette, shapes, positions ---------------------------------------------------------
@@ -507,16 +507,82 @@ class ShapesDataset(torch.utils.data.Dataset):
         return dict(image=image_to_tensor(image), caption=caption, system="base")
 
 
-def open_dataset(spec, resolution, seed=0, patch=16, max_ratio=4.0):
-    """The one entry point of the trainer: 'shapes', 'shapes:clean', a .jsonl / .json file, or a folder."""
+def open_dataset(spec, resolution, seed=0, patch=16, max_ratio=4.0, limit=None):
+    """The one entry point of the trainer: 'shapes', 'shapes:clean', a .jsonl / .json file, or a folder.
+    `limit` keeps only the first N items (an epoch is then N items; the shapes data has 100,000 by default)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--data-limit must be at least 1, got {limit}")
     if spec in ("shapes", "shapes:clean"):
-        return ShapesDataset(resolution, seed=seed, clean=spec.endswith(":clean"))
+        return ShapesDataset(resolution, seed=seed, clean=spec.endswith(":clean"), length=limit or 100_000)
     if os.path.isdir(spec):
-        return FolderDataset(spec, resolution, patch, max_ratio)
+        return FolderDataset(spec, resolution, patch, max_ratio, limit=limit)
     if os.path.isfile(spec) and spec.lower().endswith((".jsonl", ".json")):
-        return JsonlDataset(spec, resolution, patch, max_ratio)
+        return JsonlDataset(spec, resolution, patch, max_ratio, limit=limit)
     raise ValueError(f"--data {spec!r}: expected 'shapes', 'shapes:clean', an existing .jsonl/.json file, "
                      f"or an existing folder of images with same-stem .txt captions")
+
+
+# ----- Feature cache: the frozen encoders' outputs, computed once ----------------------------------------------
+# DINOv3 and Gemma-2 never train, so every epoch recomputes the same latents and caption features. For data
+# read more than once, `train.py --cache-features DIR` encodes each item once, writes the results here in
+# safetensors shards, and trains from them: the encoders drop out of the step (benchmarks/bench_speed.py
+# measures what that saves). Nothing is rounded on the way: the stored tensors are the ones the step would
+# have computed (fp32 latents, Gemma features in Gemma's dtype), so a cached run trains on the same numbers.
+#
+#   DIR/shard-00000.safetensors   items 0..1023: "{i}.latent" [C, h, w] raw DINOv3 patch features (not yet
+#                                  normalised, so the statistics can change), "{i}.cap_feats" [L_i, D] Gemma
+#                                  features of the formatted prompt, real tokens only (no padding);
+#                                  metadata: the items' captions and system prompt keys (JSON)
+#   DIR/index.json                 written last: length, the items' buckets, what made the features
+#
+# An unreadable image leaves its item out of the shard; reading it back gives None, which collate() drops and
+# counts, exactly as for the image itself. Shards are written atomically, so an interrupted build resumes.
+
+CACHE_SHARD_SIZE = 1024
+
+
+def cache_shard_path(folder, shard):
+    return os.path.join(folder, f"shard-{shard:05d}.safetensors")
+
+
+class FeatureCache(torch.utils.data.Dataset):
+    """A finished feature cache, with the dataset interface: `len`, `bucket_of(i)` (the source image's
+    bucket, in pixels, so batching is unchanged), `ds[i]` -> {latent, cap_feats, caption, system} or None."""
+
+    def __init__(self, folder):
+        index_path = os.path.join(folder, "index.json")
+        if not os.path.exists(index_path):
+            raise FileNotFoundError(f"{folder}: no index.json, so the feature cache is unfinished; run the same "
+                                    "train.py command again to complete it")
+        with open(index_path) as f:
+            index = json.load(f)
+        self.folder, self.length, self.identity = folder, index["length"], index["identity"]
+        self.bucket_list = [tuple(b) for b in index["bucket_list"]]
+        self.bucket_ids = index["bucket_ids"]
+        self.skipped = 0          # items left out at build time are counted there, and by collate() here
+        self._open = {}           # shard -> safe_open handle, per process (each DataLoader worker opens its own)
+
+    def __len__(self):
+        return self.length
+
+    def bucket_of(self, i):
+        return self.bucket_list[self.bucket_ids[i]]
+
+    def _shard(self, shard):
+        if shard not in self._open:
+            from safetensors import safe_open
+            handle = safe_open(cache_shard_path(self.folder, shard), framework="pt")
+            meta = handle.metadata()
+            self._open[shard] = (handle, set(handle.keys()), json.loads(meta["captions"]),
+                                 json.loads(meta["systems"]))
+        return self._open[shard]
+
+    def __getitem__(self, i):
+        handle, keys, captions, systems = self._shard(i // CACHE_SHARD_SIZE)
+        if f"{i}.latent" not in keys:                      # the image was unreadable when the cache was built
+            return None
+        return dict(latent=handle.get_tensor(f"{i}.latent"), cap_feats=handle.get_tensor(f"{i}.cap_feats"),
+                    caption=captions[str(i)], system=systems[str(i)])
 
 
 # ----- Batching: one bucket per batch, one share per rank ---------------------------------------------------
@@ -611,9 +677,15 @@ def collate(items):
     images: Tensor [B, 3, H, W] when all sizes agree (always, under BucketBatchSampler), else a list of
     [3, H, W]; captions, systems: lists of str; dropped: how many None items were removed (the trainer adds
     these up and logs them: it is the only count that crosses DataLoader worker processes). A batch can come
-    out smaller than asked, or empty (images == []); the trainer decides whether to skip it.
+    out smaller than asked, or empty (captions == []); the trainer decides whether to skip it.
+    Items of a FeatureCache give latents [B, C, h, w] and cap_feats (a list of [L_i, D]) instead of images.
     """
     good = [it for it in items if it is not None]
+    if good and "latent" in good[0]:                       # from a FeatureCache: the encoders already ran
+        return dict(latents=torch.stack([it["latent"] for it in good]),      # [B, C, h, w], one bucket
+                    cap_feats=[it["cap_feats"] for it in good],              # [L_i, D] each, unpadded
+                    captions=[it["caption"] for it in good], systems=[it["system"] for it in good],
+                    dropped=len(items) - len(good))
     images = [it["image"] for it in good]
     if images and all(im.shape == images[0].shape for im in images):
         images = torch.stack(images)  # [B, 3, H, W]

@@ -591,3 +591,15 @@ def encode_prompts(encoder, tokenizer, prompts, system_prompt, max_length):
     device = encoder.embed_tokens.weight.device
     feats = encoder(input_ids.to(device), attention_mask.to(device))
     return feats, attention_mask.bool().to(device)
+
+
+def pad_features(feats_list, multiple=8):
+    """Unpadded caption features [L_i, D] (a FeatureCache's, or rows of encode_prompts cut to their masks) ->
+    (feats [B, L, D], mask [B, L] bool), right-padded with zeros to the longest rounded up to `multiple`:
+    the shapes encode_prompts would have produced for the same prompts."""
+    length = multiple * math.ceil(max(len(f) for f in feats_list) / multiple)
+    feats = feats_list[0].new_zeros(len(feats_list), length, feats_list[0].shape[-1])
+    mask = torch.zeros(len(feats_list), length, dtype=torch.bool, device=feats.device)
+    for row, f in enumerate(feats_list):
+        feats[row, :len(f)], mask[row, :len(f)] = f, True
+    return feats, mask

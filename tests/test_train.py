@@ -216,3 +216,51 @@ def test_fsdp_equals_one_process_and_resumes_exactly_under_any_wrapper(tiny_run,
     run(crossed, *common, "--max-steps", "4")
     for name in ("model.safetensors", "ema.safetensors"):
         assert_same(weights(one / "stage1" / name), weights(crossed / "stage1" / name), atol=1e-5)
+
+
+def test_feature_cache_trains_on_the_same_numbers_and_finishes_an_interrupted_build(tiny_run, tmp_path, monkeypatch):
+    import json
+
+    import data
+    import dino
+    import text
+    monkeypatch.setattr(train, "CAPTION_DROPOUT", 0.5)          # many dropped captions: the empty-prompt path
+    monkeypatch.setattr(data, "CACHE_SHARD_SIZE", 8)           # 12 items -> 2 shards
+    plain, cached, cache = tmp_path / "plain", tmp_path / "cached", tmp_path / "cache"
+    copy_encoders(tiny_run, plain)
+    copy_encoders(tiny_run, cached)
+    common = ["--stage", "1", "--max-steps", "4", "--data-limit", "12", "--global-batch-size", "4"]
+    run(plain, *common)
+    run(cached, *common, "--cache-features", str(cache))
+    # Same batches, same draws, features computed once instead of every step: the same weights.
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert_same(weights(plain / "stage1" / name), weights(cached / "stage1" / name), atol=1e-5)
+
+    # What is stored is what the encoders compute, for every item, with the caption's real tokens only.
+    (folder,) = cache.iterdir()
+    features = data.FeatureCache(str(folder))
+    shapes = data.ShapesDataset(32, length=12)
+    assert len(features) == 12 and features.bucket_of(5) == shapes.bucket_of(5)
+    encoders = json.loads((cached / "encoders.json").read_text())
+    dino_model = dino.load_dinov3(str(cached / encoders["dino"])).eval()
+    gemma = text.load_gemma2(str(cached / encoders["gemma"])).eval()
+    tokenizer = text.Tokenizer(str(cached / encoders["gemma"] / "tokenizer.model"))
+    for i in (0, 11):
+        item = shapes[i]
+        latent = train.images_to_latents(dino_model, item["image"][None])[0]
+        feats, mask = text.encode_prompts(gemma, tokenizer, [text.format_prompt(item["caption"], "base")], "", 64)
+        assert torch.allclose(features[i]["latent"], latent, atol=1e-5)
+        assert torch.allclose(features[i]["cap_feats"], feats[0, :mask.sum()], atol=1e-5)
+        assert features[i]["caption"] == item["caption"]
+
+    # A build killed after its first shard: the next run writes only what is missing, then the index.
+    os.remove(folder / "index.json")
+    os.remove(folder / "shard-00001.safetensors")
+    first_shard = (folder / "shard-00000.safetensors").stat().st_mtime_ns
+    run(cached, *common, "--max-steps", "5", "--cache-features", str(cache))
+    assert (folder / "index.json").exists() and (folder / "shard-00001.safetensors").exists()
+    assert (folder / "shard-00000.safetensors").stat().st_mtime_ns == first_shard
+    # Other data (or resolution, or encoders) never reads stale features: it gets a folder of its own.
+    run(cached, "--stage", "1", "--max-steps", "6", "--data-limit", "8", "--global-batch-size", "4",
+        "--cache-features", str(cache))
+    assert len(list(cache.iterdir())) == 2
