@@ -94,7 +94,7 @@ PRESETS = {
                    vocab_size=512),
         # Most of the DiT's time goes to the SFT stage on the clean subset: with fixed sizes and exact positions
         # a prompt names one picture, and that is what turns the stage-3 model's rounded squares into square
-        # ones (square fill 0.73 after stage 3 -> 0.87 after 250 SFT steps -> 0.93 after 1,250).
+        # ones (median square fill 0.73 after stage 3, 0.87 after 250 SFT steps, 0.93 after 1,250; README).
         dit_res=(64, 96, 128, 128), dit_steps=(1200, 400, 500, 1250), lr=5e-4,   # small model: 2.5x the official lr
         micro_batch=(32, 32, 32, 32), global_batch=(32, 32, 32, 32),
         ae_res=(64, 128), ae_steps=(700, 150), ae_micro_batch=(16, 8),
