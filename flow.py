@@ -222,20 +222,6 @@ def cfg_velocity(v_cond, v_uncond, scale, renorm=DEFAULT_RENORM):
     return v
 
 
-def with_cfg(velocity_fn, scale, renorm=DEFAULT_RENORM):
-    """Wrap a batched velocity function for guidance: one call on [x ; x] evaluates cond and uncond.
-
-    `velocity_fn(x2, t2)` must treat the first half of its batch as conditional and the second half as
-    unconditional (e.g. a NextDiT whose captions are [prompts ; empty prompts]). Returns a velocity_fn
-    for `sample` that takes the B latents alone.
-    """
-    def guided(x, t):
-        v = velocity_fn(torch.cat([x, x]), torch.cat([t, t]))
-        v_cond, v_uncond = v.chunk(2)
-        return cfg_velocity(v_cond, v_uncond, scale, renorm)
-    return guided
-
-
 # ----- Seeded noise -----------------------------------------------------------------------------------
 
 def seeded_noise(batch, channels, height, width, seed=None, generator=None, device="cpu", dtype=torch.float32):

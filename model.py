@@ -399,9 +399,17 @@ class NextDiT(nn.Module):
             self.check_caption_mask(cap_mask)
         freqs = self.rope(self.caption_positions(cap_mask))              # [B, L, hd/2, 2]
         cap = self.cap_embedder(cap_feats)                               # [B, L, dim]
+        key_mask = None if self.unpadded(cap_mask) else cap_mask
         for blk in self.context_refiner:
-            cap = blk(cap, cap_mask, freqs)
+            cap = blk(cap, key_mask, freqs)
         return cap
+
+    @staticmethod
+    def unpadded(cap_mask):
+        """True when no caption has padding (one prompt, or prompts of one length): attention then needs no
+        mask, and SDPA's unmasked kernel is the faster one. Eager only: the check reads the mask on the host,
+        which torch.compile would turn into a graph break, so compiled code always keeps the mask."""
+        return not torch.compiler.is_compiling() and bool(cap_mask.all())
 
     # ----- Patchify -----------------------------------------------------------------------------------
     def patchify(self, images):
@@ -435,8 +443,28 @@ class NextDiT(nn.Module):
         mask = torch.arange(n, device=patches.device)[None] < torch.tensor(lens, device=patches.device)[:, None]
         return patches, pos, None if min(lens) == n else mask
 
+    # ----- Image path (independent of the caption) ----------------------------------------------------
+    def refine_image(self, x, t, cap_lens):
+        """Latents x [B, C, H, W] and times t [B] -> image tokens after the noise refiner [B, N, dim].
+
+        The noise refiner never sees the caption: its attention is image to image, and the caption length
+        enters only as the RoPE text-axis coordinate, which is the same for every image token and so cancels
+        in every query-key product. Its output is therefore a function of x and t alone (up to float
+        rounding), and a guided sampler computes it once per step for both the conditional and the
+        unconditional pass: forward(..., img_tokens=refine_image(x, t, cond_lengths)).
+        """
+        t = torch.as_tensor(t, device=x.device)
+        c = self.t_embedder(t.expand(len(x)) if t.dim() == 0 else t)
+        freqs = self.rope(self.grid_positions(cap_lens, x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size))
+        return self.noise_refine(self.x_embedder(self.patchify(x)), None, freqs, c)
+
+    def noise_refine(self, img, img_mask, freqs, c):
+        for blk in self.noise_refiner:
+            img = blk(img, img_mask, freqs, c)
+        return img
+
     # ----- Forward ------------------------------------------------------------------------------------
-    def forward(self, x, t, cap_feats, cap_mask, cap_tokens=None):
+    def forward(self, x, t, cap_feats, cap_mask, cap_tokens=None, img_tokens=None):
         # A [B, C, H, W] tensor (one size) takes the fast path: no per-sample Python, no host syncs under
         # torch.compile. A list of different-size images is padded to the longest and masked.
         batched = torch.is_tensor(x)
@@ -458,14 +486,18 @@ class NextDiT(nn.Module):
         p = self.patch_size
         cap_lens = cap_mask.sum(1)                                       # [B]
         if batched:
-            patches, img_mask = self.patchify(x), None
+            img_mask = None
             img_pos = self.grid_positions(cap_lens, x.shape[-2] // p, x.shape[-1] // p)
+            img_freqs = self.rope(img_pos)                               # [B, N, hd/2, 2]
+            if img_tokens is None:                                       # else: refine_image's, reused
+                img_tokens = self.noise_refine(self.x_embedder(self.patchify(x)), None, img_freqs, c)
         else:
+            if img_tokens is not None:
+                raise ValueError("NextDiT: img_tokens= needs x as one [B, C, H, W] tensor")
             patches, img_pos, img_mask = self.pad_images(x, cap_lens)
-        img_freqs = self.rope(img_pos)                                   # [B, N, hd/2, 2]
-        img = self.x_embedder(patches)                                   # [B, N, dim]
-        for blk in self.noise_refiner:
-            img = blk(img, img_mask, img_freqs, c)
+            img_freqs = self.rope(img_pos)
+            img_tokens = self.noise_refine(self.x_embedder(patches), img_mask, img_freqs, c)
+        img = img_tokens                                                 # [B, N, dim]
 
         # Joint sequence [caption (L rows, right-padded) ; image (N rows)]. Attention is blind to the order
         # of tokens (RoPE carries the positions) and every other op is per token, so this plain
@@ -478,6 +510,8 @@ class NextDiT(nn.Module):
         freqs = torch.cat([self.rope(self.caption_positions(cap_mask)), img_freqs], dim=1)
         img_keys = cap_mask.new_ones(B, img.shape[1]) if img_mask is None else img_mask
         key_mask = torch.cat([cap_mask, img_keys], dim=1)               # [B, L + N]
+        if img_mask is None and self.unpadded(cap_mask):
+            key_mask = None                                              # nothing to hide: unmasked attention
         for blk in self.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 joint = checkpoint(blk, joint, key_mask, freqs, c, use_reentrant=False)

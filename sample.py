@@ -4,7 +4,8 @@ Where this sits: the end of the pipeline (spec nextdit_flow_train.md §6). For e
 
     prompt --Gemma-2--> cap_feats [1, L, D]          once per prompt (and once for the empty prompt)
            --caption embedder + context refiner--> cap_tokens   once, reused by every step
-    noise [1, C, H/p, W/p] --Next-DiT x steps (flow ODE, CFG with cond and uncond in one batch)--> latent
+    noise [1, C, H/p, W/p] --Next-DiT x steps (flow ODE; CFG: noise refiner once, then a cond and an uncond
+                               pass through the joint blocks)--> latent
     latent --denormalise (latent statistics)--> DINOv3 features --pixel decoder--> image in [-1, 1] --> PNG
 
     python sample.py --prompt "a red circle in the top left"                  # the shipped demo model
@@ -127,20 +128,13 @@ class Pipeline:
         # Text: every prompt and the empty prompt in one Gemma call; then the caption path of the DiT, once.
         texts = [text.format_prompt(p, system) for p in prompts] + [""]
         feats, mask = text.encode_prompts(self.gemma, self.tokenizer, texts, "", self.max_cap_len)
-        feats = feats.float()
-        cond_uncond = torch.cat([torch.arange(n), torch.full((n,), n)])          # [cond_1..n ; uncond x n]
-        feats, mask = feats[cond_uncond], mask[cond_uncond]                         # [2n, L, D], [2n, L]
-        cap_tokens = self.dit.refine_captions(feats, mask)
+        feats = feats.float()                                                       # [n + 1, L, D]
+        velocity = guided_velocity(self.dit, feats[:n], mask[:n], feats[n:].expand(n, -1, -1), mask[n:].expand(n, -1),
+                                   cfg)
 
         # Noise, H first: [n, C, H/p, W/p]
         C, h, w = self.dit.config["in_channels"], height // self.pixels_per_latent, width // self.pixels_per_latent
         noise = torch.cat([flow.seeded_noise(1, C, h, w, seed + i) for i in range(n)]).to(self.device)
-
-        def velocity(x, t):
-            t = torch.cat([t, t])                                                    # [2n]
-            v = self.dit(torch.cat([x, x]), t, feats, mask, cap_tokens=cap_tokens)
-            v_cond, v_uncond = v.chunk(2)
-            return flow.cfg_velocity(v_cond, v_uncond, cfg, renorm=True) if cfg != 1 else v_cond
 
         latents = flow.sample(velocity, noise, steps, solver=solver, shift=shift, progress=progress)
         pixels = self.autoencoder.decode(self.stats.denormalize(latents))              # [n, 3, H, W] in ~[-1, 1]
@@ -154,6 +148,36 @@ class Pipeline:
             img.info["svg_t2i"] = json.dumps(dict(meta, prompt=prompt, seed=seed + i))
             images.append(img)
         return images
+
+
+def guided_velocity(dit, feats, mask, empty_feats, empty_mask, scale):
+    """velocity(x, t) with classifier-free guidance: the function the ODE solver calls at every step.
+
+    feats/mask [n, L, D] / [n, L] are the prompts' Gemma features, empty_* the empty prompt's, repeated n
+    times. Work is done as rarely as it can be:
+      - once: the caption path (embedder + context refiner) of both, which sees neither x nor t;
+      - once per step: the noise refiner, which sees only x and t (NextDiT.refine_image), shared by both passes;
+      - twice per step: the joint blocks, a conditional and an unconditional pass, each cut to its own longest
+        caption. The empty prompt is one token, and padding it to the prompt's length would cost tokens and an
+        attention mask; a single prompt has no padding at all, so attention runs unmasked (the faster kernel).
+    """
+    def unpadded(f, m):
+        length = int(m.sum(1).max())
+        return f[:, :length], m[:, :length]
+    feats, mask = unpadded(feats, mask)                                         # [n, L, D], [n, L]
+    empty_feats, empty_mask = unpadded(empty_feats, empty_mask)                 # [n, 1, D], [n, 1]
+    cap_tokens = dit.refine_captions(feats, mask)                               # [n, L, dim]
+    empty_tokens = dit.refine_captions(empty_feats, empty_mask)
+    cap_lens = mask.sum(1)
+
+    def velocity(x, t):
+        img_tokens = dit.refine_image(x, t, cap_lens)                           # [n, N, dim]
+        v_cond = dit(x, t, feats, mask, cap_tokens=cap_tokens, img_tokens=img_tokens)
+        if scale == 1:
+            return v_cond
+        v_uncond = dit(x, t, empty_feats, empty_mask, cap_tokens=empty_tokens, img_tokens=img_tokens)
+        return flow.cfg_velocity(v_cond, v_uncond, scale, renorm=True)
+    return velocity
 
 
 def load_pipeline(ckpt=None, device=None, dit_model=None, **overrides):

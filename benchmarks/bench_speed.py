@@ -11,12 +11,14 @@ speed hits both sides alike), with the thread count pinned:
     `torch.compile`, the reference eager. Plus the step's achieved FLOP/s against this CPU's measured
     float32 matmul rate, and its peak memory against the reference's (each in a fresh subprocess).
   * Sampling one prompt: 20 DPM-Solver++ steps with classifier-free guidance through the same `flow.sample`
-    loop, once with our model the way sample.py drives it (caption path computed once, `cap_tokens=` every
-    step) and once with diffusers' transformer, which recomputes everything at every step.
+    loop, once with our model the way sample.py drives it (caption path once; noise refiner once per step;
+    cond and uncond as two unpadded passes) and once with diffusers' transformer on [cond ; uncond], which
+    recomputes everything at every step.
   * DINOv3 ViT-S+/16 encode (batch 4 at 256 px) against transformers' `DINOv3ViTModel`.
   * Gemma-2 at the 2B width (a few layers) against transformers' `Gemma2Model` read the official way
     (`hidden_states[-2]` of the full stack), and per computed layer.
   * torch.compile graph breaks in the Next-DiT forward (torch._dynamo.explain), ours and the reference.
+  * train.py's own step on the demo preset with the frozen encoders and with --cache-features (ours vs ours).
 
 Before timing anything, each pair is checked to compute the same numbers. Ratios below 1 mean ours is
 faster. Test-time dependencies (diffusers, transformers) are needed here, never at runtime.
@@ -41,6 +43,7 @@ import dino       # noqa: E402  (after the path set-up above)
 import flow       # noqa: E402
 import model as dit_lib  # noqa: E402
 import reference  # noqa: E402
+import sample     # noqa: E402
 import text       # noqa: E402
 
 # ----- Configurations ------------------------------------------------------------------------------------------
@@ -259,12 +262,8 @@ def bench_sampling(size, runs, steps):
     noise = torch.randn(1, cfg["in_channels"], n, n, generator=gen)
 
     def run_ours():
-        # As sample.py's Pipeline.generate: the caption path once, then cap_tokens= at every step.
-        cap_tokens = ours.refine_captions(feats, mask)
-
-        def velocity(x, t):
-            v_cond, v_uncond = ours(torch.cat([x, x]), torch.cat([t, t]), feats, mask, cap_tokens=cap_tokens).chunk(2)
-            return flow.cfg_velocity(v_cond, v_uncond, SAMPLE_CFG)
+        # sample.py's own code: caption path once, noise refiner once per step, a cond and an uncond pass
+        velocity = sample.guided_velocity(ours, feats[:1], mask[:1], feats[1:], mask[1:], SAMPLE_CFG)
         return flow.sample(velocity, noise, steps, solver="dpm", shift=flow.DEFAULT_SHIFT)
 
     def run_reference():
@@ -335,6 +334,42 @@ def bench_gemma(runs, quick):
                 batch=len(lengths), tokens=L, rel_err=err, seconds=medians)
 
 
+# ----- Feature cache -----------------------------------------------------------------------------------------------
+
+def bench_feature_cache(runs, quick):
+    """train.py's own DiT step on the demo preset (stage 1, batch 32 of 64-px shapes), with the frozen encoders
+    run every step and with their outputs read from --cache-features. Seconds per optimizer step, the median
+    over the logged windows after the first (warm-up); the runs alternate, each in a fresh run folder that
+    shares one set of encoders. The cache is built in the first cached run, before its timed steps."""
+    import shutil
+    import tempfile
+
+    import train
+    preset, steps, every = ("tiny", 15, 5) if quick else ("demo", 40, 10)
+    seconds = {"encoders": [], "cache": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = os.path.join(tmp, "encoders_only")
+        common = ["--preset", preset, "--stage", "1", "--max-steps", str(steps), "--data-limit", "512", "--workers",
+                  "0", "--preview-every", "0", "--no-compile", "--ckpt-every", str(10 * steps)]
+        train.main(["--out", base, *common, "--max-steps", "1"])          # makes the random frozen encoders
+        for k in range(max(2, runs // 2)):
+            for name in seconds:
+                out = os.path.join(tmp, f"{name}{k}")
+                os.makedirs(out)
+                shutil.copy(os.path.join(base, "encoders.json"), out)
+                shutil.copytree(os.path.join(base, "encoders"), os.path.join(out, "encoders"))
+                extra = ["--cache-features", os.path.join(tmp, "cache")] if name == "cache" else []
+                train.main(["--out", out, *common, *extra])
+                with open(os.path.join(out, "log.jsonl")) as f:
+                    rows = [json.loads(line) for line in f][1:]            # the first window warms up
+                batch = train.PRESETS[preset]["global_batch"][0]
+                seconds[name] += [batch / row["images_per_s"] for row in rows]
+    medians = {name: statistics.median(v) for name, v in seconds.items()}
+    return dict(preset=preset, stage=1, resolution=train.PRESETS[preset]["dit_res"][0],
+                batch=train.PRESETS[preset]["global_batch"][0], log_every=every, seconds=medians,
+                speedup=medians["encoders"] / medians["cache"])
+
+
 # ----- Report --------------------------------------------------------------------------------------------------------
 
 def table_rows(results):
@@ -355,6 +390,10 @@ def table_rows(results):
     rows.append(("Gemma-2 hidden_states[-2]", s["ours"], s["transformers"], s["ours"] / s["transformers"], 1.0))
     rows.append(("Gemma-2 same layer count", s["ours_same_depth"], s["transformers"],
                  s["ours_same_depth"] / s["transformers"], 1.0))
+    if "feature_cache" in results:                   # ours vs ours: the step with and without the encoders
+        c = results["feature_cache"]
+        rows.append((f"{c['preset']} step, cached features", c["seconds"]["cache"], c["seconds"]["encoders"],
+                     c["seconds"]["cache"] / c["seconds"]["encoders"], 1.0))
     return rows
 
 
@@ -422,6 +461,7 @@ def main(argv=None):
     print(f"sampling: {results['sampling']['seconds']}", flush=True)
     results["dino"] = bench_dino(runs, args.quick)
     results["gemma"] = bench_gemma(runs, args.quick)
+    results["feature_cache"] = bench_feature_cache(runs, args.quick)
     results["table"] = [dict(what=w, ours_s=o, reference_s=r, ratio=q, target=t) for w, o, r, q, t in table_rows(results)]
     results["wall_seconds"] = time.time() - start
     print_report(results)

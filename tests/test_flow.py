@@ -164,19 +164,6 @@ def test_cfg_plain_and_renorm():
     assert torch.equal(flow.cfg_velocity(v_c, v_c, 3.0), v_c)
 
 
-def test_with_cfg_batches_cond_and_uncond():
-    seen = []
-
-    def velocity_fn(x2, t2):       # first half "conditional" (+1), second half "unconditional" (−1)
-        seen.append((x2.clone(), t2.clone()))
-        return x2 + torch.cat([torch.ones_like(x2[:2]), -torch.ones_like(x2[2:])])
-
-    x, t = torch.randn(2, 3), torch.tensor([0.2, 0.6])
-    out = flow.with_cfg(velocity_fn, 3.0, renorm=False)(x, t)
-    assert torch.equal(seen[0][0], torch.cat([x, x])) and torch.equal(seen[0][1], torch.cat([t, t]))
-    assert torch.allclose(out, (x - 1) + 3.0 * 2)
-
-
 # ----- A tiny NextDiT learns ---------------------------------------------------------------------------
 
 def test_tiny_model_loss_falls_on_toy_data():

@@ -118,6 +118,22 @@ def test_cached_caption_tokens_and_scalar_t():
     assert torch.equal(full, cached)
 
 
+def test_noise_refiner_output_is_shared_by_captions_of_any_length():
+    """refine_image(x, t) computed with one caption's length serves a pass with another (the CFG sampler's
+    reuse): the RoPE text-axis offset cancels in image-to-image attention. Unpadded and padded batches."""
+    model = build(patch_size=2).eval()
+    x, t = torch.randn(2, 8, 4, 6), torch.tensor([0.2, 0.7])
+    with torch.no_grad():
+        img_tokens = model.refine_image(x, t, torch.tensor([9, 9]))
+        for lengths, L in (([1, 1], 1), ([5, 5], 5), ([7, 3], 7)):
+            feats, mask = caption_inputs(lengths, L)
+            plain = model(x, t, feats, mask)
+            assert rel_err(model(x, t, feats, mask, img_tokens=img_tokens), plain) <= 1e-5
+        # an offset that does not cancel (a different image) must show: the reuse is not vacuous
+        other = model.refine_image(torch.randn_like(x), t, torch.tensor([9, 9]))
+        assert rel_err(model(x, t, feats, mask, img_tokens=other), plain) > 1e-2
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     model = build().train()
     x = torch.randn(2, 8, 4, 4)
