@@ -25,8 +25,9 @@ Bad data policy: a malformed JSONL line is a configuration error and stops start
 missing, unreadable or truncated image is a data accident: it is skipped, counted in `ds.skipped`, named in
 a (rate-limited) log warning, and never stops a run.
 
-Runtime imports: torch, numpy, PIL and the standard library only.
+Runtime imports: torch, numpy, PIL, safetensors, tqdm and the standard library only.
 """
+import hashlib
 import json
 import logging
 import math
@@ -38,6 +39,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
 
 log = logging.getLogger("data")
 
@@ -529,7 +533,7 @@ def open_dataset(spec, resolution, seed=0, patch=16, max_ratio=4.0, limit=None):
 # measures what that saves). Nothing is rounded on the way: the stored tensors are the ones the step would
 # have computed (fp32 latents, Gemma features in Gemma's dtype), so a cached run trains on the same numbers.
 #
-#   DIR/shard-00000.safetensors   items 0..1023: "{i}.latent" [C, h, w] raw DINOv3 patch features (not yet
+#   DIR/shard-00000.safetensors   items 0..255: "{i}.latent" [C, h, w] raw DINOv3 patch features (not yet
 #                                  normalised, so the statistics can change), "{i}.cap_feats" [L_i, D] Gemma
 #                                  features of the formatted prompt, real tokens only (no padding);
 #                                  metadata: the items' captions and system prompt keys (JSON)
@@ -538,7 +542,7 @@ def open_dataset(spec, resolution, seed=0, patch=16, max_ratio=4.0, limit=None):
 # An unreadable image leaves its item out of the shard; reading it back gives None, which collate() drops and
 # counts, exactly as for the image itself. Shards are written atomically, so an interrupted build resumes.
 
-CACHE_SHARD_SIZE = 1024
+CACHE_SHARD_SIZE = 256   # items per shard: ~100 MB of latents at 256 px, ~1.6 GB at 1024 px (ViT-S+/16, fp32)
 
 
 def cache_shard_path(folder, shard):
@@ -570,7 +574,6 @@ class FeatureCache(torch.utils.data.Dataset):
 
     def _shard(self, shard):
         if shard not in self._open:
-            from safetensors import safe_open
             handle = safe_open(cache_shard_path(self.folder, shard), framework="pt")
             meta = handle.metadata()
             self._open[shard] = (handle, set(handle.keys()), json.loads(meta["captions"]),
@@ -578,11 +581,81 @@ class FeatureCache(torch.utils.data.Dataset):
         return self._open[shard]
 
     def __getitem__(self, i):
+        # safetensors maps the shard and copies out only the two tensors asked for
         handle, keys, captions, systems = self._shard(i // CACHE_SHARD_SIZE)
         if f"{i}.latent" not in keys:                      # the image was unreadable when the cache was built
             return None
         return dict(latent=handle.get_tensor(f"{i}.latent"), cap_feats=handle.get_tensor(f"{i}.cap_feats"),
                     caption=captions[str(i)], system=systems[str(i)])
+
+
+def fingerprint(path):
+    """A cheap identity of a weight file or folder: file names, sizes, and the first and last MiB of each.
+    Two random initialisations or two checkpoints differ in it; a copy of the same file does not."""
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs) if os.path.isdir(path) else [path]
+    digest = hashlib.sha1()
+    for name in files:
+        size = os.path.getsize(name)
+        digest.update(f"{os.path.basename(name)}:{size}".encode())
+        with open(name, "rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(max(size - (1 << 20), 0))
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def build_feature_cache(folder, dataset, encode, identity, rank=0, world=1, workers=0, barrier=lambda: None):
+    """Encode every item of `dataset` once into `folder`. `encode(batch)` -> (latents [B,C,h,w], cap_feats
+    [B,L,D], cap_mask [B,L]) for a collate() batch of images. Ranks take shards round-robin (`barrier` waits
+    for all of them); each shard is written atomically, so a killed build loses at most the shards in flight
+    and the next run finishes the rest. Rank 0 writes index.json last: its presence means the cache is
+    complete."""
+    os.makedirs(folder, exist_ok=True)
+    n, size = len(dataset), CACHE_SHARD_SIZE
+    # Shard k holds items [k·size, (k+1)·size). A shard already on disk was finished by an earlier run (the
+    # rename is its last act), so only the missing ones are this rank's work.
+    todo = [k for k in range(rank, math.ceil(n / size), world)
+            if not os.path.exists(cache_shard_path(folder, k))]
+    bar = tqdm(total=sum(min(n, (k + 1) * size) - k * size for k in todo), desc=f"feature cache {folder}",
+               disable=rank != 0, dynamic_ncols=True)
+    for k in todo:
+        tensors, captions, systems = {}, {}, {}
+        # collate_fn=list keeps the items as they are (None for an unreadable image), in index order. The
+        # loader's own generator: drawing its seed from the global RNG would change the DiT's initialisation.
+        loader = torch.utils.data.DataLoader(dataset, sampler=range(k * size, min(n, (k + 1) * size)), batch_size=64,
+                                             collate_fn=list, num_workers=workers, generator=torch.Generator())
+        first = k * size
+        for items in loader:
+            groups = {}                                   # images of one size encode together
+            for i, item in enumerate(items, start=first):
+                if item is not None:
+                    groups.setdefault(tuple(item["image"].shape), []).append((i, item))
+            first += len(items)
+            for members in groups.values():
+                latents, cap_feats, cap_mask = encode(collate([item for _, item in members]))
+                for row, (i, item) in enumerate(members):
+                    tensors[f"{i}.latent"] = latents[row].cpu().contiguous()                      # [C, h, w]
+                    tensors[f"{i}.cap_feats"] = cap_feats[row, :int(cap_mask[row].sum())].cpu().contiguous()
+                    captions[i], systems[i] = item["caption"], item["system"]
+            bar.update(len(items))
+        meta = dict(captions=json.dumps(captions), systems=json.dumps(systems))
+        path = cache_shard_path(folder, k)
+        save_file(tensors, f"{path}.tmp{os.getpid()}", metadata=meta)        # then renamed: never half a shard
+        os.replace(f"{path}.tmp{os.getpid()}", path)
+    bar.close()
+    barrier()
+    if rank == 0:
+        # Buckets come from the source dataset, so a FeatureCache batches exactly as the images would.
+        bucket_list = sorted({tuple(dataset.bucket_of(i)) for i in range(n)})
+        position = {b: j for j, b in enumerate(bucket_list)}
+        index = dict(identity=identity, length=n, bucket_list=bucket_list,
+                     bucket_ids=[position[tuple(dataset.bucket_of(i))] for i in range(n)])
+        with open(os.path.join(folder, "index.json.tmp"), "w") as f:
+            json.dump(index, f)
+        os.replace(os.path.join(folder, "index.json.tmp"), os.path.join(folder, "index.json"))
+        tqdm.write(f"feature cache complete: {folder} ({n} items)")
+    barrier()
 
 
 # ----- Batching: one bucket per batch, one share per rank ---------------------------------------------------

@@ -83,6 +83,8 @@ def _find_released_parts(folder):
 
 
 def find_parts(ckpt):
+    """{dit, decoder, dino, gemma, stats, sample, max_cap_len} for a run folder, one of its stage folders, or a
+    folder of released files (told apart by encoders.json, which only train.py writes)."""
     ckpt = ckpt or DEFAULT_CKPT
     if not os.path.isdir(ckpt):
         raise FileNotFoundError(f"--ckpt {ckpt} is not a folder: pass a training run folder or a folder of released files")
@@ -137,6 +139,7 @@ class Pipeline:
         noise = torch.cat([flow.seeded_noise(1, C, h, w, seed + i) for i in range(n)]).to(self.device)
 
         latents = flow.sample(velocity, noise, steps, solver=solver, shift=shift, progress=progress)
+        # The DiT works in normalised latents; the decoder was trained on raw DINOv3 features.
         pixels = self.autoencoder.decode(self.stats.denormalize(latents))              # [n, 3, H, W] in ~[-1, 1]
         # to uint8 as the official sampler does: (x + 1) / 2, clamp, x 255, truncate (autoencoder.md §6)
         pixels = ((pixels + 1) / 2).clamp(0, 1).mul(255).byte().permute(0, 2, 3, 1).cpu().numpy()
@@ -234,6 +237,7 @@ def save_png(img, path, meta):
 
 
 def slug(prompt, limit=60):
+    # file names from prompts: lower-case words joined by "_", cut to `limit` characters
     return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:limit] or "empty"
 
 
@@ -281,6 +285,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     written = []
     for prompt in tqdm(prompts, desc="prompts", disable=len(prompts) == 1):
+        # n copies of the prompt in one batch: the caption path runs once for all of them
         images = pipe.generate([prompt] * args.n, seed=args.seed, size=args.size, steps=args.steps, cfg=args.cfg,
                                solver=args.solver, shift=args.shift, system=args.system, progress=True)
         for img in images:
@@ -288,7 +293,7 @@ def main(argv=None):
             path = os.path.join(args.out, f"{slug(prompt)}_{meta['seed']}.png")
             save_png(img, path, img.info["svg_t2i"])
             written.append(path)
-        if args.n > 1:
+        if args.n > 1:                          # the grid's metadata names the first seed and the count
             path = os.path.join(args.out, f"{slug(prompt)}_grid.png")
             save_png(make_grid(images), path, json.dumps(dict(meta, seed=args.seed, n=args.n)))
             written.append(path)

@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -415,80 +414,21 @@ def prepare_stats(run_dir, paths, dino_model, dataset, device, rank):
 
 # ----- Feature cache (--cache-features) -----------------------------------------------------------------
 # The frozen encoders' outputs for a stage's data, computed once and read back every epoch (data.py
-# "Feature cache" describes the files). The folder name carries a hash of everything the features depend on,
-# so another resolution, dataset or encoder gets its own folder instead of stale features.
-
-def fingerprint(path):
-    """A cheap identity of a weight file or folder: file names, sizes, and the first and last MiB of each.
-    Two random initialisations or two checkpoints differ in it; a copy of the same file does not."""
-    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs) if os.path.isdir(path) else [path]
-    digest = hashlib.sha1()
-    for name in files:
-        size = os.path.getsize(name)
-        digest.update(f"{os.path.basename(name)}:{size}".encode())
-        with open(name, "rb") as f:
-            digest.update(f.read(1 << 20))
-            f.seek(max(size - (1 << 20), 0))
-            digest.update(f.read())
-    return digest.hexdigest()[:16]
-
+# "Feature cache" writes and reads the files). The folder name carries a hash of everything the features
+# depend on, so another resolution, dataset or encoder gets its own folder instead of stale features.
 
 def open_feature_cache(args, run_dir, paths, dataset, res, patch, encode, device, rank, world):
     """This stage's FeatureCache under --cache-features, built first if it is missing or unfinished."""
     identity = dict(data=os.path.abspath(args.data) if os.path.exists(args.data) else args.data, seed=args.seed,
                     limit=args.data_limit, resolution=res, bucket_patch=patch, length=len(dataset),
-                    dino=fingerprint(resolve(run_dir, paths["dino"])), gemma=fingerprint(resolve(run_dir, paths["gemma"])),
+                    dino=data.fingerprint(resolve(run_dir, paths["dino"])),
+                    gemma=data.fingerprint(resolve(run_dir, paths["gemma"])),
                     gemma_dtype="bfloat16" if device.type == "cuda" else "float32")
     key = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     folder = os.path.join(args.cache_features, f"{res}px-{key}")
     if not os.path.exists(os.path.join(folder, "index.json")):
-        build_feature_cache(folder, dataset, encode, identity, rank, world, args.workers)
+        data.build_feature_cache(folder, dataset, encode, identity, rank, world, args.workers, barrier)
     return data.FeatureCache(folder)
-
-
-@torch.no_grad()
-def build_feature_cache(folder, dataset, encode, identity, rank, world, workers):
-    """Encode every item of `dataset` once. Ranks take shards round-robin; each shard is written atomically,
-    so a killed build loses at most the shards in flight and the next run finishes the rest. Rank 0 writes
-    index.json last: its presence means the cache is complete."""
-    os.makedirs(folder, exist_ok=True)
-    n, size = len(dataset), data.CACHE_SHARD_SIZE
-    todo = [k for k in range(rank, math.ceil(n / size), world)
-            if not os.path.exists(data.cache_shard_path(folder, k))]
-    bar = tqdm(total=sum(min(n, (k + 1) * size) - k * size for k in todo), desc=f"feature cache {folder}",
-               disable=rank != 0, dynamic_ncols=True)
-    for k in todo:
-        tensors, captions, systems = {}, {}, {}
-        # collate_fn=list keeps the items as they are (None for an unreadable image), in index order. The
-        # loader's own generator: drawing its seed from the global RNG would change the DiT's initialisation.
-        loader = torch.utils.data.DataLoader(dataset, sampler=range(k * size, min(n, (k + 1) * size)), batch_size=64,
-                                             collate_fn=list, num_workers=workers, generator=torch.Generator())
-        first = k * size
-        for items in loader:
-            groups = {}                                   # images of one size encode together
-            for i, item in enumerate(items, start=first):
-                if item is not None:
-                    groups.setdefault(tuple(item["image"].shape), []).append((i, item))
-            first += len(items)
-            for members in groups.values():
-                latents, cap_feats, cap_mask = encode(data.collate([item for _, item in members]))
-                for row, (i, item) in enumerate(members):
-                    tensors[f"{i}.latent"] = latents[row].cpu().contiguous()                      # [C, h, w]
-                    tensors[f"{i}.cap_feats"] = cap_feats[row, :int(cap_mask[row].sum())].cpu().contiguous()
-                    captions[i], systems[i] = item["caption"], item["system"]
-            bar.update(len(items))
-        meta = dict(captions=json.dumps(captions), systems=json.dumps(systems))
-        atomic_save(lambda tmp: save_file(tensors, tmp, metadata=meta), data.cache_shard_path(folder, k))
-    bar.close()
-    barrier()
-    if rank == 0:
-        bucket_list = sorted({tuple(dataset.bucket_of(i)) for i in range(n)})
-        position = {b: j for j, b in enumerate(bucket_list)}
-        atomic_json(dict(identity=identity, length=n, bucket_list=bucket_list,
-                         bucket_ids=[position[tuple(dataset.bucket_of(i))] for i in range(n)]),
-                    os.path.join(folder, "index.json"))
-        tqdm.write(f"feature cache complete: {folder} ({n} items)")
-    barrier()
 
 
 def epoch_batches(loader, sampler, counts):

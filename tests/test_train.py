@@ -264,3 +264,20 @@ def test_feature_cache_trains_on_the_same_numbers_and_finishes_an_interrupted_bu
     run(cached, "--stage", "1", "--max-steps", "6", "--data-limit", "8", "--global-batch-size", "4",
         "--cache-features", str(cache))
     assert len(list(cache.iterdir())) == 2
+
+
+def test_feature_cache_built_by_two_processes_trains_like_one_process_without_it(tiny_run, tmp_path):
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    copy_encoders(tiny_run, plain)
+    copy_encoders(tiny_run, cached)
+    common = ["--stage", "1", "--max-steps", "2", "--data-limit", "300", "--global-batch-size", "4"]
+    run(plain, *common)
+    # 300 items = 2 shards of 256: rank 0 writes one, rank 1 the other, rank 0 the index after both.
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523",
+                    os.path.join(ROOT, "train.py"), "--out", str(cached), *FAST, *common, "--cache-features",
+                    str(tmp_path / "cache")], check=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["index.json", "shard-00000.safetensors",
+                                                        "shard-00001.safetensors"]
+    assert_same(weights(plain / "stage1" / "model.safetensors"), weights(cached / "stage1" / "model.safetensors"),
+                atol=1e-5)
