@@ -274,6 +274,7 @@ def test_compiled_training_step_matches_eager():
     for net, params in ((model, model.parameters()), (compiled, compiled.parameters())):
         out = net(x, t, feats, mask)
         out.square().mean().backward()
-        grads.append((out, torch.cat([p.grad.flatten() for p in params])))
+        # norm_final.weight is in the released layout but never used: it has no gradient on either side
+        grads.append((out, torch.cat([p.grad.flatten() for p in params if p.grad is not None])))
     assert rel_err(grads[1][0], grads[0][0]) <= 1e-5
     assert rel_err(grads[1][1], grads[0][1]) <= 1e-4
