@@ -711,12 +711,16 @@ def _read_checkpoint(path, map_location):
     """→ (flat {key: tensor}, our config dict or None)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"autoencoder checkpoint {path!r} does not exist")
-    if str(path).endswith(".safetensors"):
-        with safe_open(path, framework="pt", device=str(map_location)) as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        return state, json.loads(meta["config"]) if meta.get("format") == FILE_FORMAT else None
-    obj = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        if str(path).endswith(".safetensors"):
+            with safe_open(path, framework="pt", device=str(map_location)) as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+            return state, json.loads(meta["config"]) if meta.get("format") == FILE_FORMAT else None
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated copy, another format, ...: say which file
+        raise ValueError(f"could not read autoencoder checkpoint {str(path)!r} ({type(e).__name__}: {e}); the file "
+                         "is truncated or not a PyTorch/safetensors checkpoint, copy or download it again") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]                             # a Lightning checkpoint
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):

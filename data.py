@@ -20,12 +20,15 @@ Images of any aspect ratio are trained at their own aspect: each is assigned the
 size whose token grid holds at most (resolution/patch)² tokens, spec §2 "Resolution handling"), resized to
 cover it and centre-cropped — never stretched. `BucketBatchSampler` then builds batches that each come from
 one bucket, so a batch stacks into one tensor, and splits every global batch across data-parallel ranks.
+The autoencoder stages can follow the official autoencoder recipe instead (`square=True`): shorter side
+resized to the resolution, then a random square crop.
 
 Bad data policy: a malformed JSONL line is a configuration error and stops start-up with file and line. A
 missing, unreadable or truncated image is a data accident: it is skipped, counted in `ds.skipped`, named in
 a (rate-limited) log warning, and never stops a run.
 
-Runtime imports: torch, numpy, PIL, safetensors, tqdm and the standard library only.
+Runtime imports: torch, numpy, PIL, safetensors, tqdm, the standard library, and dino.py for `to_rgb` (one
+image conversion for training and for `dino.preprocess`).
 """
 import hashlib
 import json
@@ -42,6 +45,8 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
+
+import dino
 
 log = logging.getLogger("data")
 
@@ -106,15 +111,30 @@ def resize_to_cover(image, size_hw):
     return image.crop((left, top, left + tw, top + th))
 
 
-def to_rgb(image):
-    """Any PIL mode -> RGB. Transparent images are composited on white (as the official `to_rgb_if_rgba`),
-    palette and greyscale images are converted."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        canvas = Image.new("RGB", image.size, (255, 255, 255))
-        canvas.paste(image, mask=image.getchannel("A"))
-        return canvas
-    return image.convert("RGB")
+def resize_shorter_side(image, size):
+    """Resize a PIL image, keeping its aspect, so that its shorter side is `size` pixels: the first half of
+    the official autoencoder crop (albumentations SmallestMaxSize). Same filters as resize_to_cover (box
+    halving, then bicubic); the official one is a single bilinear resize."""
+    while min(image.width, image.height) >= 2 * size:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    scale = size / min(image.width, image.height)
+    new_w, new_h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    return image.resize((new_w, new_h), resample=Image.BICUBIC)
+
+
+def random_square_crops(images, size, generators):
+    """The second half of the official autoencoder crop (albumentations RandomCrop), made reproducible.
+
+    images: [3, H, W] tensors with min(H, W) == size (a list, or a stacked [B, 3, H, W]); generators: one
+    torch.Generator per image, which draws its crop position. Returns [B, 3, size, size]. The trainer keys
+    the generators by training step, so a resumed run cuts the same crops as one that never stopped."""
+    out = []
+    for image, gen in zip(images, generators):
+        h, w = image.shape[-2:]
+        top = int(torch.randint(h - size + 1, (1,), generator=gen))
+        left = int(torch.randint(w - size + 1, (1,), generator=gen))
+        out.append(image[:, top:top + size, left:left + size])
+    return torch.stack(out)
 
 
 def image_to_tensor(image):
@@ -150,6 +170,14 @@ class _BadImageLog:
 
 # ----- Datasets of real images: JSONL and folder ------------------------------------------------------------
 
+def _open_image(rec):
+    """Image.open of a record's file (lazy: reads the header only); a file JsonlDataset found nowhere raises
+    FileNotFoundError naming every place it looked."""
+    if "missing" in rec:
+        raise FileNotFoundError(rec["missing"])
+    return Image.open(rec["path"])
+
+
 class _ImageListDataset(torch.utils.data.Dataset):
     """Shared body of JsonlDataset and FolderDataset: a list of records (path, caption, system, size).
 
@@ -157,15 +185,20 @@ class _ImageListDataset(torch.utils.data.Dataset):
     when present (free), otherwise from the image header: PIL's `Image.open` reads only the header, about a
     millisecond per local file, so a million images cost minutes of start-up, read on 16 threads since it is
     I/O bound. Put width/height in big JSONL files to skip it. With a single bucket (max_ratio=1) no header is
-    read at all. An image whose header cannot be read here is skipped and counted, not an error.
+    read at all. An image whose header cannot be read here is skipped and counted, not an error; so is one
+    that fails to load later. A record with a "missing" message (JsonlDataset found no file) fails with it.
+
+    square=True is the official autoencoder recipe instead of buckets: each image is resized so its shorter
+    side is `resolution` (not cropped: the trainer cuts a random square with `random_square_crops`, keyed by
+    step so that a resume is exact), and all items share the one bucket (resolution, resolution).
 
     `skipped` counts per process: under a multi-worker DataLoader each worker has its own copy, so the
     trainer should also sum `collate(...)['dropped']`, which travels back with every batch.
     """
 
-    def __init__(self, records, resolution, patch, max_ratio, source):
-        self.resolution, self.source = resolution, source
-        self.bucket_list = buckets(resolution, patch, max_ratio)
+    def __init__(self, records, resolution, patch, max_ratio, source, square=False):
+        self.resolution, self.source, self.square = resolution, source, square
+        self.bucket_list = [(resolution, resolution)] if square else buckets(resolution, patch, max_ratio)
         self._bad = _BadImageLog()
         if len(self.bucket_list) > 1:
             records = self._read_missing_sizes(records)
@@ -184,7 +217,7 @@ class _ImageListDataset(torch.utils.data.Dataset):
 
         def header_size(rec):
             try:
-                with Image.open(rec["path"]) as im:
+                with _open_image(rec) as im:
                     return im.height, im.width
             except Exception as err:  # noqa: BLE001 - any unreadable file is a data accident, never fatal
                 return err
@@ -219,21 +252,25 @@ class _ImageListDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         rec = self.records[i]
         try:
-            with Image.open(rec["path"]) as im:
+            with _open_image(rec) as im:
                 im.load()  # decode now: a truncated file fails here, inside the try (EXIF rotation is
                 # ignored, as in the official loader)
-                image = to_rgb(im)
+                image = dino.to_rgb(im)  # the conversion dino.preprocess uses too (16-bit, alpha)
         except Exception as err:  # noqa: BLE001 - skip, count and report; a run never dies of one bad file
             self._bad.report(rec["path"], err)
             return None
+        if self.square:                         # [3, resolution, >= resolution] or the transpose
+            return dict(image=image_to_tensor(resize_shorter_side(image, self.resolution)),
+                        caption=rec["caption"], system=rec["system"])
         # The bucket was fixed at start-up from the image's size, so every item of a batch lands on the same
         # (height, width) and the batch stacks into one [B, 3, H, W] tensor.
         image = resize_to_cover(image, self.bucket_of(i))
         return dict(image=image_to_tensor(image), caption=rec["caption"], system=rec["system"])
 
 
-def _parse_jsonl_line(line, where, folder):
-    """One JSONL line -> record. `where` is "file:line" for error messages."""
+def _parse_jsonl_line(line, where):
+    """One JSONL line -> record (its path as written; JsonlDataset locates the file). `where` is "file:line"
+    for error messages."""
     try:
         item = json.loads(line)
     except json.JSONDecodeError as err:
@@ -252,7 +289,9 @@ def _parse_jsonl_line(line, where, folder):
         raise ValueError(f"{where}: '{path_key}' missing or not a string")
     if cap_key not in item:
         raise ValueError(f"{where}: '{cap_key}' missing (use \"\" or null for an uncaptioned image)")
-    caption = item[cap_key]  # None or "" -> "" (system prompt alone), as the official item processor
+    # null or "" -> "": text.format_prompt then gives the system prompt alone, as the official item processor
+    # does. (The bare "" with no system prompt, the unconditional input, comes only from caption dropout.)
+    caption = item[cap_key]
     if caption is not None and not isinstance(caption, str):
         raise ValueError(f"{where}: '{cap_key}' must be a string, got {type(caption).__name__}")
     size = None
@@ -261,17 +300,35 @@ def _parse_jsonl_line(line, where, folder):
         if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
             raise ValueError(f"{where}: 'width' and 'height' must both be positive integers, got {w!r}, {h!r}")
         size = (h, w)
-    # Relative paths are relative to the JSONL file (an absolute path is kept by os.path.join).
-    return dict(path=os.path.join(folder, item[path_key]), caption=(caption or "").strip(),
-                system=system, size=size)
+    # Whitespace around a caption is stripped (the official code keeps it, unless the caption is only that).
+    return dict(path=item[path_key], caption=(caption or "").strip(), system=system, size=size)
+
+
+def _locate(path, folder):
+    """Where a JSONL path points: as given first (absolute, or relative to the working directory, as the
+    official trainer opens it), then relative to the JSONL's folder. Returns the record fields: {"path"}, or
+    {"path", "missing"} naming both places tried."""
+    if os.path.exists(path):
+        return dict(path=os.path.abspath(path))    # absolute: DataLoader workers never depend on the cwd
+    beside = os.path.join(folder, path)
+    if not os.path.isabs(path) and os.path.exists(beside):
+        return dict(path=beside)
+    if os.path.isabs(path):
+        return dict(path=path, missing=f"no such file: {path}")
+    return dict(path=os.path.abspath(path), missing=f"no such file as given ({os.path.abspath(path)}) nor next "
+                                                    f"to the JSONL ({beside})")
 
 
 class JsonlDataset(_ImageListDataset):
     """The official JSONL format (see module docstring). A `.json` file holding one JSON array, the other
     format the official `MyDataset` reads, is accepted too. Every line is parsed at start-up so that a
-    malformed one stops the run before any compute is spent, with its file and line number."""
+    malformed one stops the run before any compute is spent, with its file and line number.
 
-    def __init__(self, path, resolution, patch=16, max_ratio=4.0, limit=None):
+    Image paths are looked up once, at start-up (`_locate`: as given, then next to the JSONL; one os.path.exists
+    each, on 16 threads). A file found in neither place is skipped and counted like any unreadable image,
+    and the log names both places."""
+
+    def __init__(self, path, resolution, patch=16, max_ratio=4.0, limit=None, square=False):
         folder = os.path.dirname(os.path.abspath(path))
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -283,17 +340,20 @@ class JsonlDataset(_ImageListDataset):
             lines = [(f"{path}: item {k}", json.dumps(it)) for k, it in enumerate(items)]
         else:
             lines = [(f"{path}:{n}", s) for n, s in enumerate(text.splitlines(), 1) if s.strip()]
-        records = [_parse_jsonl_line(s, where, folder) for where, s in lines][:limit]
+        records = [_parse_jsonl_line(s, where) for where, s in lines][:limit]
         if not records:
             raise ValueError(f"{path}: no data lines")
-        super().__init__(records, resolution, patch, max_ratio, source=path)
+        with ThreadPoolExecutor(max_workers=16) as pool:   # I/O bound: a stat per file
+            for rec, found in zip(records, pool.map(lambda r: _locate(r["path"], folder), records)):
+                rec.update(found)
+        super().__init__(records, resolution, patch, max_ratio, source=path, square=square)
 
 
 class FolderDataset(_ImageListDataset):
     """Every image under a folder (recursively, sorted), captioned by the same-stem `.txt` file next to it.
     Images without a caption file are left out and counted in the log. System prompt key: 'base'."""
 
-    def __init__(self, path, resolution, patch=16, max_ratio=4.0, limit=None):
+    def __init__(self, path, resolution, patch=16, max_ratio=4.0, limit=None, square=False):
         if not os.path.isdir(path):
             raise ValueError(f"{path}: not a folder")
         records, uncaptioned = [], 0
@@ -314,7 +374,7 @@ class FolderDataset(_ImageListDataset):
             log.warning("%s: %d images have no same-stem .txt caption and are left out", path, uncaptioned)
         if not records:
             raise ValueError(f"{path}: no images with a same-stem .txt caption found")
-        super().__init__(records[:limit], resolution, patch, max_ratio, source=path)
+        super().__init__(records[:limit], resolution, patch, max_ratio, source=path, square=square)
 
 
 # ----- The shapes world: palette, shapes, positions ---------------------------------------------------------
@@ -511,17 +571,18 @@ class ShapesDataset(torch.utils.data.Dataset):
         return dict(image=image_to_tensor(image), caption=caption, system="base")
 
 
-def open_dataset(spec, resolution, seed=0, patch=16, max_ratio=4.0, limit=None):
+def open_dataset(spec, resolution, seed=0, patch=16, max_ratio=4.0, limit=None, square=False):
     """The one entry point of the trainer: 'shapes', 'shapes:clean', a .jsonl / .json file, or a folder.
-    `limit` keeps only the first N items (an epoch is then N items; the shapes data has 100,000 by default)."""
+    `limit` keeps only the first N items (an epoch is then N items; the shapes data has 100,000 by default).
+    `square`: images for random square crops instead of buckets (see _ImageListDataset; shapes are square)."""
     if limit is not None and limit < 1:
         raise ValueError(f"--data-limit must be at least 1, got {limit}")
     if spec in ("shapes", "shapes:clean"):
         return ShapesDataset(resolution, seed=seed, clean=spec.endswith(":clean"), length=limit or 100_000)
     if os.path.isdir(spec):
-        return FolderDataset(spec, resolution, patch, max_ratio, limit=limit)
+        return FolderDataset(spec, resolution, patch, max_ratio, limit=limit, square=square)
     if os.path.isfile(spec) and spec.lower().endswith((".jsonl", ".json")):
-        return JsonlDataset(spec, resolution, patch, max_ratio, limit=limit)
+        return JsonlDataset(spec, resolution, patch, max_ratio, limit=limit, square=square)
     raise ValueError(f"--data {spec!r}: expected 'shapes', 'shapes:clean', an existing .jsonl/.json file, "
                      f"or an existing folder of images with same-stem .txt captions")
 
@@ -664,73 +725,84 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     """Yields this rank's list of indices for every step of an epoch. Use as `DataLoader(batch_sampler=...)`.
 
     Per epoch, with rng = numpy generator seeded by (seed, epoch):
-      1. shuffle each bucket's indices and cut them into *global* batches of batch_size × world_size;
+      1. each bucket queues the indices the previous epoch left over, then a shuffle of all its indices, and
+         cuts the queue into *global* batches of batch_size × world_size; what does not fill one (fewer than
+         a global batch) is carried over to the next epoch's queue of the same bucket;
       2. shuffle the order of all global batches (so buckets interleave);
       3. rank r takes slice [r·B, (r+1)·B) of each global batch.
+    So every image enters every epoch exactly once and trains at most one epoch later, and each batch
+    stays one size. A bucket smaller than the global batch (a rare aspect ratio, against 512 images
+    per step at stage 1) fills a batch every few epochs, repeating its images inside it; nothing is dropped,
+    and no image is trained more often than another in the long run. (The official trainer takes every image
+    every epoch too, but in batches of mixed sizes.)
     Step 1-2 do not depend on rank or world size, only on the global batch size, so one process with
     batch B·W sees at every step exactly the union of what W ranks with batch B see. Every rank yields the
     same number of batches (no rank waits at an all-reduce for a peer that ran out).
 
-    drop_last=True drops each bucket's incomplete remainder (a different remainder every epoch); False pads
-    it to a full global batch by repeating indices of the same bucket, so shapes still agree across ranks.
-
-    The official trainer seeds its order with global_seed + resolution·100 (spec §5.1) so that stages do
-    not replay one order; a trainer can pass the same as `seed`.
+    The official trainer seeds its order with global_seed + resolution·100 so that stages do not replay one
+    order; a trainer can pass the same as `seed`.
 
     Resuming: the DataLoader runs the sampler ahead of training (prefetch), so the sampler cannot count what
     was really trained on. The training loop does, in `batches_done` (`sampler.batches_done += 1` per batch
     it consumes); `state_dict()` saves it with the epoch, `load_state_dict()` restores both, and every
     `iter()` starts at batch `batches_done` of the current epoch. `set_epoch` to a new epoch resets it to 0.
+    An epoch's batches are a pure function of (seed, epoch, global batch, buckets): the carried-over
+    remainders are recomputed by replaying the earlier epochs' shuffles (cheap: no data is read).
     """
 
-    def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0, drop_last=True):
+    def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0):
         if not 0 <= rank < world_size:
             raise ValueError(f"BucketBatchSampler: rank {rank} is not in [0, world_size={world_size})")
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.seed, self.drop_last = seed, drop_last
+        if len(dataset) == 0:
+            raise ValueError("BucketBatchSampler: the dataset is empty")
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.global_batch = batch_size * world_size
         members = {}  # bucket (h, w) -> indices
         for i in range(len(dataset)):
             members.setdefault(tuple(dataset.bucket_of(i)), []).append(i)
         self.members = [np.array(members[b], dtype=np.int64) for b in sorted(members)]
         self.epoch = 0
+        self.carry = [np.zeros(0, dtype=np.int64) for _ in self.members]  # this epoch's leftovers, per bucket
         self.batches_done = 0  # of this epoch, advanced by the training loop (see the class docstring)
-        if len(self) == 0:
-            sizes = {b: len(m) for b, m in sorted(members.items())}
-            raise ValueError(f"BucketBatchSampler: no bucket holds a full global batch of {self.global_batch} "
-                             f"(bucket sizes {sizes}); lower the batch size or pass drop_last=False")
 
     def __len__(self):
-        if self.drop_last:
-            return sum(len(m) // self.global_batch for m in self.members)
-        return sum(math.ceil(len(m) / self.global_batch) for m in self.members)
+        """Global batches in the current epoch (it varies with what the previous epoch carried over)."""
+        return sum((len(c) + len(m)) // self.global_batch for c, m in zip(self.carry, self.members))
 
-    def global_batches(self, epoch):
-        """All global batches of an epoch, in order: a list of int64 arrays of batch_size × world_size."""
-        rng = np.random.default_rng([self.seed, epoch])
-        G, out = self.global_batch, []
-        for idx in self.members:
-            idx = rng.permutation(idx)
-            full = len(idx) // G
-            out += [idx[k * G:(k + 1) * G] for k in range(full)]
-            tail = idx[full * G:]
-            if len(tail) and not self.drop_last:
-                out.append(np.concatenate([tail, np.resize(idx, G - len(tail))]))  # np.resize cycles
-        return [out[k] for k in rng.permutation(len(out))]
+    def _plan(self):
+        """The current epoch: (its global batches in order, each an int64 array of batch_size × world_size;
+        what each bucket carries into the next epoch)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        G, batches, carry_out = self.global_batch, [], []
+        for idx, carried in zip(self.members, self.carry):
+            # Leftovers first; their own turn of this epoch goes last, so that a batch never holds an image
+            # twice unless its bucket is smaller than a global batch.
+            perm = rng.permutation(idx)
+            waiting = np.isin(perm, carried)
+            queue = np.concatenate([carried, perm[~waiting], perm[waiting]])
+            full = len(queue) // G
+            batches += [queue[k * G:(k + 1) * G] for k in range(full)]
+            carry_out.append(queue[full * G:])
+        return [batches[k] for k in rng.permutation(len(batches))], carry_out
 
     def __iter__(self):
         # Sliced here, eagerly: a generator body would only read batches_done at the first next(), by which
         # time the training loop may already have advanced it.
-        batches = self.global_batches(self.epoch)[self.batches_done:]
+        batches = self._plan()[0][self.batches_done:]
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
         return (gb[lo:hi].tolist() for gb in batches)
 
     def set_epoch(self, epoch):
         """Select the epoch (the shuffle). A new epoch starts at batch 0; setting the current epoch again
-        keeps a resume point loaded for it."""
-        if epoch != self.epoch:
-            self.batches_done = 0
-        self.epoch = epoch
+        keeps a resume point loaded for it. Going forward replays the epochs in between (for the carry)."""
+        if epoch == self.epoch:
+            return
+        if epoch < self.epoch:
+            self.epoch, self.carry = 0, [np.zeros(0, dtype=np.int64) for _ in self.members]
+        while self.epoch < epoch:
+            self.carry = self._plan()[1]
+            self.epoch += 1
+        self.batches_done = 0
 
     def state_dict(self):
         return dict(epoch=self.epoch, batches_done=self.batches_done)
@@ -738,10 +810,11 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     def load_state_dict(self, state):
         """Resume: the next iter() yields batch `batches_done` onwards of epoch `epoch`."""
         epoch, done = int(state["epoch"]), int(state["batches_done"])
+        self.set_epoch(epoch)
         if not 0 <= done <= len(self):
             raise ValueError(f"BucketBatchSampler.load_state_dict: batches_done={done} is outside [0, {len(self)}]"
                              f" for this dataset and batch size; was the checkpoint made with other data?")
-        self.epoch, self.batches_done = epoch, done
+        self.batches_done = done
 
 
 def collate(items):

@@ -626,10 +626,31 @@ def save_dinov3(model: DINOv3, path: str):
 
 # ----- Image preprocessing ---------------------------------------------------------------------------------
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB, the one conversion used by training (data.py) and `preprocess`.
+
+    * Anything with transparency (RGBA, LA, PA, a palette or grey image with a transparent colour) is
+      composited on white, as the official `to_rgb_if_rgba` does for RGBA.
+    * 16-bit greyscale (PIL modes I;16*, and I, which 16-bit PNG / TIFF files open as) is scaled by 255/65535.
+      PIL's own convert would clip it to 0..255, turning 50% grey (32768) white.
+    * Everything else (L, P, CMYK, 1, YCbCr, ...) goes through PIL's convert.
+    The official loader composites RGBA only, converts P and L, and skips every other mode.
+    """
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        grey = np.asarray(image, dtype=np.float64) * (255 / 65535)          # [H, W], 0..65535 -> 0..255
+        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
+    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", image.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
 def _to_float_chw(image) -> torch.Tensor:
     """One image or a batch (PIL / numpy / tensor) -> float tensor [B, 3, H, W] in [0, 1]."""
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))  # [H, W, 3] uint8; grey / RGBA / palette become RGB
+        image = np.asarray(to_rgb(image))  # [H, W, 3] uint8 (see to_rgb for grey, 16-bit, alpha, palette)
     # np.array copies: arrays taken from PIL images are read-only.
     t = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
     if t.ndim == 3:

@@ -115,7 +115,12 @@ def shift_timesteps(t, s):
 
 
 # ----- Samplers ---------------------------------------------------------------------------------------
-# All three take `steps` = number of model evaluations and return the final latent in float32.
+# All three take `steps` = number of model evaluations (the cost you pay) and return the final latent in
+# float32. The official sampler's `--num_sampling_steps N` counts something else for Euler and midpoint: N
+# grid points, linspace(0, 1, N) shifted, so N − 1 intervals (torchdiffeq: N − 1 evaluations for euler,
+# 2(N − 1) for midpoint). The grids are the same, so the official run is reproduced by
+#     euler:     steps = N − 1          midpoint:  steps = 2·(N − 1)          dpm:  steps = N (it agrees)
+# with shift = the official --t_shift (6 by default) for euler / midpoint, --time_shifting_factor for dpm.
 
 def _call(velocity_fn, x, t_value):
     """Evaluate velocity_fn at a scalar time, broadcast to a [B] float32 tensor; output in float32."""
@@ -144,9 +149,10 @@ def sample_euler(velocity_fn, x, steps, shift, progress=False):
 
 
 def sample_midpoint(velocity_fn, x, steps, shift, progress=False):
-    """Explicit midpoint (torchdiffeq 'midpoint'): two evaluations per interval, so steps // 2 intervals."""
-    if steps < 2:
-        raise ValueError("sample: the midpoint solver needs steps >= 2 (two model evaluations per interval)")
+    """Explicit midpoint (torchdiffeq 'midpoint'): two evaluations per interval, so steps / 2 intervals."""
+    if steps < 2 or steps % 2:
+        raise ValueError(f"sample: --steps {steps} with the midpoint solver: it makes two model evaluations per "
+                         f"interval, so pass an even number >= 2 (e.g. {max(2, steps - 1)})")
     grid = euler_midpoint_grid(steps // 2, shift)
     for t, t_next in tqdm(list(zip(grid[:-1], grid[1:])), disable=not progress, desc="midpoint"):
         h = t_next - t

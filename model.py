@@ -124,8 +124,8 @@ class TimestepEmbedder(nn.Module):
 
 def rope_tables(axes_dims, axes_lens, theta=ROPE_THETA):
     """Per-axis tables of (cos, sin) pairs, [len_i, dim_i/2, 2] float32, built like the official complex64
-    table: frequencies in float64, angles cast to float32, then cos/sin. Built once, on the CPU;
-    NextDiT.rope copies them once per device."""
+    table: frequencies in float64, angles cast to float32, then cos/sin. Built on the CPU; NextDiT
+    moves them with its weights."""
     tables = []
     for d, length in zip(axes_dims, axes_lens):
         freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d)  # [d/2]
@@ -306,9 +306,9 @@ class NextDiT(nn.Module):
         self.norm_final = RMSNorm(dim, norm_eps)   # never used in forward; kept so released weights load strictly
         self.final_layer = FinalLayer(dim, patch_size * patch_size * self.out_channels, adaln_dim)
 
-        # RoPE tables are plain tensors, not buffers: the released state dict has none (spec §1.6).
-        self._rope_cpu = rope_tables(axes_dims, axes_lens)
-        self._rope_cache = {}
+        # RoPE tables are plain float32 tensors, not buffers: the released state dict has none, and casting the
+        # model to bf16 (sample.py) must not round them. They follow the weights' device (see _apply).
+        self._rope_tables = rope_tables(axes_dims, axes_lens)
         self.grad_checkpointing = False
         self.initialize_weights()
 
@@ -347,10 +347,15 @@ class NextDiT(nn.Module):
     # one torch.compile graph; only the eager-mode input check below reads values.
     def rope(self, pos_ids):
         """pos_ids [B, S, 3] int64 -> freqs [B, S, head_dim/2, 2] (cos, sin), axis groups concatenated in order."""
-        tables = self._rope_cache.get(pos_ids.device)
-        if tables is None:   # the tables are built once, on the CPU, and copied once per device
-            tables = self._rope_cache[pos_ids.device] = [tab.to(pos_ids.device) for tab in self._rope_cpu]
-        return torch.cat([tab[pos_ids[..., i]] for i, tab in enumerate(tables)], dim=-2)
+        return torch.cat([tab[pos_ids[..., i]] for i, tab in enumerate(self._rope_tables)], dim=-2)
+
+    def _apply(self, fn, recurse=True):
+        """`.to(device)`, `.cuda()`, ...: the RoPE tables move with the weights (staying float32), here and not in
+        the first forward. A cache filled inside a torch.compile'd call changes what that call's guards
+        checked, so the second call would compile the whole model again."""
+        super()._apply(fn, recurse)
+        self._rope_tables = [tab.to(self.x_embedder.weight.device) for tab in self._rope_tables]
+        return self
 
     @staticmethod
     def caption_positions(cap_mask):
@@ -555,7 +560,7 @@ def nextdit_config_from_state_dict(state, patch_size=1):
     """
     def shape(key):
         if key not in state:
-            raise KeyError(f"load_nextdit: key '{key}' is missing; this is not a NextDiT checkpoint")
+            raise ValueError(f"load_nextdit: key '{key}' is missing; this is not a NextDiT checkpoint")
         return tuple(state[key].shape)
 
     dim, patch_in = shape("x_embedder.weight")
@@ -603,18 +608,22 @@ def load_nextdit(path, map_location="cpu", config=None):
     """
     path = _resolve_checkpoint(path)
     stored_config = None
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        stored_config = json.loads(meta["config"]) if "config" in meta else None
-        state = load_file(path, device=str(map_location))
-    else:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(state, dict):
-            raise ValueError(f"load_nextdit: '{path}' does not hold a state dict")
-        state = state.get("model", state)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+            stored_config = json.loads(meta["config"]) if "config" in meta else None
+            state = load_file(path, device=str(map_location))
+        else:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated copy, another format, ...: say which file
+        raise ValueError(f"load_nextdit: could not read '{path}' ({type(e).__name__}: {e}); the file is truncated "
+                         "or not a PyTorch/safetensors checkpoint, copy or download it again") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"load_nextdit: '{path}' does not hold a state dict")
+    state = state.get("model", state)          # a .pth may wrap it as {"model": state dict}
     # Wrappers (torch.compile, DDP) prefix the keys; strip them so any of our checkpoints loads.
     state = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state.items()}
     config = config or stored_config or nextdit_config_from_state_dict(state)

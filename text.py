@@ -65,15 +65,14 @@ MAX_LENGTH_SAMPLE = 512
 
 
 def format_prompt(prompt: str, system_prompt: str) -> str:
-    """The text Gemma actually reads: `system_prompt + prompt`.
+    """The text Gemma actually reads: `system_prompt + prompt`, plain concatenation as in the official code.
 
-    `system_prompt` is a key of SYSTEM_PROMPTS or a literal prefix. The empty prompt is returned as "",
-    NOT wrapped: it is classifier-free guidance's unconditional input, which the official code produces by
-    replacing the whole prefixed caption with "" (caption dropout in training, `neg_cap = ""` at sampling),
-    and which therefore tokenises to just [BOS].
+    `system_prompt` is a key of SYSTEM_PROMPTS or a literal prefix. An empty prompt gives the system prompt
+    alone, which is what the official item processor trains an uncaptioned image on. Classifier-free
+    guidance's unconditional input is something else: the bare "" (just [BOS] once tokenised), which the
+    official code produces by replacing the whole prefixed caption with "" (caption dropout in training,
+    `neg_cap = ""` at sampling). Callers pass that "" directly, not through this function.
     """
-    if prompt == "":
-        return ""
     return SYSTEM_PROMPTS.get(system_prompt, system_prompt) + prompt
 
 
@@ -578,8 +577,8 @@ def save_gemma2(encoder: Gemma2Encoder, folder, max_shard_size=None):
 def encode_prompts(encoder, tokenizer, prompts, system_prompt, max_length):
     """Prompts -> (feats [B, L, hidden] in the encoder's dtype and device, mask [B, L] bool).
 
-    Each prompt is prefixed with `system_prompt` (a SYSTEM_PROMPTS key or literal text; "" stays "", the
-    unconditional input), tokenised (BOS, right padding to a multiple of 8, cut at `max_length`), and run
+    Each prompt is prefixed with `system_prompt` (a SYSTEM_PROMPTS key or literal text; pass system_prompt ""
+    for prompts already formatted and for the unconditional input ""), tokenised (BOS, right padding to a multiple of 8, cut at `max_length`), and run
     through the frozen encoder. `mask` marks real tokens; feats at padded positions are finite but
     meaningless, and the DiT ignores them (it reads only the first mask.sum() rows of each caption).
     """

@@ -26,6 +26,7 @@ command, and it continues exactly where its last checkpoint left it:
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -48,6 +49,7 @@ import data
 import dino
 import flow
 import model as dit_lib
+import sample
 import text
 
 # ----- The stage table --------------------------------------------------------------------------------
@@ -69,7 +71,10 @@ _RELEASED = dict(
     dit_res=(256, 512, 1024, 1024),              # stage 1, 2, 3, 4 (SFT)
     dit_steps=(120_000, 120_000, 60_000, 10_000),  # a guide (UNVERIFIED), see above
     micro_batch=(16, 8, 2, 2), global_batch=(512, 512, 128, 128),
-    ae_res=(256, 512, 1024), ae_steps=(100_000, 50_000, 20_000), ae_micro_batch=(8, 4, 1),
+    # The autoencoder as in the release's configs (KlingTeam/SVG-T2I autoencoder/configs/pure/*.yaml), per GPU
+    # on 8 GPUs: 64 random square crops at 256 and at 512 px (ImageNet), 3 images in aspect buckets at 1024.
+    ae_res=(256, 512, 1024), ae_steps=(100_000, 50_000, 20_000), ae_micro_batch=(64, 64, 3),
+    ae_crop=("random", "random", "bucket"),
     decoder=dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2),
     max_cap_len=256,                             # one honest limit (the official 512 flag was ignored)
     ema_decay=0.9999,                            # a 10k-step horizon (the official 0.95 is ~20 steps)
@@ -96,7 +101,7 @@ PRESETS = {
         # ones (median square fill 0.73 after stage 3, 0.87 after 250 SFT steps, 0.93 after 1,250; README).
         dit_res=(64, 96, 128, 128), dit_steps=(1200, 400, 500, 1250), lr=5e-4,   # small model: 2.5x the official lr
         micro_batch=(32, 32, 32, 32), global_batch=(32, 32, 32, 32),
-        ae_res=(64, 128), ae_steps=(700, 150), ae_micro_batch=(16, 8),
+        ae_res=(64, 128), ae_steps=(700, 150), ae_micro_batch=(16, 8), ae_crop=("random", "random"),
         decoder=dict(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1),
         residual=dict(embed_dim=64, depth=2, num_heads=4, img_size=128),
         max_cap_len=64, ema_decay=0.998, compile=False,     # on 2 CPU cores compiling costs more than it saves
@@ -113,7 +118,7 @@ PRESETS = {
                    vocab_size=512),
         dit_res=(32, 32, 64, 64), dit_steps=(20, 10, 10, 10),
         micro_batch=(4, 4, 4, 4), global_batch=(4, 4, 4, 4),
-        ae_res=(32, 32, 64), ae_steps=(20, 10, 10), ae_micro_batch=(4, 4, 4),
+        ae_res=(32, 32, 64), ae_steps=(20, 10, 10), ae_micro_batch=(4, 4, 4), ae_crop=("random", "random", "bucket"),
         decoder=dict(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1),
         residual=dict(embed_dim=32, depth=1, num_heads=2, img_size=64),
         max_cap_len=64, ema_decay=0.9, compile=False,
@@ -129,7 +134,10 @@ PREVIEW_PROMPTS = ["a red circle in the top left", "a blue square in the center"
 
 # ----- Distributed bookkeeping -----------------------------------------------------------------------
 # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python train.py` is a world of one. One process per
-# device: NCCL on CUDA, gloo on CPU.
+# device: NCCL on CUDA, gloo on CPU. NCCL reduces CUDA tensors only ("No backend type associated with device
+# type cpu"), so every tensor this file hands to a collective lives on the training device. (The other way,
+# a "cpu:gloo,cuda:nccl" group, would open a second set of connections per rank just to reduce numbers
+# that start on the GPU and would have to be read back to the host first, a sync per reduction.)
 
 def setup_distributed():
     if "RANK" not in os.environ:
@@ -157,6 +165,16 @@ def log0(rank, *msg):
         tqdm.write(" ".join(str(m) for m in msg))
 
 
+@contextlib.contextmanager
+def seeded(*key):
+    """Run the block on the CPU RNG seeded by `key` alone, e.g. (seed, "dit", stage), and give the global RNG back
+    as it was after. Weights initialised inside depend on nothing the process drew before (making the random
+    encoders, an earlier stage) and are the same on every rank."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little"))
+        yield
+
+
 # ----- Atomic files ----------------------------------------------------------------------------------
 # Every file this script writes goes to a temporary name first and is renamed into place: a kill at any
 # moment leaves either the old file or the new one, never half of one.
@@ -182,27 +200,42 @@ def cpu_state(module):
 # `latest/` holds everything needed to continue exactly: weights, EMA, optimizer, step, the sampler's
 # position and every rank's RNG state. It is written as `latest.tmp/`, then swapped in by two renames;
 # `find_latest` also accepts `latest.old/`, which exists only if a kill hit between the two renames.
+# `settings.json` records what the result depends on (seed, global batch, data), so that a resume can check it.
+
+def remove_tree(path):
+    """shutil.rmtree, with an error that says what to do: a folder that silently stays (no permission, a busy
+    mount) would make the next rename over it fail with a misleading "Directory not empty"."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise OSError(f"cannot delete {path} ({err}); fix its permissions or delete it by hand, then run the same "
+                      "command again") from err
+
 
 def save_latest(stage_dir, rank, state, rng_state):
     tmp, final, old = (os.path.join(stage_dir, n) for n in ("latest.tmp", "latest", "latest.old"))
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         os.makedirs(tmp)
     barrier()
     torch.save(rng_state, os.path.join(tmp, f"rng_rank{rank}.pt"))   # every rank its own RNG state
     if rank == 0:
         for name, module_state in state.pop("weights").items():
             save_file(module_state, os.path.join(tmp, f"{name}.safetensors"))
+        if "settings" in state:
+            atomic_json(state.pop("settings"), os.path.join(tmp, "settings.json"))
         torch.save(state, os.path.join(tmp, "trainer.pt"))             # optimizer, step, sampler
     barrier()
     if rank == 0:
         with open(os.path.join(tmp, "COMPLETE"), "w") as f:
             f.write("ok\n")
         if os.path.exists(final):
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
             os.replace(final, old)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
     barrier()
 
 
@@ -220,6 +253,30 @@ def restore_rng(latest, rank):
     path = os.path.join(latest, f"rng_rank{rank}.pt")
     if os.path.exists(path):
         torch.set_rng_state(torch.load(path, weights_only=False)["torch"])
+
+
+def check_resume(args, latest, settings, rank):
+    """Refuse to continue `latest` with other settings than the run that wrote it (its settings.json): the
+    result would be neither run's, and nothing would say so. --force-resume continues anyway and records the
+    change in log.jsonl. Only the settings given are compared, so a caller can check some before heavy work."""
+    path = os.path.join(latest, "settings.json")
+    if not os.path.exists(path):                  # written by an older train.py: nothing to compare
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    changed = {key: [saved[key], value] for key, value in settings.items() if key in saved and saved[key] != value}
+    if not changed:
+        return
+    what = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+    if "data" in changed:
+        what += " (data: a hash of every item's path and caption, or of the shapes' settings)"
+    if not args.force_resume:
+        raise SystemExit(f"{latest} was written with other settings: {what}; pass the flags it was made with, "
+                         "another --out, or --force-resume to continue anyway")
+    log0(rank, f"--force-resume: continuing {latest} with {what}")
+    if rank == 0:
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(dict(forced_resume=latest, changed=changed)) + "\n")
 
 
 # ----- EMA -------------------------------------------------------------------------------------------
@@ -259,12 +316,8 @@ def shard_nextdit(dit, device):
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
     else:
         mp = MixedPrecisionPolicy()
-    # Each rank initialised its own random weights (seeds differ by rank); fully_shard would keep each rank's
-    # slice of a different model. Start from rank 0's, as DDP does and the official sync_module_states=True.
-    if dist.is_initialized():
-        with torch.no_grad():
-            for tensor in dit.state_dict().values():
-                dist.broadcast(tensor, src=0)
+    # No broadcast first (the official sync_module_states=True): every rank already holds the same weights, from
+    # the same seeded initialisation (train_dit) or the same files, so each can keep its slice as it is.
     # NextDiT returns unpatchify's view of its output; FSDP2 warns that an in-place op on it would skip a
     # backward hook. The training loss reads it out of place, so the warning is noise here.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -415,12 +468,25 @@ def prepare_stats(run_dir, paths, dino_model, dataset, device, rank):
 # ----- Feature cache (--cache-features) -----------------------------------------------------------------
 # The frozen encoders' outputs for a stage's data, computed once and read back every epoch (data.py
 # "Feature cache" writes and reads the files). The folder name carries a hash of everything the features
-# depend on, so another resolution, dataset or encoder gets its own folder instead of stale features.
+# depend on -- the data's content included -- so another resolution, dataset, caption or encoder gets its own
+# folder instead of stale features.
+
+def data_hash(dataset):
+    """A hash of what the data is: every item's image path, caption and system prompt (a JSONL or folder
+    dataset; an edited caption changes it), or the settings the procedural shapes are a pure function of
+    (but their seed, which is --seed and checked on its own)."""
+    if hasattr(dataset, "records"):
+        items = [[os.path.abspath(r["path"]), r["caption"], r["system"]] for r in dataset.records]
+    else:
+        items = dict(length=dataset.length, clean=dataset.clean, two_object_prob=dataset.two_object_prob)
+    return hashlib.sha1(json.dumps(items).encode()).hexdigest()[:16]
+
 
 def open_feature_cache(args, run_dir, paths, dataset, res, patch, encode, device, rank, world):
     """This stage's FeatureCache under --cache-features, built first if it is missing or unfinished."""
     identity = dict(data=os.path.abspath(args.data) if os.path.exists(args.data) else args.data, seed=args.seed,
                     limit=args.data_limit, resolution=res, bucket_patch=patch, length=len(dataset),
+                    content=data_hash(dataset),
                     dino=data.fingerprint(resolve(run_dir, paths["dino"])),
                     gemma=data.fingerprint(resolve(run_dir, paths["gemma"])),
                     gemma_dtype="bfloat16" if device.type == "cuda" else "float32")
@@ -437,26 +503,59 @@ def epoch_batches(loader, sampler, counts):
     Counts what the training loop consumed (not what the loader prefetched) so a resumed run starts at the
     right batch, and adds up unreadable images in counts['skipped']. If every image of a micro-batch was
     unreadable, the previous batch stands in with loss weight 0: each rank must still run the same number
-    of forward/backward passes, or DDP would wait forever for the one that skipped."""
-    last = None
+    of forward/backward passes, or DDP would wait forever for the one that skipped. A whole epoch's worth of
+    batches in a row without one readable image would loop forever: that stops the run instead."""
+    last, unusable = None, 0
     while True:
         for batch in loader:
             sampler.batches_done += 1
             counts["skipped"] += batch["dropped"]
             if batch["captions"]:
-                last = batch
+                last, unusable = batch, 0
                 yield batch, 1.0
-            elif last is not None:
+                continue
+            unusable += 1
+            if unusable >= len(sampler):
+                raise ValueError(f"--data: not one image could be read in a whole epoch ({unusable} batches in a "
+                                 f"row, {counts['skipped']} unreadable images); the warnings above name the files")
+            if last is not None:
                 yield last, 0.0
         sampler.set_epoch(sampler.epoch + 1)      # a new epoch: the sampler reshuffles by (seed, epoch)
 
 
-def total_over_ranks(value):
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor(float(value))
-    dist.all_reduce(t)
-    return t.item()
+def total_over_ranks(tensor):
+    """Sum `tensor` over all ranks, in place, and return it. It must be on the training device (NCCL)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+# ----- torch.compile over many shapes ---------------------------------------------------------------------
+# A stage sees many latent grids (one per aspect bucket) and caption lengths (8-256 tokens, in steps of 8). Left
+# to itself dynamo compiles a graph for the first shape, then again each time another of these sizes changes
+# (4 compilations in 12 mixed steps of the tiny model, each a stall of seconds to minutes), and a function that
+# reaches the recompile limit (8) silently runs eagerly from then on. Marked dynamic on every call, the latent's
+# height and width and the caption length share one graph (1 compilation over the same 12 steps). The batch size
+# stays static: it changes only when unreadable images shorten a batch, and costs a recompile then. Should the
+# limit be hit anyway, that is an error, not a silent slow-down.
+COMPILE_BACKEND = "inductor"     # tests swap in "aot_eager": the same capture, guards and recompiles, no codegen
+
+
+def compile_dit(module):
+    """(forward, compiles): `module` under torch.compile with the sizes that vary marked dynamic, and a function
+    returning how many graphs dynamo has compiled in this process since (from its own counter)."""
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    compiled = torch.compile(module, backend=COMPILE_BACKEND)
+    graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    start = graphs()
+
+    def forward(x, t, cap_feats, cap_mask):           # x [b, C, h, w], cap_feats [b, L, D], cap_mask [b, L]
+        for tensor, dims in ((x, (2, 3)), (cap_feats, (1,)), (cap_mask, (1,))):
+            for dim in dims:
+                if tensor.shape[dim] > 1:             # a size-1 dim is always specialised; marking it would raise
+                    torch._dynamo.mark_dynamic(tensor, dim)
+        return compiled(x, t, cap_feats, cap_mask)
+    return forward, lambda: graphs() - start
 
 
 # ----- One DiT stage -----------------------------------------------------------------------------------
@@ -466,13 +565,23 @@ def train_dit(args, preset, rank, world, device):
     run_dir = args.out
     stage_dir = os.path.join(run_dir, f"stage{k}")
     res = preset["dit_res"][k - 1]
-    max_steps = args.max_steps or preset["dit_steps"][k - 1]
-    global_batch = args.global_batch_size or preset["global_batch"][k - 1]
-    micro = min(args.micro_batch_size or preset["micro_batch"][k - 1], global_batch // world)
+    pick = lambda flag, table: table[k - 1] if flag is None else flag      # a flag given, or the stage table
+    max_steps = pick(args.max_steps, preset["dit_steps"])
+    global_batch = pick(args.global_batch_size, preset["global_batch"])
+    if global_batch < world:
+        raise SystemExit(f"--global-batch-size {global_batch} is smaller than the {world} processes: each needs at "
+                         f"least one image per step; pick a multiple of {world}")
+    micro = min(pick(args.micro_batch_size, preset["micro_batch"]), global_batch // world)
     if global_batch % (micro * world):
         raise SystemExit(f"--global-batch-size {global_batch} is not a multiple of micro batch {micro} x "
                          f"{world} processes; pick a multiple of {micro * world}")
     accum = global_batch // (micro * world)
+    # A resumed stage must go on as it began: the seed and global batch are checked before any heavy work, the
+    # data once it is open.
+    latest = find_latest(stage_dir)
+    settings = dict(seed=args.seed, global_batch=global_batch)
+    if latest:
+        check_resume(args, latest, settings, rank)
 
     paths = prepare_encoders(run_dir, preset, args, rank)
     dino_model, gemma, tokenizer = load_encoders(run_dir, paths, device)
@@ -482,6 +591,9 @@ def train_dit(args, preset, rank, world, device):
     # One DiT token covers (encoder patch x DiT patch) pixels: buckets are counted in those.
     patch = dino_model.patch_size * cfg["patch_size"]
     dataset = data.open_dataset(args.data, res, seed=args.seed, patch=patch, limit=args.data_limit)
+    settings["data"] = data_hash(dataset)
+    if latest:
+        check_resume(args, latest, dict(data=settings["data"]), rank)
     stats = prepare_stats(run_dir, paths, dino_model, dataset, device, rank)
 
     @torch.no_grad()
@@ -496,8 +608,9 @@ def train_dit(args, preset, rank, world, device):
     empty_feats, empty_mask = text.encode_prompts(gemma, tokenizer, [""], "", preset["max_cap_len"])
     empty_feats = empty_feats[0, :int(empty_mask.sum())]                          # [1, D]
 
-    model = dit_lib.NextDiT(**cfg).to(device)
-    ema = dit_lib.NextDiT(**cfg).to(device).requires_grad_(False)
+    with seeded(args.seed, "dit", k):            # initialised on the CPU, the same in every process
+        model = dit_lib.NextDiT(**cfg).to(device)
+        ema = dit_lib.NextDiT(**cfg).to(device).requires_grad_(False)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     # The released layout carries a `norm_final.weight` that forward never uses (spec §1.6); no gradient ever
@@ -507,9 +620,9 @@ def train_dit(args, preset, rank, world, device):
     # below cuts into `accum` micro-batches: accumulating gradients over them equals one big batch.
     sampler = data.BucketBatchSampler(dataset, micro * accum, rank=rank, world_size=world, seed=args.seed + 100 * res)
 
-    # Weights are loaded into the plain model on every rank; the wrappers below start from them (DDP
-    # broadcasts rank 0's, which are the same; fully_shard keeps each rank's slice).
-    step, latest, trainer = 0, find_latest(stage_dir), None
+    # Every rank holds the same weights before wrapping (the seeded initialisation, or the same files), so DDP's
+    # broadcast of rank 0's changes nothing and fully_shard keeps each rank's slice of one model.
+    step, trainer = 0, None
     if latest:                                  # resume this stage exactly
         model.load_state_dict(load_file(os.path.join(latest, "model.safetensors")))
         ema.load_state_dict(load_file(os.path.join(latest, "ema.safetensors")))
@@ -543,35 +656,39 @@ def train_dit(args, preset, rank, world, device):
     if trainer is not None:
         load_optimizer_state(model, optimizer, trainer["optimizer"], os.path.join(latest, "trainer.pt"))
     use_compile = preset["compile"] if args.compile is None else args.compile
-    fwd = torch.compile(wrapped) if use_compile else wrapped
+    fwd, compiles = compile_dit(wrapped) if use_compile else (wrapped, lambda: 0)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     shift = flow.resolution_shift((res // patch) ** 2)               # image tokens at this stage -> s
 
     def sample_generators(step, n):
         """One generator per sample for its caption dropout, t and noise, seeded by (seed, stage, step, index
         in the global batch): the draws are the same whatever the number of processes or the accumulation,
-        and a resumed run needs no RNG state to continue exactly."""
+        and a resumed run needs no RNG state to continue exactly. CPU generators on every device: reading a
+        dropout decision on the host then never waits for the GPU, and the numbers do not depend on the device."""
         base = (((args.seed * 7919 + k) * 1_000_003 + step) << 20) + rank * micro * accum
-        return [torch.Generator(device).manual_seed(base + i) for i in range(n)]
+        return [torch.Generator().manual_seed(base + i) for i in range(n)]
 
     def make_inputs(batch, gens):
         """Images -> normalised latents x1 [B,C,h,w]; captions (10% dropped to "") -> Gemma features. From the
         feature cache, the same two things are read back instead of computed."""
-        keep = [torch.rand(1, generator=g, device=device).item() >= CAPTION_DROPOUT for g in gens]
+        # Host-to-device copies are non_blocking: the host queues them and goes on (from pinned memory on CUDA).
+        keep = [torch.rand(1, generator=g).item() >= CAPTION_DROPOUT for g in gens]
         if "latents" in batch:
-            x1 = stats.normalize(batch["latents"].to(device))
-            cap_feats, cap_mask = text.pad_features([f.to(device) if kept else empty_feats
+            x1 = stats.normalize(batch["latents"].to(device, non_blocking=True))
+            cap_feats, cap_mask = text.pad_features([f.to(device, non_blocking=True) if kept else empty_feats
                                                      for f, kept in zip(batch["cap_feats"], keep)])
         else:
-            x1 = stats.normalize(images_to_latents(dino_model, batch["images"].to(device)))
+            x1 = stats.normalize(images_to_latents(dino_model, batch["images"].to(device, non_blocking=True)))
             texts = [text.format_prompt(c, s) if kept else "" for c, s, kept in zip(batch["captions"], batch["systems"], keep)]
             cap_feats, cap_mask = text.encode_prompts(gemma, tokenizer, texts, "", preset["max_cap_len"])
-        t = torch.cat([flow.sample_timesteps(1, generator=g, device=device) for g in gens])
-        x0 = torch.stack([torch.randn(x1.shape[1:], generator=g, device=device) for g in gens])
-        return x0, x1, flow.shift_timesteps(t, shift), cap_feats.float(), cap_mask
+        t = flow.shift_timesteps(torch.cat([flow.sample_timesteps(1, generator=g) for g in gens]), shift)   # [b]
+        x0 = torch.stack([torch.randn(x1.shape[1:], generator=g) for g in gens])                         # [b, C, h, w]
+        return x0.to(device, non_blocking=True), x1, t.to(device, non_blocking=True), cap_feats.float(), cap_mask
 
+    # pin_memory on CUDA: batches arrive in page-locked memory, from which the copies above run asynchronously.
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.collate,
-                                         num_workers=args.workers, persistent_workers=args.workers > 0)
+                                         num_workers=args.workers, persistent_workers=args.workers > 0,
+                                         pin_memory=device.type == "cuda")
     counts = dict(skipped=0)
     batches = epoch_batches(loader, sampler, counts)
 
@@ -584,7 +701,7 @@ def train_dit(args, preset, rank, world, device):
     #   x_t = t·x1 + (1 − t)·x0, and the DiT is regressed onto the straight-line velocity x1 − x0 (paper §3.3).
     while step < max_steps:
         optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=device)      # this step's loss, added up on the device
         batch, weight = next(batches)                  # this rank's micro x accum images
         gens = sample_generators(step, len(batch["captions"]))
         take = lambda part: {key: value[part] for key, value in batch.items() if key != "dropped"}
@@ -600,7 +717,7 @@ def train_dit(args, preset, rank, world, device):
                     # per-sample MSE, averaged; / accum so the accumulated gradient is the big batch's mean
                     loss = flow.training_loss(v.float(), x0, x1).mean() * (chunk_weight / accum)
                 loss.backward()
-            loss_sum += loss.item()
+            loss_sum += loss.detach()                  # no .item(): it would wait for the GPU every micro-step
             seen += len(x1) * world
         # Under FSDP each rank holds gradient shards (DTensors); clip_grad_norm_ reduces the squared shard norms
         # across ranks, so it clips by, and returns, the norm of the whole gradient (as a DTensor).
@@ -614,10 +731,14 @@ def train_dit(args, preset, rank, world, device):
 
         if step % preset["log_every"] == 0 or step == max_steps:
             elapsed = time.time() - t0
-            # loss and skipped images summed over ranks (collectives: every rank runs this line)
-            row = dict(stage=k, step=step, loss=total_over_ranks(loss_sum) / world, grad_norm=grad_norm.item(),
-                       images_per_s=seen / elapsed, skipped_images=total_over_ranks(counts["skipped"]))
-            bar.set_postfix(loss=f"{loss_sum:.4f}", img_s=f"{seen / elapsed:.1f}")
+            # Loss and skipped images summed over ranks in one collective (every rank runs this line), then read
+            # back to the host once per log interval. grad_norm is already the whole gradient's on every rank.
+            # `compiles`: graphs torch.compile has made in this process so far (0 when running eagerly).
+            total_loss, skipped = total_over_ranks(torch.stack([
+                loss_sum, torch.tensor(float(counts["skipped"]), device=device)])).tolist()
+            row = dict(stage=k, step=step, loss=total_loss / world, grad_norm=grad_norm.item(),
+                       images_per_s=seen / elapsed, skipped_images=int(skipped), compiles=compiles())
+            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{seen / elapsed:.1f}")
             if rank == 0:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -625,7 +746,8 @@ def train_dit(args, preset, rank, world, device):
         if step % args.ckpt_every == 0 or step == max_steps:
             save_latest(stage_dir, rank, dict(      # the gathers are collectives: every rank runs them
                 weights=dict(model=full_state(model), ema=full_state(ema)),
-                optimizer=full_optimizer_state(model, optimizer), sampler=sampler.state_dict(), step=step),
+                optimizer=full_optimizer_state(model, optimizer), sampler=sampler.state_dict(), step=step,
+                settings=settings),
                 dict(torch=torch.get_rng_state()))
         every = args.preview_every if args.preview_every is not None else preset["preview_every"]
         if every and (step % every == 0 or step == max_steps):
@@ -648,9 +770,9 @@ def train_dit(args, preset, rank, world, device):
 
 def write_preview(run_dir, ema, stage, step, res, preset, device):
     """A grid of fixed prompts from the EMA weights, if a decoder exists yet (train one with --autoencoder P)."""
-    import sample
     try:
-        pipe = sample.load_pipeline(run_dir, device=device, dit_model=ema)
+        # float32: the EMA itself is handed over, and load_pipeline casts in place (bf16 would round it for good)
+        pipe = sample.load_pipeline(run_dir, device=device, dit_model=ema, dtype=torch.float32)
     except FileNotFoundError as e:
         if not getattr(write_preview, "warned", False):
             tqdm.write(f"no previews: {e}")
@@ -683,27 +805,44 @@ def train_autoencoder(args, preset, rank, world, device):
         raise SystemExit(f"the autoencoder has stages 1-{len(preset['ae_res'])}; got --stage {k}")
     res = preset["ae_res"][k - 1]
     max_steps = args.max_steps if args.max_steps is not None else preset["ae_steps"][k - 1]
-    micro = args.micro_batch_size or preset["ae_micro_batch"][k - 1]
+    micro = args.micro_batch_size if args.micro_batch_size is not None else preset["ae_micro_batch"][k - 1]
+    latest, settings = find_latest(stage_dir), dict(seed=args.seed, global_batch=micro * world)
+    if latest:                                    # a resume goes on as it began (see train_dit)
+        check_resume(args, latest, settings, rank)
+    # "random": the official recipe at 256/512 px (shorter side resized to res, a random res x res crop);
+    # "bucket": aspect buckets with centre crops, as the official 1024-px stage and the DiT stages.
+    random_crops = preset["ae_crop"][k - 1] == "random"
 
     paths = prepare_encoders(run_dir, preset, args, rank)
     dino_model, _, _ = load_encoders(run_dir, paths, device)
-    dataset = data.open_dataset(args.data, res, seed=args.seed, patch=dino_model.patch_size, limit=args.data_limit)
+    dataset = data.open_dataset(args.data, res, seed=args.seed, patch=dino_model.patch_size, limit=args.data_limit,
+                                square=random_crops)
+    settings["data"] = data_hash(dataset)
+    if latest:
+        check_resume(args, latest, dict(data=settings["data"]), rank)
+
+    def crop_generators(step, n):
+        """One generator per image for its crop position, seeded by (seed, stage, step, index in the global
+        batch): the same crops whatever the number of processes, and a resumed run needs no RNG state."""
+        base = (((args.seed * 7919 + k) * 1_000_003 + step) << 20) + rank * micro
+        return [torch.Generator().manual_seed(base + i) for i in range(n)]
 
     residual = None
-    if kind == "R":   # the released R branch is a ViT-S/16; small presets shrink it and match the DINO patch
-        residual = ae_lib.ResidualViT(**dict(ae_lib.RESIDUAL_VIT_CONFIG, **preset.get("residual", {}),
-                                             patch_size=dino_model.patch_size))
-    z_channels = dino_model.embed_dim + (residual.out_dim if residual is not None else 0)
-    decoder = ae_lib.Decoder(z_channels=z_channels, **preset["decoder"])
-    ae = ae_lib.Autoencoder(dino_model, decoder, residual).to(device)
-    loss_fn = ae_lib.AutoencoderLoss(lpips_path=args.lpips, vgg_path=args.vgg, disc_start=AE_DISC_START).to(device)
+    with seeded(args.seed, "autoencoder", kind, k):   # the same initial weights on every rank, whatever ran before
+        if kind == "R":   # the released R branch is a ViT-S/16; small presets shrink it and match the DINO patch
+            residual = ae_lib.ResidualViT(**dict(ae_lib.RESIDUAL_VIT_CONFIG, **preset.get("residual", {}),
+                                                 patch_size=dino_model.patch_size))
+        z_channels = dino_model.embed_dim + (residual.out_dim if residual is not None else 0)
+        decoder = ae_lib.Decoder(z_channels=z_channels, **preset["decoder"])
+        ae = ae_lib.Autoencoder(dino_model, decoder, residual).to(device)
+        loss_fn = ae_lib.AutoencoderLoss(lpips_path=args.lpips, vgg_path=args.vgg, disc_start=AE_DISC_START).to(device)
     params = list(ae.trainable_parameters())
     disc_params = list(loss_fn.discriminator.parameters())
     opt_g = torch.optim.Adam(params, lr=AE_LR, betas=AE_BETAS)
     opt_d = torch.optim.Adam(disc_params, lr=AE_LR, betas=AE_BETAS)
     sampler = data.BucketBatchSampler(dataset, micro, rank=rank, world_size=world, seed=args.seed + 100 * res)
 
-    step, latest = 0, find_latest(stage_dir)
+    step = 0
     if latest:
         ae.load_state_dict(load_file(os.path.join(latest, "model.safetensors")))
         loss_fn.discriminator.load_state_dict(load_file(os.path.join(latest, "discriminator.safetensors")))
@@ -722,7 +861,8 @@ def train_autoencoder(args, preset, rank, world, device):
         log0(rank, f"autoencoder {kind} stage {k}: initialised from {prev}")
 
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.collate,
-                                         num_workers=args.workers, persistent_workers=args.workers > 0)
+                                         num_workers=args.workers, persistent_workers=args.workers > 0,
+                                         pin_memory=device.type == "cuda")
     counts = dict(skipped=0)
     batches = epoch_batches(loader, sampler, counts)
     bar = tqdm(total=max_steps, initial=step, desc=f"autoencoder {kind} stage {k} @ {res}px", disable=rank != 0)
@@ -732,7 +872,10 @@ def train_autoencoder(args, preset, rank, world, device):
     # encoder's input and the loss target.
     while step < max_steps:
         batch, weight = next(batches)
-        images = batch["images"].to(device)
+        images = batch["images"]                  # [B, 3, H, W], or with random crops a list of [3, >=res, >=res]
+        if random_crops:
+            images = data.random_square_crops(images, res, crop_generators(step, len(images)))
+        images = images.to(device, non_blocking=True)
         recon = ae(images)                        # encode (DINOv3 frozen, no grad) then decode: [B, 3, H, W]
         loss_g, log_g = loss_fn.generator_loss(recon, images, step, last_layer=decoder.conv_out.weight)
         opt_g.zero_grad(set_to_none=True)
@@ -748,15 +891,18 @@ def train_autoencoder(args, preset, rank, world, device):
             log_g.update(log_d)
         step += 1
         bar.update(1)
-        bar.set_postfix(l1=f"{log_g['l1'].item():.4f}")
-        if rank == 0 and (step % preset["log_every"] == 0 or step == max_steps):
-            with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(dict(autoencoder=kind, stage=k, step=step, skipped_images=counts["skipped"],
-                                        **{n: v.item() for n, v in log_g.items()})) + "\n")
+        if step % preset["log_every"] == 0 or step == max_steps:   # read back to the host once per log interval
+            logged = {n: v.item() for n, v in log_g.items()}
+            bar.set_postfix(l1=f"{logged['l1']:.4f}")
+            if rank == 0:
+                with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(dict(autoencoder=kind, stage=k, step=step, skipped_images=counts["skipped"],
+                                            **logged)) + "\n")
         if step % args.ckpt_every == 0 or step == max_steps:
             save_latest(stage_dir, rank, dict(
                 weights=dict(model=cpu_state(ae), discriminator=cpu_state(loss_fn.discriminator)),
-                opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(), sampler=sampler.state_dict(), step=step),
+                opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(), sampler=sampler.state_dict(), step=step,
+                settings=settings),
                 dict(torch=torch.get_rng_state()))
     bar.close()
     if rank == 0:
@@ -767,25 +913,80 @@ def train_autoencoder(args, preset, rank, world, device):
 
 # ----- Export: the files sample.py needs, and nothing else ------------------------------------------------
 
+EXPORT_MARKER = "export.json"       # what --export writes into every export: how a folder is recognised as one
+
+
+def check_export_dest(run_dir, dest):
+    """Refuse a --export folder that is not an export's to replace, before any training: the run folder or a
+    folder holding it, and any non-empty folder without EXPORT_MARKER (the user's own files)."""
+    run, target = os.path.realpath(run_dir), os.path.realpath(dest)
+    if os.path.commonpath([run, target]) == target:
+        raise SystemExit(f"--export {dest} is the run folder {run_dir} or holds it; export to a folder outside it")
+    if os.path.exists(dest) and not (os.path.isdir(dest) and (not os.listdir(dest) or
+                                                              os.path.exists(os.path.join(dest, EXPORT_MARKER)))):
+        raise SystemExit(f"--export {dest} exists and is not an earlier export (it has no {EXPORT_MARKER}); "
+                         "nothing was touched: pick a new or empty folder")
+
+
 def export_for_sampling(run_dir, dest):
     """Copy a run's sampling files to `dest` (how assets/demo/ is made): the encoders, the last decoder stage,
-    the last DiT stage's EMA weights and config. Optimizer states, non-EMA weights and earlier stages stay."""
-    import sample
+    the last DiT stage's EMA weights and config. Optimizer states, non-EMA weights and earlier stages stay.
+
+    The copy is made in a temporary folder next to `dest` and renamed into place, so an earlier export (or
+    an empty folder) is replaced only by a complete one; check_export_dest refuses anything else."""
     parts = sample.find_parts(run_dir)
     if not parts["dit"] or not parts["decoder"]:
         raise SystemExit(f"{run_dir} has no finished DiT stage and decoder to export")
-    shutil.rmtree(dest, ignore_errors=True)
-    for src in (os.path.join(run_dir, "encoders.json"), os.path.join(run_dir, "encoders"), parts["decoder"],
-                parts["dit"], os.path.join(os.path.dirname(parts["dit"]), "config.json")):
-        target = os.path.join(dest, os.path.relpath(src, run_dir))
+    check_export_dest(run_dir, dest)
+    dest = dest.rstrip("/")
+    tmp, old = f"{dest}.tmp{os.getpid()}", f"{dest}.old{os.getpid()}"
+    remove_tree(tmp)
+    sources = (os.path.join(run_dir, "encoders.json"), os.path.join(run_dir, "encoders"), parts["decoder"],
+               parts["dit"], os.path.join(os.path.dirname(parts["dit"]), "config.json"))
+    for src in sources:
+        target = os.path.join(tmp, os.path.relpath(src, run_dir))
         os.makedirs(os.path.dirname(target), exist_ok=True)
         (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, target)
+    atomic_json(dict(run=run_dir, files=[os.path.relpath(src, run_dir) for src in sources]),
+                os.path.join(tmp, EXPORT_MARKER))
+    if os.path.exists(dest):
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    remove_tree(old)
     tqdm.write(f"exported {run_dir} -> {dest}")
+
+
+# ----- One run per run folder ----------------------------------------------------------------------------
+# Two trainings in one folder would overwrite each other's checkpoints. Rank 0 holds an exclusive flock on
+# RUN_DIR/.lock for as long as it lives; the kernel drops it when the process ends, however it ends (kill -9
+# too), so a dead run never leaves the folder locked. Only rank 0 takes it: ranks on one machine would
+# otherwise lock each other out.
+
+def lock_run_folder(run_dir, rank):
+    """The open lock file (keep it open: closing it releases the folder), or SystemExit on every rank if another
+    run holds the folder."""
+    handle = None
+    if rank == 0:
+        handle = open(os.path.join(run_dir, ".lock"), "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            handle = None
+    refused = [rank == 0 and handle is None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(refused, src=0)              # every rank learns rank 0's answer (any backend)
+    if refused[0]:
+        raise SystemExit(f"--out {run_dir}: another train.py is running in this run folder (it holds "
+                         f"{os.path.join(run_dir, '.lock')}); wait for it to end, or pick another --out")
+    return handle
 
 
 # ----- Command line ------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
+    # Every number is checked here, before any work: 0 steps or a NaN rate mean nothing (never "the default").
+    positive, natural = sample.number(int, minimum=1), sample.number(int, minimum=0)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Stages: DiT 1=256px 2=512px 3=1024px 4=SFT@1024px; autoencoder 1=256 2=512 "
                                        "3=1024 (small presets scale these down; see PRESETS in train.py).")
@@ -796,15 +997,18 @@ def parse_args(argv=None):
                    "captions, or 'shapes' / 'shapes:clean' (the built-in procedural dataset)")
     p.add_argument("--out", required=True, help="the run folder; every stage of one model lives in the same one")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="model sizes and resolution ladder")
-    p.add_argument("--max-steps", type=int, help="optimizer steps for this stage (default: the stage table)")
-    p.add_argument("--global-batch-size", type=int, help="images per optimizer step over all processes; larger than "
-                   "micro batch x processes means gradient accumulation")
-    p.add_argument("--micro-batch-size", type=int, help="images per process per forward pass")
-    p.add_argument("--ckpt-every", type=int, default=500, help="write RUN_DIR/stage{K}/latest/ every N steps")
-    p.add_argument("--preview-every", type=int, help="sample a preview grid every N steps (0: never)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the data order, t, noise and caption dropout")
-    p.add_argument("--lr", type=float, help=f"AdamW learning rate, constant, no warm-up (default {LR} as official; "
-                   "the demo preset uses its own)")
+    p.add_argument("--max-steps", type=positive, help="optimizer steps for this stage (default: the stage table)")
+    p.add_argument("--global-batch-size", type=positive, help="images per optimizer step over all processes, a "
+                   "multiple of micro batch x processes; larger than that means gradient accumulation")
+    p.add_argument("--micro-batch-size", type=positive, help="images per process per forward pass")
+    p.add_argument("--ckpt-every", type=positive, default=500, help="write RUN_DIR/stage{K}/latest/ every N steps")
+    p.add_argument("--preview-every", type=natural, help="sample a preview grid every N steps (0: never)")
+    p.add_argument("--seed", type=natural, default=0, help="seeds the data order, t, noise and caption dropout")
+    p.add_argument("--force-resume", action="store_true", help="continue a stage's latest/ checkpoint even though "
+                   "--seed, --global-batch-size or the data (paths, captions) differ from the run that wrote it "
+                   "(refused otherwise: the result would be neither run)")
+    p.add_argument("--lr", type=sample.number(float, minimum=0), help=f"AdamW learning rate, constant, no warm-up "
+                   f"(default {LR} as official; the demo preset uses its own)")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the DiT (default for the 2B/0.8B presets)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
@@ -813,12 +1017,12 @@ def parse_args(argv=None):
     p.add_argument("--fsdp", action="store_true", help="DiT stages: shard weights, gradients, AdamW and EMA over the "
                    "processes (FSDP2 fully_shard, one group per block; bf16 weights / fp32 gradient reduction on CUDA) "
                    "instead of DDP's full copies; for the 2B model. The autoencoder always uses plain averaging")
-    p.add_argument("--data-limit", type=int, metavar="N", help="use only the first N items of --data (an epoch is "
-                   "then N items; the shapes data has 100,000)")
+    p.add_argument("--data-limit", type=positive, metavar="N", help="use only the first N items of --data (an "
+                   "epoch is then N items; the shapes data has 100,000)")
     p.add_argument("--cache-features", metavar="DIR", help="DiT stages: run the frozen DINOv3 and Gemma-2 over the "
                    "stage's data once, store their outputs under DIR (safetensors shards, fp32 latents: "
                    "C x (res/patch)^2 x 4 bytes per image) and train from them; pays off from the second epoch")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank")
+    p.add_argument("--workers", type=natural, default=2, help="DataLoader worker processes per rank")
     p.add_argument("--dino", help="DINOv3 weights (.pth or HF folder) for the released presets")
     p.add_argument("--gemma", help="Gemma-2-2B folder (config.json, *.safetensors, tokenizer.model)")
     p.add_argument("--stats", help="latent statistics file (.pt with mean/std); computed once if omitted")
@@ -827,7 +1031,9 @@ def parse_args(argv=None):
     p.add_argument("--demo", action="store_true", help="walk every stage of the preset: autoencoder P stages, then "
                    "DiT 1..4 (stage 4 on shapes:clean when --data is shapes)")
     p.add_argument("--export", metavar="DIR", help="after training, copy the files sample.py needs to DIR "
-                   "(`--demo --export assets/demo` rebuilds the shipped demo)")
+                   "(`--demo --export assets/demo` rebuilds the shipped demo). DIR must be new, empty or an "
+                   "earlier export (it holds export.json); an earlier export is replaced only once the new one "
+                   "is complete")
     return p.parse_args(argv)
 
 
@@ -835,14 +1041,20 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.demo and args.stage is None:
         raise SystemExit("pass --stage K (1-4), or --demo to walk every stage")
+    if args.export:                               # refused now, not after hours of training
+        check_export_dest(args.out, args.export)
     preset = PRESETS[args.preset]
     rank, world, device = setup_distributed()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    # Initial weights come from `seeded` and the training draws from their own generators; the global RNG, seeded
+    # per rank, is left for what else draws from it (DataLoader worker seeds), so that is reproducible too.
     torch.manual_seed(args.seed * 1000 + rank)
-    os.makedirs(args.out, exist_ok=True)
+    lock = None
     try:
+        os.makedirs(args.out, exist_ok=True)
+        lock = lock_run_folder(args.out, rank)
         if args.demo:
             for k, steps in enumerate(preset["ae_steps"], start=1):
                 if steps:
@@ -862,7 +1074,14 @@ def main(argv=None):
         # Leave together: a rank that tears down its gloo threads while a peer is still finishing its last
         # collective can abort at exit ("terminate called without an active exception", seen once in CI).
         barrier()
+    # Every check in this code base raises ValueError (bad data, a bad or truncated file, a wrong kind) or an
+    # OSError (a missing file, no permission, a full disk): the user's to fix, so one line says what. Any
+    # other exception is a bug and keeps its traceback.
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"train.py: {err}") from None
     finally:
+        if lock is not None:
+            lock.close()                          # releases the run folder
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -15,16 +15,18 @@ import torch
 @torch.no_grad()
 def randomize_(module, seed):
     """Give every parameter random O(1)-preserving values (default inits hide whole code paths: zero adaLN,
-    identity norms). Matrices: uniform with std 1/sqrt(fan_in); vectors: 1 + N(0, 0.2), biases N(0, 0.2)."""
-    gen = torch.Generator().manual_seed(seed)
+    identity norms). Matrices: uniform with std 1/sqrt(fan_in); vectors: 1 + N(0, 0.2), biases N(0, 0.2).
+    Drawn where the module lives (a 2B model on a GPU takes a second, not a minute of CPU draws)."""
+    device = next(module.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
     for name, p in module.named_parameters():
         if p.dim() >= 2:
             bound = (3.0 / p[0].numel()) ** 0.5
-            p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
+            p.copy_((torch.rand(p.shape, generator=gen, device=device) * 2 - 1) * bound)
         elif name.endswith("bias"):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            p.copy_(torch.randn(p.shape, generator=gen, device=device) * 0.2)
         else:
-            p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.2)
+            p.copy_(1 + torch.randn(p.shape, generator=gen, device=device) * 0.2)
     return module
 
 

@@ -90,11 +90,11 @@ def test_sampler_deterministic_single_bucket_no_repeats():
     ds = FakeDataset()
     a, b = data.BucketBatchSampler(ds, 4, seed=3), data.BucketBatchSampler(ds, 4, seed=3)
     e0 = _epoch(a, 0)
+    assert len(e0) == len(a)
     assert e0 == _epoch(b, 0)
     assert e0 != _epoch(a, 1) and e0 != _epoch(data.BucketBatchSampler(ds, 4, seed=4), 0)
-    assert len(e0) == len(a)
     flat = [i for batch in e0 for i in batch]
-    assert len(flat) == len(set(flat)), "drop_last=True must not repeat an index within an epoch"
+    assert len(flat) == len(set(flat)), "the first epoch (nothing carried over) must not repeat an index"
     for batch in e0:
         assert len(batch) == 4 and len({ds.bucket_of(i) for i in batch}) == 1
     assert len({ds.bucket_of(batch[0]) for batch in e0}) == 3  # all buckets take part
@@ -137,18 +137,49 @@ def test_sampler_resumes_mid_epoch_exactly():
         fresh.load_state_dict({"epoch": 0, "batches_done": 10_000})
 
 
-def test_sampler_without_drop_last_covers_everything_with_full_batches():
-    ds = FakeDataset(50)
-    s = data.BucketBatchSampler(ds, 4, seed=0, drop_last=False)
-    batches = _epoch(s, 0)
-    assert len(batches) == len(s)
-    assert all(len(b) == 4 and len({ds.bucket_of(i) for i in b}) == 1 for b in batches)
-    assert {i for b in batches for i in b} == set(range(len(ds)))
+class SizedBuckets:
+    """A dataset whose buckets hold the given numbers of items, interleaved."""
+
+    def __init__(self, counts):
+        self.sizes = [size for _, size in sorted((k / n, (16 * (b + 1), 16)) for b, n in enumerate(counts)
+                                                 for k in range(n))]
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def bucket_of(self, i):
+        return self.sizes[i]
 
 
-def test_sampler_rejects_impossible_batch():
-    with pytest.raises(ValueError, match="no bucket holds a full global batch"):
-        data.BucketBatchSampler(FakeDataset(20), 8, world_size=2)
+@pytest.mark.parametrize("world", [1, 2])
+def test_sampler_trains_every_image_of_buckets_smaller_than_the_global_batch(world):
+    # Global batch 8: one big bucket (61 = 7 batches + 5 left over) and two smaller than a batch (5 and 3).
+    ds, G, epochs = SizedBuckets([61, 5, 3]), 8, 6
+    samplers = [data.BucketBatchSampler(ds, G // world, rank=r, world_size=world, seed=2) for r in range(world)]
+    drawn = np.zeros(len(ds), dtype=int)
+    for epoch in range(epochs):
+        per_rank = [_epoch(s, epoch) for s in samplers]
+        assert len({len(p) for p in per_rank}) == 1, "every rank must take the same number of steps"
+        for shares in zip(*per_rank):
+            flat = [i for share in shares for i in share]
+            assert len(flat) == G and len({ds.bucket_of(i) for i in flat}) == 1, "one bucket, one size per step"
+            if ds.bucket_of(flat[0]) == (16, 16):      # a bucket of at least one batch never repeats inside one
+                assert len(set(flat)) == G
+            np.add.at(drawn, flat, 1)
+    assert (drawn > 0).all(), f"never drawn: {sorted(set(ds.sizes[i] for i in np.flatnonzero(drawn == 0)))}"
+    # Each image enters the queue once per epoch; at most G - 1 per bucket are still waiting at the end.
+    assert drawn.max() <= epochs + 1 and drawn.sum() > epochs * len(ds) - 3 * (G - 1)
+    # With a single process the same global batches come out (the union over ranks).
+    if world == 2:
+        one = data.BucketBatchSampler(ds, G, seed=2)
+        for epoch in range(epochs):
+            assert [sorted(b) for b in _epoch(one, epoch)] == [
+                sorted(x + y) for x, y in zip(*[_epoch(s, epoch) for s in samplers])]
+
+
+def test_sampler_needs_data():
+    with pytest.raises(ValueError, match="empty"):
+        data.BucketBatchSampler(FakeDataset(0), 8)
 
 
 # ----- Bad data ---------------------------------------------------------------------------------------------
@@ -181,7 +212,7 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(image_dir, caplog, m
     monkeypatch.chdir(image_dir.parent)  # paths are relative to the JSONL file, not to the working directory
     with caplog.at_level(logging.WARNING, logger="data"):
         ds = data.JsonlDataset(str(jsonl), 64)
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=data.BucketBatchSampler(ds, 1, drop_last=False),
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=data.BucketBatchSampler(ds, 1),
                                              collate_fn=data.collate)
         batches = list(loader)
     assert ds.skipped == 2
@@ -223,6 +254,92 @@ def test_folder_dataset_and_open_dataset(image_dir, tmp_path):
     assert isinstance(data.open_dataset("shapes:clean", 32), data.ShapesDataset)
     with pytest.raises(ValueError, match="expected 'shapes'"):
         data.open_dataset(str(tmp_path / "nope.txt"), 64)
+
+
+def test_uncaptioned_images_train_on_the_system_prompt_alone(image_dir):
+    import text
+    jsonl = _write_jsonl(image_dir / "train.jsonl", [{"path": "good.png", "prompt": None},
+                                                     {"path": "good.png", "prompt": "  "},
+                                                     {"image_path": "good2.jpg", "super_high_quality_caption": ""}])
+    ds = data.JsonlDataset(str(jsonl), 64)
+    for i in range(len(ds)):
+        item = ds[i]
+        # what the trainer feeds Gemma: the official item processor's system_prompt + "" ...
+        assert text.format_prompt(item["caption"], item["system"]) == text.SYSTEM_PROMPTS[item["system"]]
+    # ... not the bare "" of caption dropout, the unconditional input
+    assert text.format_prompt(ds[0]["caption"], "base") != ""
+
+
+def test_jsonl_paths_as_given_first_then_next_to_the_jsonl(tmp_path, monkeypatch, caplog):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "lists").mkdir()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "images" / "cwd.png")      # official: cwd-relative
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(tmp_path / "lists" / "beside.png")    # next to the JSONL
+    Image.new("RGB", (40, 40), (10, 10, 200)).save(tmp_path / "abs.png")
+    jsonl = _write_jsonl(tmp_path / "lists" / "train.jsonl", [
+        {"path": "images/cwd.png", "prompt": "cwd"}, {"path": "beside.png", "prompt": "beside"},
+        {"path": str(tmp_path / "abs.png"), "prompt": "absolute"}, {"path": "nowhere.png", "prompt": "ghost"}])
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        ds = data.JsonlDataset("lists/train.jsonl", 32, patch=8, max_ratio=1)      # one bucket: no header reads
+        items = [ds[i] for i in range(len(ds))]
+    assert sorted(it["caption"] for it in items if it) == ["absolute", "beside", "cwd"] and ds.skipped == 1
+    assert all(os.path.isabs(r["path"]) for r in ds.records)   # workers and later chdirs do not matter
+    # the skip names both places it looked
+    assert str(tmp_path / "nowhere.png") in caplog.text and str(tmp_path / "lists" / "nowhere.png") in caplog.text
+
+
+def _grey16(value, size=(32, 32)):
+    return Image.fromarray(np.full(size[::-1], value, dtype=np.uint16))   # mode I;16
+
+
+def _odd_modes():
+    """Images in modes that need more than convert("RGB"), with what a viewer shows (on white)."""
+    la = Image.new("LA", (32, 32), (0, 255))
+    la.paste((0, 0), (0, 0, 16, 32))                                        # left half transparent
+    p = Image.new("P", (32, 32), 1)
+    p.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    p.paste(0, (0, 0, 16, 32))
+    p.info["transparency"] = 0                                            # palette entry 0 (black) transparent
+    left_white_right = lambda right: np.concatenate([np.full((32, 16, 3), 255), np.full((32, 16, 3), right)], 1)
+    buf = io.BytesIO()
+    _grey16(32768).save(buf, "PNG")                                       # a 16-bit greyscale PNG, 50% grey
+    return [(Image.open(io.BytesIO(buf.getvalue())), np.full((32, 32, 3), 128)),
+            (la, left_white_right((0, 0, 0))), (p, left_white_right((255, 0, 0))),
+            (Image.new("CMYK", (32, 32), (0, 255, 255, 0)), np.full((32, 32, 3), (255, 0, 0)))]
+
+
+@pytest.mark.parametrize("index", range(4), ids=["grey16", "LA", "P+transparency", "CMYK"])
+def test_training_and_dino_preprocess_convert_images_alike(tmp_path, index):
+    import dino
+    image, expected = _odd_modes()[index]
+    image.save(tmp_path / "odd.png") if image.mode != "CMYK" else image.save(tmp_path / "odd.jpg", quality=100)
+    name = "odd.png" if image.mode != "CMYK" else "odd.jpg"
+    (tmp_path / "odd.txt").write_text("odd")
+    item = data.FolderDataset(str(tmp_path), 32, patch=8, max_ratio=1)[0]            # training: [-1, 1]
+    pixels = (item["image"] + 1) * 127.5                                             # [3, 32, 32], 0..255
+    assert (pixels - torch.tensor(expected).permute(2, 0, 1)).abs().max() <= 2, f"{name}: wrong colours"
+    with Image.open(tmp_path / name) as im:
+        x = dino.preprocess(im)                                                      # ImageNet-normalised
+    mean, std = torch.tensor(dino.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(dino.IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(x[0] * std + mean, pixels / 255, atol=1e-5), "training and dino.preprocess disagree"
+
+
+def test_square_crops_follow_the_official_autoencoder_recipe(image_dir):
+    (image_dir / "good.txt").write_text("wide")                       # 80 x 40
+    (image_dir / "good2.txt").write_text("tall")                      # 30 x 60
+    ds = data.open_dataset(str(image_dir), 32, patch=8, square=True)
+    assert [ds.bucket_of(i) for i in range(len(ds))] == [(32, 32)] * 2   # one batch of any mix
+    wide, tall = ds[0]["image"], ds[1]["image"]
+    assert wide.shape == (3, 32, 64) and tall.shape == (3, 64, 32)     # shorter side resized, not cropped
+    gens = lambda seed: [torch.Generator().manual_seed(seed + i) for i in range(2)]
+    crops = data.random_square_crops([wide, tall], 32, gens(0))
+    assert crops.shape == (2, 3, 32, 32)
+    assert torch.equal(crops, data.random_square_crops([wide, tall], 32, gens(0)))   # keyed: reproducible
+    ramp = torch.arange(64.0).expand(3, 32, 64)                       # value = column: reads the crop's left edge
+    lefts = {int(data.random_square_crops([ramp], 32, [torch.Generator().manual_seed(s)])[0, 0, 0, 0])
+             for s in range(40)}
+    assert len(lefts) > 10 and min(lefts) >= 0 and max(lefts) <= 32, "the crop position must vary over the image"
 
 
 # ----- Shapes -----------------------------------------------------------------------------------------------

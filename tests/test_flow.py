@@ -77,6 +77,25 @@ def test_dpm_grid_and_model_call_count():
         assert all(c.shape == (2,) and 0 <= c.min() and c.max() <= 1 for c in calls)
 
 
+def test_steps_are_model_evaluations_and_reproduce_the_official_ode_grid():
+    # The official --num_sampling_steps N for euler / midpoint is N grid points: t = linspace(0, 1, N),
+    # shifted by t / (t + s(1 - t)) (transport/integrators.py), N - 1 intervals. Ours counts evaluations.
+    N, s = 7, 6.0
+    t = torch.linspace(0, 1, N, dtype=torch.float64)
+    grid = (t / (t + s * (1 - t))).tolist()
+    midpoints = [a + (b - a) / 2 for a, b in zip(grid, grid[1:])]
+    expected = {"euler": (N - 1, grid[:-1]),
+                "midpoint": (2 * (N - 1), [x for pair in zip(grid[:-1], midpoints) for x in pair])}
+    for solver, (steps, times) in expected.items():
+        calls = []
+        flow.sample(lambda x, t: calls.append(t[0].item()) or torch.ones_like(x), torch.zeros(1, 2), steps,
+                    solver=solver, shift=s)
+        assert calls == pytest.approx(times, abs=1e-6), solver
+    for odd in (1, 5):      # a midpoint interval costs two evaluations: an odd count cannot be honoured
+        with pytest.raises(ValueError, match="even"):
+            flow.sample(lambda x, t: x, torch.zeros(1, 2), odd, solver="midpoint")
+
+
 # ----- Timesteps and shift ----------------------------------------------------------------------------
 
 def test_resolution_shift_has_the_spec_values():

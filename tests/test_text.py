@@ -208,13 +208,17 @@ def test_system_prompts_and_format():
     assert {k: text.SYSTEM_PROMPTS[k] for k in expected} == expected
     assert text.format_prompt("a cat", "base") == base + "a cat"
     assert text.format_prompt("a cat", "Draw: ") == "Draw: a cat"                 # literal prefix
-    assert text.format_prompt("", "real") == ""                                   # CFG input: not wrapped
+    # An uncaptioned training image reads the system prompt alone (the official item processor); the CFG
+    # unconditional input is the bare "", which only the empty system prompt leaves as it is.
+    assert text.format_prompt("", "real") == real
+    assert text.format_prompt("", "") == ""
 
 
 def test_encode_prompts(tokenizer_path):
     tok = text.Tokenizer(tokenizer_path)
     enc = tiny_encoder(seed=5, vocab_size=tok.vocab_size)
-    feats, mask = text.encode_prompts(enc, tok, ["a red circle", ""], "base", 256)
+    # as the trainer and sampler call it: prompts already formatted, plus the bare unconditional ""
+    feats, mask = text.encode_prompts(enc, tok, [text.format_prompt("a red circle", "base"), ""], "", 256)
     ids, am = tok.encode([text.format_prompt("a red circle", "base"), ""], 256)
     assert feats.shape == (2, ids.shape[1], TINY["hidden_size"]) and feats.dtype == torch.float32
     assert mask.dtype == torch.bool and torch.equal(mask, am.bool()) and mask[1].sum() == 1

@@ -114,6 +114,34 @@ def test_autoencoder_stage_trains_the_decoder_that_previews_use(tiny_run):
     assert sample.find_parts(str(tiny_run))["decoder"] == str(decoder_file)
 
 
+def test_autoencoder_follows_the_official_recipe_random_square_crops_resume_exactly(tiny_run, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+    # The release's autoencoder configs: 64 per GPU at 256 and 512 px with random square crops, 3 per GPU in
+    # aspect buckets at 1024 px (autoencoder/configs/pure/*.yaml).
+    assert train.PRESETS["2B"]["ae_micro_batch"] == (64, 64, 3)
+    assert train.PRESETS["2B"]["ae_crop"] == ("random", "random", "bucket")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, (w, h) in enumerate([(64, 40), (40, 72), (48, 48), (90, 36), (36, 50), (60, 44)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        lines.append(json.dumps({"path": f"{i}.png", "prompt": "noise"}))
+    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    ae = ["--autoencoder", "P", "--stage", "1", "--data", str(folder / "pairs.jsonl"), "--ckpt-every", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for out in (straight, resumed):
+        copy_encoders(tiny_run, out)
+    run(straight, *ae, "--max-steps", "4")                     # 6 non-square images, batch 4: crosses an epoch
+    run(resumed, *ae, "--max-steps", "2")                      # "killed" after step 2
+    run(resumed, *ae, "--max-steps", "4")
+    final = lambda out: weights(out / "autoencoder_P" / "stage1" / "model.safetensors")
+    assert_same(final(straight), final(resumed))
+
+
 def test_compiled_training_step_matches_eager():
     import flow
     import model as dit_lib
@@ -169,7 +197,7 @@ def test_malformed_jsonl_stops_start_up_naming_file_and_line(tiny_run, tmp_path)
     (tmp_path / "pairs.jsonl").write_text('{"path": "a.png", "prompt": "ok"}\n{"path": "b.png", "prompt": \n')
     out = tmp_path / "run"
     copy_encoders(tiny_run, out)
-    with pytest.raises(ValueError, match=r"pairs\.jsonl:2"):
+    with pytest.raises(SystemExit, match=r"pairs\.jsonl:2"):      # one line naming file and line, no traceback
         run(out, "--stage", "1", "--data", str(tmp_path / "pairs.jsonl"), "--max-steps", "1")
 
 
@@ -260,8 +288,11 @@ def test_feature_cache_trains_on_the_same_numbers_and_finishes_an_interrupted_bu
     run(cached, *common, "--max-steps", "5", "--cache-features", str(cache))
     assert (folder / "index.json").exists() and (folder / "shard-00001.safetensors").exists()
     assert (folder / "shard-00000.safetensors").stat().st_mtime_ns == first_shard
-    # Other data (or resolution, or encoders) never reads stale features: it gets a folder of its own.
-    run(cached, "--stage", "1", "--max-steps", "6", "--data-limit", "8", "--global-batch-size", "4",
+    # Other data (or resolution, or encoders) never reads stale features: it gets a folder of its own. (In a
+    # new run folder: resuming `cached` on other data would be refused.)
+    other = tmp_path / "other"
+    copy_encoders(tiny_run, other)
+    run(other, "--stage", "1", "--max-steps", "1", "--data-limit", "8", "--global-batch-size", "4",
         "--cache-features", str(cache))
     assert len(list(cache.iterdir())) == 2
 
