@@ -13,9 +13,22 @@ holds everything on the other side of that latent:
 - The training losses of the decoder: L1 + LPIPS + a hinge PatchGAN with the LDM adaptive weight.
 - Checkpoints: the released Lightning `.ckpt` files (P or R), decode-only files, and our own safetensors.
 
-Every number here comes from spec/autoencoder.md (the official SVG-T2I code, `T2I:` in the spec) unless a
-comment says otherwise. Reading order: Decoder (§2), ResidualViT (§1.3), Autoencoder (§1.4), losses (§3),
-checkpoints (§4).
+What R adds, and why generation still uses P. DINOv3 was trained to describe an image, not to
+redraw it: fine texture, small text and exact colours are partly lost in its features, most at low
+resolution, where each 16 x 16 patch covers more of the image. R trains a second, small ViT with the decoder
+whose 8 extra channels per patch carry what the decoder still misses; `match_distribution` gives them
+DINOv3's overall scale, and they are concatenated: 384 + 8 = 392 channels. R reconstructs better, but the
+released DiT was trained on the 384 P channels (`in_channels=384` in KlingTeam/SVG-T2I
+`svg_t2i/train_svg_t2i.py`; its sampler draws 384-channel noise), and the authors state that no T2I model
+was trained on R and that at high resolution DINOv3 alone keeps enough detail (KlingTeam/SVG-T2I GitHub
+issues #1, #2). Sampling therefore decodes with P; using R would mean training a DiT on 392 channels.
+
+Numbers follow the official code, KlingTeam/SVG-T2I `svg_t2i/ldm/`
+(`models/dinov3_decoder_native_resolution.py`, `modules/diffusionmodules/model.py`, `rope_vit/vit_rope.py`,
+`modules/losses/contperceptual_decoder.py`), and the released configs `svg_t2i/pre-trained/autoencoder/*.yaml`,
+unless a comment says otherwise.
+Reading order: Decoder, ResidualViT, Autoencoder, the training losses (LPIPS, PatchGAN, AutoencoderLoss),
+then checkpoint loading, which a first reading can skip.
 """
 import json
 import math
@@ -29,22 +42,21 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-# The released decoder (every yaml's `ddconfig`, spec §2.1): 5 levels → 4 upsamplings → ×16.
+import dino
+
+# The released decoder (`ddconfig` of every released yaml): 5 levels → 4 upsamplings → ×16.
 # `z_channels` is 384 for P (DINOv3 ViT-S+ width) and 392 for R (+ 8 residual); nothing else differs.
 DECODER_CONFIG = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2)
 RELEASED_Z_CHANNELS = dict(P=384, R=392)
 # The released residual branch: `rope_mixed_deit_small_patch16_LS(img_size=1024)` with an 8-channel head.
 RESIDUAL_VIT_CONFIG = dict(embed_dim=384, depth=12, num_heads=6, out_dim=8, patch_size=16, img_size=1024)
 
-# ImageNet statistics: both DINOv3 and the residual ViT read ImageNet-normalised pixels (spec §1.1).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 # ----- Decoder building blocks ----------------------------------------------------------------------
 
 def swish(x):
-    """x·sigmoid(x), written out: `F.silu` differs by ~1e-5 after 40 layers (spec §2.3)."""
+    """x·sigmoid(x), written out as LDM's `nonlinearity`: `F.silu` rounds differently, ~1e-5 apart after
+    the decoder's 40 layers."""
     return x * torch.sigmoid(x)
 
 
@@ -114,14 +126,16 @@ class Upsample(nn.Module):
 # ----- Decoder --------------------------------------------------------------------------------------
 
 class Decoder(nn.Module):
-    """The LDM/taming convolutional decoder, with the released SVG-T2I key layout (spec §2.2, §2.5).
+    """The LDM/taming convolutional decoder, with the released SVG-T2I key layout (KlingTeam/SVG-T2I
+    `svg_t2i/ldm/modules/diffusionmodules/model.py`, `Decoder`).
 
     z [B, z_channels, h, w] → image [B, out_ch, h·2^(L-1), w·2^(L-1)], L = len(ch_mult), unbounded (no tanh;
     trained towards [-1, 1]). Level widths are ch·ch_mult[i]; each level has num_res_blocks+1 ResnetBlocks.
 
     Attention: one block in the middle and one after *every* ResnetBlock of the lowest-resolution level.
     The released configs say `attn_resolutions: []`, but SVG-T2I's `model.py` hard-codes attention on the
-    last level, and the released weights contain those blocks (spec fact 4); so there is no option here.
+    last level (`if i_level == num_resolutions-1`), and the released weights contain those blocks; so there
+    is no option here.
     """
 
     def __init__(self, z_channels, ch, ch_mult, num_res_blocks, out_ch=3):
@@ -177,8 +191,10 @@ class Decoder(nn.Module):
 # ----- Residual ViT: RoPE-Mixed attention ------------------------------------------------------------
 # Heo et al. 2024, "Rotary Position Embedding for Vision Transformer": each head rotates (even, odd)
 # pairs of its q/k channels by an angle that is a *learned* linear function of the patch's (x, y) index.
+# The fourth RoPE of this project: DINOv3's fixed axial 2-D one (dino.py), Gemma's 1-D one (text.py) and
+# the DiT's 3-axis one (model.py) use fixed frequencies.
 
-ROPE_THETA = 10.0          # `rope_mixed_deit_*`: rope_theta=10 (spec §1.3)
+ROPE_THETA = 10.0          # `rope_mixed_deit_*` in `svg_t2i/ldm/rope_vit/vit_rope.py`: rope_theta=10
 LAYERSCALE_INIT = 1e-4     # DeiT-III `Layer_scale_init_Block` init_values
 NUM_CLASSES = 1000         # the unused ImageNet classifier `head` still in the released state dict
 
@@ -259,7 +275,7 @@ class LayerScaleBlock(nn.Module):
 # ----- Residual ViT --------------------------------------------------------------------------------
 
 class ResidualViT(nn.Module):
-    """Autoencoder-R's residual branch: a RoPE-Mixed DeiT-S/16 with LayerScale and an MLP head (spec §1.3).
+    """Autoencoder-R's residual branch: a RoPE-Mixed DeiT-S/16 with LayerScale and an MLP head.
 
     image (ImageNet-normalised) [B,3,H,W] → patch conv → [CLS; patches] → depth × LayerScaleBlock →
     LayerNorm → drop CLS → heads (Linear, GELU, Linear) → [B, out_dim, H/p, W/p].
@@ -331,7 +347,8 @@ class ResidualViT(nn.Module):
 
 
 def match_distribution(dino_feats, res_feats, eps=1e-6):
-    """Give the residual channels DINOv3's overall scale: a *scalar* mean/std transfer (spec §1.3).
+    """Give the residual channels DINOv3's overall scale: a *scalar* mean/std transfer (the `use_outnorm`
+    step of `svg_t2i/ldm/models/dinov3_decoder_native_resolution.py`).
 
     dino_feats [B, C, ...], res_feats [B, R, ...]. The target mean is the mean over channels of the
     per-channel means, over (batch, positions); the std likewise from per-channel unbiased stds (both stds
@@ -353,20 +370,14 @@ def match_distribution(dino_feats, res_feats, eps=1e-6):
 
 # ----- The autoencoder ----------------------------------------------------------------------------
 
-def imagenet_normalize(images):
-    """[-1, 1] images [B,3,H,W] → the ImageNet-normalised input DINOv3 and the residual ViT read (§1.1)."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return ((images + 1) / 2 - mean) / std
-
-
 class Autoencoder(nn.Module):
     """Frozen DINOv3 encoder + trained Decoder (+ trained ResidualViT for R).
 
     encode(images in [-1, 1], [B,3,H,W]) → z [B, Z, H/p, W/p] with Z = DINOv3 width (P) or width + 8 (R);
     decode(z) → images [B,3,H,W], roughly in [-1, 1] (unclamped). The encoder is frozen: it stays in eval
     mode whatever `.train()` says, and runs under no_grad (the official code computed and discarded its
-    gradients, and a logging callback flipped it to train mode; spec facts 9, 15). `encoder` may be None
+    gradients, and its `ImageLogger` callback, `autoencoder/utils/callbacks_allinone.py`, flipped it to
+    train mode on the logging rank). `encoder` may be None
     for a decode-only model. No latent statistics are applied here: those belong to the DiT side.
     """
 
@@ -391,7 +402,7 @@ class Autoencoder(nn.Module):
     @property
     def kind(self):
         """'R' (DINOv3 ⊕ residual channels) or 'P' (DINOv3 channels only)."""
-        # A decode-only file has no residual ViT; its 392-channel conv_in still says R (spec §4).
+        # A decode-only file has no residual ViT; its 392-channel conv_in still says R.
         decode_only_r = self.encoder is None and self.decoder.z_channels == RELEASED_Z_CHANNELS["R"]
         return "R" if self.extra_vit is not None or decode_only_r else "P"
 
@@ -405,7 +416,10 @@ class Autoencoder(nn.Module):
     def train(self, mode=True):
         super().train(mode)
         if self.encoder is not None:
-            self.encoder.eval()          # always: DINOv3's train mode randomly rescales RoPE coordinates
+            # Always eval. This DINOv3 differs in train mode only if built with pos_embed_rope_rescale_coords,
+            # which nothing here sets; the official one, left in train mode by accident (class docstring),
+            # scaled its RoPE coordinates by a random factor in [1/2, 2] on every call.
+            self.encoder.eval()
         return self
 
     def trainable_parameters(self):
@@ -426,7 +440,7 @@ class Autoencoder(nn.Module):
         if H % p or W % p:
             raise ValueError(f"Autoencoder.encode: image size {H}x{W} is not a multiple of the patch size {p}; "
                              f"resize or crop to multiples of {p} (the official P code silently cropped)")
-        x_in = imagenet_normalize(images.float())
+        x_in = dino.imagenet_normalize(images.float())     # DINOv3 and the residual ViT both read this
         # DINOv3 runs in fp32 (as the official code), even inside a caller's bf16 autocast region.
         with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
             z = self.encoder.encode(x_in)                  # [B, D, H/p, W/p]
@@ -589,7 +603,8 @@ def _as_groups(images):
 
 
 class AutoencoderLoss(nn.Module):
-    """L1 + LPIPS + hinge PatchGAN, the VA-VAE/LDM recipe of the official decoder training (spec §3.1).
+    """L1 + LPIPS + hinge PatchGAN, the VA-VAE/LDM recipe of the official decoder training
+    (`svg_t2i/ldm/modules/losses/contperceptual_decoder.py`).
 
     Generator:  L_rec = mean over images of Σ_{c,h,w} (|x − x̂| + LPIPS(x, x̂))   (the official sum scale)
                 L_G   = L_rec + d_w · [step ≥ disc_start] · (−mean D(x̂)),  d_w = adaptive weight × disc_weight
@@ -598,7 +613,8 @@ class AutoencoderLoss(nn.Module):
     `disc_start` counts optimisation iterations (the official 5000 were Lightning global steps, 2 per
     iteration: 2,500 iterations). LPIPS needs two user-supplied files (torchvision `vgg16` and LPIPS v0.1
     `vgg.pth`); without them the loss is L1 + GAN and says so once. Inputs may be lists of images of
-    different sizes: every image counts (the official list path kept only the last one, spec fact 14), in
+    different sizes: every image counts (the official list path overwrote the loss in its loop, so only the
+    last image of each list counted), in
     proportion to its pixel count, as in the official batched path.
     """
 
@@ -669,16 +685,21 @@ class AutoencoderLoss(nn.Module):
                             hinge_fake=torch.cat(fake).detach().mean())
 
 
+# ==================================================================================================
+# Checkpoint files. A first reading can skip everything below: it reads and writes the released files and
+# our own, and adds no maths.
+# ==================================================================================================
+
 # ----- Checkpoints ---------------------------------------------------------------------------------
 # Three kinds of file, one loader:
-#   - the released Lightning `.ckpt` (spec §4): {'state_dict': {encoder.*, decoder.*, [extra_vit.*, norm_vit.*],
+#   - the released Lightning `.ckpt`: {'state_dict': {encoder.*, decoder.*, [extra_vit.*, norm_vit.*],
 #     loss.*}, 'epoch', 'global_step', ...}; the config is read off the tensor shapes;
 #   - decode-only files: a state dict with only `decoder.*` keys, or a bare decoder state dict;
 #   - our own `.safetensors` (save_autoencoder): the same prefixes, config JSON in the file's metadata.
 
 FILE_FORMAT = "svg-t2i-autoencoder"
 # Released keys that the models here do not use: the training loss (LPIPS + discriminator + a fixed
-# logvar), the never-called `norm_vit` of R, and SVG's training-only `mask_token` (spec §4).
+# logvar), the never-called `norm_vit` of R, and SVG's training-only `mask_token`.
 IGNORED_PREFIXES = ("loss", "norm_vit", "mask_token")
 
 
@@ -782,7 +803,6 @@ def _infer_residual_config(state, where):
 def _dinov3_from_state_dict(state, where, config=None):
     """A DINOv3 from Meta-layout tensors: our files store its config; for a released `.ckpt` it is read off
     the shapes by dino.py's own inference (the same one `load_dinov3` uses)."""
-    import dino   # imported here: decode-only use needs no encoder code
     model = dino.DINOv3(**(config or dino._infer_config(state, where)))
     _load_strict(model, state, where)
     return model.eval().requires_grad_(False)
@@ -794,7 +814,7 @@ def load_autoencoder(path, map_location="cpu", encoder=None, kind=None):
     Strict on every part it builds (decoder, residual ViT, encoder); `loss.*` and `norm_vit.*` are ignored.
     encoder: a DINOv3 to attach instead of the file's `encoder.*` (needed to encode with a decode-only file).
     kind: 'P' or 'R' to insist on one; loading the other kind is then an error (the released R yamls are
-    P copies, and a 384-channel file in a 392-channel model is the usual mistake, spec fact 6).
+    P copies with z_channels 384, so a 392-channel R file in a 384-channel model is the usual mistake).
     """
     where = f"autoencoder checkpoint {str(path)!r}"
     state, config = _read_checkpoint(path, map_location)

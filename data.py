@@ -1,6 +1,6 @@
 """Data: where training pairs (image, caption) come from and how they are batched.
 
-This is the first stop of the training pipeline (see DESIGN.md §1):
+This is the first stop of the training pipeline:
 
     dataset[i] -> {image [3,H,W] in [-1,1], caption, system}  --BucketBatchSampler-->  collate -> batch
                                                                                      -> DINOv3 / Gemma-2
@@ -9,15 +9,15 @@ Three kinds of dataset, all with the same small interface (`len`, `bucket_of(i)`
 
 - `JsonlDataset`: the official SVG-T2I / Lumina format, one JSON object per line, either
   {"path": ..., "prompt": ...} (the public format) or {"image_path": ..., "super_high_quality_caption": ...}.
-  The key pair decides which system prompt the official trainer prepends (spec nextdit_flow_train.md §3):
-  'base' for path/prompt, 'align' for image_path/super_high_quality_caption. We record the key; text.py owns
-  the strings.
+  The key pair decides which system prompt the official trainer prepends (KlingTeam/SVG-T2I
+  `svg_t2i/train_svg_t2i.py`): 'base' for path/prompt, 'align' for image_path/super_high_quality_caption.
+  We record the key; text.py owns the strings.
 - `FolderDataset`: a folder of images, each with a same-stem `.txt` caption.
-- `ShapesDataset`: the procedural coloured-shapes data of the CPU demo (DESIGN.md §7), infinite and
-  deterministic by (seed, index).
+- `ShapesDataset`: the procedural coloured-shapes data of the CPU demo (train.py's `demo` preset), infinite
+  and deterministic by (seed, index).
 
-Images of any aspect ratio are trained at their own aspect: each is assigned the nearest *bucket* (a pixel
-size whose token grid holds at most (resolution/patch)² tokens, spec §2 "Resolution handling"), resized to
+Images of any aspect ratio are trained at their own aspect, as the official trainer does: each is assigned
+the nearest *bucket* (a pixel size whose token grid holds at most (resolution/patch)² tokens), resized to
 cover it and centre-cropped — never stretched. `BucketBatchSampler` then builds batches that each come from
 one bucket, so a batch stacks into one tensor, and splits every global batch across data-parallel ranks.
 The autoencoder stages can follow the official autoencoder recipe instead (`square=True`): shorter side
@@ -28,7 +28,8 @@ missing, unreadable or truncated image is a data accident: it is skipped, counte
 a (rate-limited) log warning, and never stops a run.
 
 Runtime imports: torch, numpy, PIL, safetensors, tqdm, the standard library, and dino.py for `to_rgb` (one
-image conversion for training and for `dino.preprocess`).
+image conversion for training and for `dino.preprocess`). Images leave here in [-1, 1]; the ImageNet
+normalisation DINOv3 needs is applied later, by `dino.imagenet_normalize`.
 """
 import hashlib
 import json
@@ -58,10 +59,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 def buckets(resolution, patch=16, max_ratio=4.0):
     """All training sizes for one stage, as a list of (height, width) in pixels.
 
-    The official enumeration (`generate_crop_size_list` in SVG-T2I util/imgproc.py, spec §2): walk the
-    boundary of the token-grid region w·h ≤ N, N = (resolution/patch)², from the widest grid (N × 1) to the
-    tallest, keeping grids with aspect ≤ max_ratio whose floor(w/2) and floor(h/2) are both even. That gives
-    15 buckets at 256 px, 27 at 512 and 51 at 1024 for patch 16. The official test is written in pixels
+    The official enumeration (`generate_crop_size_list` in KlingTeam/SVG-T2I `svg_t2i/util/imgproc.py`):
+    walk the boundary of the token-grid region w·h ≤ N, N = (resolution/patch)², from the widest grid (N × 1)
+    to the tallest, keeping grids with aspect ≤ max_ratio whose floor(w/2) and floor(h/2) are both even. That
+    gives 15 buckets at 256 px, 27 at 512 and 51 at 1024 for patch 16. The official test is written in pixels
     (`(w·16)//32 % 2 == 0`); we write it in tokens, which is the same for patch 16 and keeps the bucket set
     scale-free for other patches (the CPU demo uses patch 8: 128 px / patch 8 has the 256 px / patch 16 grids).
     `max_ratio=1` gives the single square bucket (the official `--single_shape`).
@@ -138,8 +139,8 @@ def random_square_crops(images, size, generators):
 
 
 def image_to_tensor(image):
-    """PIL RGB -> FloatTensor [3, H, W] in [-1, 1]. (The DINOv3 ImageNet normalisation happens later, in
-    dino.preprocess; keeping [-1, 1] here lets the decoder losses use the same tensor.)"""
+    """PIL RGB -> FloatTensor [3, H, W] in [-1, 1]. (The DINOv3 ImageNet normalisation happens later, on
+    the batch, in dino.imagenet_normalize; keeping [-1, 1] here lets the decoder losses use the same tensor.)"""
     arr = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
@@ -378,7 +379,7 @@ class FolderDataset(_ImageListDataset):
 
 
 # ----- The shapes world: palette, shapes, positions ---------------------------------------------------------
-# The demo's procedural data (DESIGN.md §7; issue 6). Small enough that a tiny model learns it on a CPU,
+# The demo's procedural data (train.py's `demo` preset). Small enough that a tiny model learns it on a CPU,
 # structured enough that prompt adherence can be measured pixel by pixel (benchmarks/eval_shapes.py).
 
 PALETTE = {  # name -> RGB; far apart from each other and from the white background

@@ -1,18 +1,30 @@
 """DINOv3 ViT: the frozen image encoder whose patch features are SVG-T2I's latent space.
 
-Where it sits in the pipeline (DESIGN.md §1): an image of H x W pixels, ImageNet-normalised, goes through
-DINOv3 ViT-S+/16; the final-LayerNorm patch tokens, reshaped to `[B, 384, H/16, W/16]`, are the "latent"
-the Next-DiT diffuses in. The CLS token and the 4 register ("storage") tokens are computed but dropped.
-Before diffusion the latent is normalised per channel with released statistics (`LatentStats`, end of file).
+Where it sits in the pipeline: an image of H x W pixels, ImageNet-normalised (`imagenet_normalize`), goes
+through DINOv3 ViT-S+/16; the final-LayerNorm patch tokens, reshaped to `[B, 384, H/16, W/16]`, are the
+"latent" the Next-DiT diffuses in (KlingTeam/SVG-T2I `svg_t2i/ldm/models/dinov3_decoder_native_resolution.py`,
+`encode`). The CLS token and the 4 register ("storage") tokens are computed but dropped. Before diffusion
+the latent is normalised per channel with released statistics (`LatentStats`).
 
-This file is a from-scratch re-implementation of Meta's `DinoVisionTransformer` (facebookresearch/dinov3),
-following spec/dinov3.md. Its `state_dict()` is exactly the layout of Meta's released `.pth` files, so they
-load strictly; HF `DINOv3ViTModel` safetensors are converted on the fly. Reading order:
+Why a self-supervised encoder's features can be a diffusion latent (paper §3.1): a VAE latent is trained
+only to reconstruct pixels and has little semantic structure. DINOv3's patch features were trained to
+describe what an image contains, so nearby features mean similar content, and one frozen encoder can serve
+both understanding and generation. They were never trained to reconstruct, so a pixel decoder is trained
+afterwards on the frozen features (autoencoder.py). The price is width: 384 channels at 1/16 of the
+resolution are 384 / (16*16) = 1.5 numbers per pixel, against 4 / (8*8) = 0.0625 for Stable Diffusion's
+VAE (4 channels at 1/8), 24 times more. The DiT's sequence stays ordinary: it uses patch size 1, so a
+1024^2 image is 64 x 64 = 4,096 tokens, as many as SD's 128 x 128 latent cut into 2 x 2 patches; each token
+is just 384 wide instead of 16.
 
-    presets (DINOV3_CONFIGS) -> RoPE -> attention -> feed-forward -> block -> DINOv3 -> loading / saving
-    -> image preprocessing -> latent statistics
+This file is a from-scratch re-implementation of Meta's `DinoVisionTransformer` (facebookresearch/dinov3
+`dinov3/models/vision_transformer.py`). Its `state_dict()` is exactly the layout of Meta's released `.pth`
+files, so they load strictly; HF `DINOv3ViTModel` safetensors are converted on the fly. Reading order:
 
-Numerical traps this file reproduces on purpose (spec/dinov3.md §7):
+    presets (DINOV3_CONFIGS) -> RoPE -> attention -> feed-forward -> block -> DINOv3
+    -> imagenet_normalize, LatentStats (pixels in, the DiT's latent out)
+    -> [a first reading can skip the rest] loading / saving released files, image files to tensors
+
+Numerical traps this file reproduces on purpose:
   * LayerNorm eps is 1e-5 (the official "layernormbf16"), not the 1e-6 many ViTs use;
   * `rope_embed.periods` is a persistent buffer, and the released Meta files store it rounded to bf16:
     the loader keeps whatever the file holds;
@@ -34,7 +46,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 # ----- Presets ---------------------------------------------------------------------------------------------
-# The released ViTs, from `dinov3/hub/backbones.py` (spec/dinov3.md §1.1-1.2). Keys are the official
+# The released ViTs, from facebookresearch/dinov3 `dinov3/hub/backbones.py`. Keys are the official
 # constructor argument names, so `DINOv3(**DINOV3_CONFIGS['vits16plus'])` reads like the hub code.
 # Shared by every release: patch 16, 4 storage (register) tokens, RoPE base 100, LayerScale (init 1e-5).
 _SHARED = dict(patch_size=16, n_storage_tokens=4, layerscale_init=1e-5, pos_embed_rope_base=100.0)
@@ -89,11 +101,15 @@ def ffn_hidden_dim(embed_dim: int, ffn_layer: str, ffn_ratio: float) -> int:
 # ----- Rotary position embedding (RoPE) --------------------------------------------------------------------
 
 class RopePositionEmbedding(nn.Module):
-    """Axial 2-D RoPE tables for an h x w grid of patches (spec/dinov3.md §2 step 4).
+    """Axial 2-D RoPE tables for an h x w grid of patches (facebookresearch/dinov3
+    `dinov3/layers/rope_position_encoding.py`).
 
-    Each patch centre gets coordinates in (-1, 1), normalised separately along y and x, so any grid size
-    and aspect ratio works without interpolation. A head of width Dh spends Dh/4 frequencies on y and Dh/4
-    on x; the angle tables are laid out [y, x, y, x] over Dh to fit the rotate-half convention.
+    The first of this project's four RoPE variants: the others are Gemma's 1-D token positions
+    (text.py), the DiT's three axes (caption index, row, column; model.py) and the residual ViT's
+    RoPE-Mixed with learned directions (autoencoder.py). Here each patch centre gets coordinates in
+    (-1, 1), normalised separately along y and x, so any grid size and aspect ratio works without
+    interpolation. A head of width Dh spends Dh/4 frequencies on y and Dh/4 on x; the angle tables are laid
+    out [y, x, y, x] over Dh to fit the rotate-half convention.
 
     `periods` is a *persistent* buffer: the released Meta files store it (rounded to bf16), and those stored
     values are what the released model -- and SVG-T2I's latent statistics -- were computed with.
@@ -107,13 +123,16 @@ class RopePositionEmbedding(nn.Module):
         # periods[k] = base ** (4k / Dh): 1 ... ~75 for Dh = 64, base = 100.
         self.register_buffer("periods", base ** (2 * torch.arange(n_freq, dtype=torch.float32) / (head_dim // 2)))
         # Training-time augmentation of the official code (coords times a log-uniform factor in
-        # [1/r, r]). Off unless asked for: a frozen encoder must never use it, and the official pipeline
-        # only met it by accident (a callback flipping the encoder to train mode, DESIGN.md §5).
+        # [1/r, r], r = 2 in the released configs). Off unless asked for: a frozen encoder must never use
+        # it. The official autoencoder training met it by accident: its `ImageLogger` callback
+        # (KlingTeam/SVG-T2I `autoencoder/utils/callbacks_allinone.py`) calls eval() then train() on the
+        # whole model, which leaves the frozen DINOv3 in train mode on the logging rank.
         self.rescale_coords = rescale_coords
 
     def _apply(self, fn, recurse=True):
         # `model.to(torch.bfloat16)` must not round the periods a second time (fp32 ones from HF would
-        # change): keep the buffer's fp32 values and only follow the device (spec/dinov3.md §3.4).
+        # change): keep the buffer's fp32 values and only follow the device. The official model keeps
+        # them fp32 too: its RoPE module computes in its own dtype, fp32, whatever the weights are cast to.
         before = self.periods
         super()._apply(fn, recurse)
         if not before.is_meta:
@@ -373,6 +392,108 @@ class DINOv3(nn.Module):
         return self.encode(x)
 
 
+# ----- From pixels to the DiT's latent ---------------------------------------------------------------------
+
+def imagenet_normalize(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] [B, 3, H, W] -> the ImageNet-normalised input DINOv3 (and the residual ViT) read.
+
+    The data loader keeps images in [-1, 1], the range the pixel decoder is trained to output and its
+    losses compare. DINOv3 was trained on ImageNet-normalised pixels, so the encoder side converts:
+    (x + 1) / 2 back to [0, 1], then (x - mean) / std per colour channel, the formula of the official
+    autoencoder (KlingTeam/SVG-T2I `svg_t2i/ldm/models/dinov3_decoder_native_resolution.py`,
+    `get_input_list`). The one place this normalisation is written: train.images_to_latents,
+    Autoencoder.encode and `preprocess` call it.
+    """
+    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((images + 1) / 2 - mean) / std
+
+
+class LatentStats:
+    """Per-channel mean/std of encoder latents; the DiT sees (z - mean) / (std + eps).
+
+    Why per channel: the DiT's noise is N(0, 1) in every channel, while DINOv3's 384 channels have very
+    different scales: in the released statistics (final row) the channel means run from -1.82 to 3.54 and
+    the stds from 0.16 to 1.55. Left as they are, halfway along the path (t = 0.5, half data, half noise)
+    a std-0.16 channel would have a signal-to-noise power ratio of 0.16² ≈ 0.03 and a std-1.55 channel
+    1.55² ≈ 2.4: one timestep would mean a different noise level in each channel. Normalised, every channel
+    has mean 0 and std 1 like the noise, and a timestep means the same for all of them.
+
+    The released file (KlingTeam/SVG-T2I `svg_t2i/pre-trained/dinov3_s16p_layer_patchtoken_stats_dist.pt`)
+    is a torch dict {'mean': [12, 384], 'std': [12, 384]}, one row per block; SVG-T2I uses row -1, the
+    statistics of the final-norm patch tokens that `DINOv3.encode` returns. Training normalises with
+    (z - mean) / (std + 1e-8) (`svg_t2i/train_svg_t2i.py`); sampling inverts with z * std + mean, no eps
+    (`svg_t2i/sample_svg_t2i.py`). Note: official training cast mean/std to bf16 first (effective
+    |d mean| <= 5e-3); we keep fp32, which is what sampling used.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-8):
+        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        if mean.ndim != 1 or mean.shape != std.shape:
+            raise ValueError(f"mean and std must be 1-D of equal length, got {list(mean.shape)} and {list(std.shape)}")
+        self.mean, self.std, self.eps = mean, std, eps
+
+    @classmethod
+    def load(cls, path: str, layer: int = -1) -> "LatentStats":
+        """Read a stats file: {'mean': [L, C] or [C], 'std': same}; row `layer` (default -1, as SVG-T2I)."""
+        try:
+            stats = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"could not read latent statistics {path!r} ({type(e).__name__}: {e})") from e
+        if not isinstance(stats, dict) or "mean" not in stats or "std" not in stats:
+            found = list(stats) if isinstance(stats, dict) else type(stats).__name__
+            raise ValueError(f"{path!r} is not a latent-statistics file: expected a dict with 'mean' and 'std' "
+                             f"tensors of shape [layers, channels], found {found}")
+        mean, std = stats["mean"], stats["std"]
+        if mean.ndim == 2:
+            mean, std = mean[layer], std[layer]
+        return cls(mean, std)
+
+    @classmethod
+    @torch.no_grad()
+    def from_latents(cls, latents) -> "LatentStats":
+        """Statistics over an iterable of latent batches [B, C, h, w] (for encoders without a released file).
+
+        Accumulated in float64 over every batch, position and image; std is the population std.
+        """
+        total, total_sq, count = 0.0, 0.0, 0
+        for z in latents:
+            if z.ndim != 4:
+                raise ValueError(f"latents must be [B, C, h, w], got shape {list(z.shape)}")
+            z = z.double().transpose(0, 1).flatten(1)  # [C, B*h*w]
+            total, total_sq, count = total + z.sum(1), total_sq + (z * z).sum(1), count + z.shape[1]
+        if count == 0:
+            raise ValueError("LatentStats.from_latents got no latents")
+        mean = total / count
+        std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
+        return cls(mean.float(), std.float())
+
+    def save(self, path: str):
+        """Write the released format: {'mean': [1, C], 'std': [1, C]} (a single 'layer', so row -1 works)."""
+        torch.save({"mean": self.mean[None].clone(), "std": self.std[None].clone()}, path)
+
+    def _shaped(self, z: torch.Tensor):
+        if z.ndim != 4 or z.shape[1] != self.mean.numel():
+            raise ValueError(f"latent must be [B, {self.mean.numel()}, h, w], got shape {list(z.shape)}")
+        view = (1, -1, 1, 1)
+        return self.mean.to(z).view(view), self.std.to(z).view(view)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder latent [B, C, h, w] -> the DiT's roughly unit-variance space."""
+        mean, std = self._shaped(z)
+        return (z - mean) / (std + self.eps)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """DiT sample [B, C, h, w] -> encoder latent for the pixel decoder (official sampling: no eps)."""
+        mean, std = self._shaped(z)
+        return z * std + mean
+
+
+# ===========================================================================================================
+# Loading released files, and image files to tensors. A first reading can skip everything below: it turns
+# Meta / Hugging Face checkpoints and PIL images into what the model above takes, and adds no maths.
+# ===========================================================================================================
+
 # ----- Loading and saving ----------------------------------------------------------------------------------
 # Three file kinds load through one door, all ending as a Meta-layout state dict:
 #   * Meta's `.pth` (flat state dict; periods stored, bf16-rounded in the releases);
@@ -624,7 +745,7 @@ def save_dinov3(model: DINOv3, path: str):
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path)
 
 
-# ----- Image preprocessing ---------------------------------------------------------------------------------
+# ----- Image files to tensors ------------------------------------------------------------------------------
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL image -> 8-bit RGB, the one conversion used by training (data.py) and `preprocess`.
@@ -694,80 +815,4 @@ def preprocess(images, patch_size: int = 16) -> torch.Tensor:
         raise ValueError(f"image size {H}x{W} (HxW) is not a multiple of the patch size {p}: resize or crop it "
                          f"first, e.g. to {max(p, H // p * p)}x{max(p, W // p * p)} "
                          f"or {-(-H // p) * p}x{-(-W // p) * p}")
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-# ----- Latent statistics -----------------------------------------------------------------------------------
-
-class LatentStats:
-    """Per-channel mean/std of encoder latents; the DiT sees (z - mean) / (std + eps).
-
-    The released file `dinov3_s16p_layer_patchtoken_stats_dist.pt` is a torch dict
-    {'mean': [12, 384], 'std': [12, 384]}, one row per block; SVG-T2I uses row -1 (the final-norm patch
-    tokens, spec/dinov3.md §5.4). Formulas from spec/nextdit_flow_train.md §2: training normalises with
-    (z - mean) / (std + 1e-8); sampling inverts with z * std + mean (no eps). Note: official training cast
-    mean/std to bf16 first (effective |d mean| <= 5e-3); we keep fp32, which is what sampling used.
-    """
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-8):
-        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
-        if mean.ndim != 1 or mean.shape != std.shape:
-            raise ValueError(f"mean and std must be 1-D of equal length, got {list(mean.shape)} and {list(std.shape)}")
-        self.mean, self.std, self.eps = mean, std, eps
-
-    @classmethod
-    def load(cls, path: str, layer: int = -1) -> "LatentStats":
-        """Read a stats file: {'mean': [L, C] or [C], 'std': same}; row `layer` (default -1, as SVG-T2I)."""
-        try:
-            stats = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"could not read latent statistics {path!r} ({type(e).__name__}: {e})") from e
-        if not isinstance(stats, dict) or "mean" not in stats or "std" not in stats:
-            found = list(stats) if isinstance(stats, dict) else type(stats).__name__
-            raise ValueError(f"{path!r} is not a latent-statistics file: expected a dict with 'mean' and 'std' "
-                             f"tensors of shape [layers, channels], found {found}")
-        mean, std = stats["mean"], stats["std"]
-        if mean.ndim == 2:
-            mean, std = mean[layer], std[layer]
-        return cls(mean, std)
-
-    @classmethod
-    @torch.no_grad()
-    def from_latents(cls, latents) -> "LatentStats":
-        """Statistics over an iterable of latent batches [B, C, h, w] (for encoders without a released file).
-
-        Accumulated in float64 over every batch, position and image; std is the population std.
-        """
-        total, total_sq, count = 0.0, 0.0, 0
-        for z in latents:
-            if z.ndim != 4:
-                raise ValueError(f"latents must be [B, C, h, w], got shape {list(z.shape)}")
-            z = z.double().transpose(0, 1).flatten(1)  # [C, B*h*w]
-            total, total_sq, count = total + z.sum(1), total_sq + (z * z).sum(1), count + z.shape[1]
-        if count == 0:
-            raise ValueError("LatentStats.from_latents got no latents")
-        mean = total / count
-        std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
-        return cls(mean.float(), std.float())
-
-    def save(self, path: str):
-        """Write the released format: {'mean': [1, C], 'std': [1, C]} (a single 'layer', so row -1 works)."""
-        torch.save({"mean": self.mean[None].clone(), "std": self.std[None].clone()}, path)
-
-    def _shaped(self, z: torch.Tensor):
-        if z.ndim != 4 or z.shape[1] != self.mean.numel():
-            raise ValueError(f"latent must be [B, {self.mean.numel()}, h, w], got shape {list(z.shape)}")
-        view = (1, -1, 1, 1)
-        return self.mean.to(z).view(view), self.std.to(z).view(view)
-
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Encoder latent [B, C, h, w] -> the DiT's roughly unit-variance space."""
-        mean, std = self._shaped(z)
-        return (z - mean) / (std + self.eps)
-
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        """DiT sample [B, C, h, w] -> encoder latent for the pixel decoder (official sampling: no eps)."""
-        mean, std = self._shaped(z)
-        return z * std + mean
+    return imagenet_normalize(x * 2 - 1)  # [0, 1] -> [-1, 1], the range the pipeline passes around

@@ -5,9 +5,14 @@ Where it sits in the pipeline
 Training draws a flow time t, mixes a normalised DINOv3 latent with Gaussian noise along a straight line,
 and regresses NextDiT's output onto the line's constant velocity. Sampling integrates the learned
 velocity field from noise (t = 0) to data (t = 1) with an ODE solver, under classifier-free guidance.
+The official code is KlingTeam/SVG-T2I `svg_t2i/transport/` (path.py, transport.py, dpm_solver.py) and
+`forward_with_cfg` in `svg_t2i/models/model_dino.py`.
 
-Conventions (spec/nextdit_flow_train.md §4), used everywhere in this file:
-  * t is the DATA time: t = 0 is pure noise, t = 1 is data. NextDiT receives t itself.
+WARNING, the direction of time. Here, as in the official code, t = 0 is NOISE and t = 1 is DATA. minRF,
+SD3 and diffusers' FlowMatchEulerDiscreteScheduler use the reverse (x_t = (1 − t)·x_data + t·noise, t = 1
+is noise, and the velocity they learn, noise − data, is minus ours). Carry a formula over from one of them and
+flip t -> 1 − t and the sign of v. Conventions used everywhere in this file:
+  * t is the DATA time: t = 0 is pure noise, t = 1 is data. NextDiT receives t itself, not 1000·t.
   * σ = 1 − t is the NOISE LEVEL (DPM-Solver's τ). A "shift" s > 1 moves time towards noise:
         σ' = s·σ / (1 + (s − 1)·σ)           (the same formula in training and in every sampler)
   * x0 is noise, x1 is data:   x_t = t·x1 + (1 − t)·x0,   target velocity u = x1 − x0.
@@ -21,16 +26,19 @@ import math
 import torch
 from tqdm import tqdm
 
-# ----- Official sampling defaults (spec §4.4: scripts/sample.sh and eval/generation/svg_generate.py) -----
+# ----- Official sampling defaults (svg_t2i/scripts/sample.sh, svg_t2i/eval/generation/svg_generate.py) -----
 DEFAULT_SOLVER = "dpm"      # DPM-Solver++ 2M, "time_uniform_flow" grid
 DEFAULT_STEPS = 50          # model evaluations
 DEFAULT_CFG = 4.0           # guidance scale
 DEFAULT_RENORM = True       # "renorm" CFG: guided velocity never longer than the conditional one
 DEFAULT_SHIFT = 10.0        # --time_shifting_factor used with the dpm solver
 DEFAULT_ODE_SHIFT = 6.0     # --t_shift default of sample_svg_t2i.py for euler / midpoint
-DPM_SIGMA_MAX = 0.999       # the DPM grid starts at noise level shift(0.999), not 1 (spec §4.2 a)
+DPM_SIGMA_MAX = 0.999       # the DPM grid starts at noise level shift(0.999), not 1 (DPM_Solver's grid)
+# The same defaults as the sampler settings a model carries (train.py writes them into each stage's
+# config.json, sample.py reads them back): the released model's.
+RELEASE_SAMPLER = dict(steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, solver=DEFAULT_SOLVER, shift=DEFAULT_SHIFT)
 
-# ----- Training defaults (spec §4.1) ---------------------------------------------------------------
+# ----- Training defaults (svg_t2i/train_svg_t2i.py and svg_t2i/transport/transport.py) ---------------
 LOGNORM_MU = 0.0            # --mu 0.0: t = sigmoid(N(0, 1))
 SHIFT_TOKENS = (256, 4096)  # the resolution shift interpolates μ linearly between these token counts ...
 SHIFT_MU = (0.5, 1.15)      # ... and these values (256 tokens: s = 1.65; 1024: 1.88; 4096: 3.16)
@@ -44,29 +52,21 @@ def _per_sample(t, like):
 # ----- Path and loss ----------------------------------------------------------------------------------
 
 def interpolate(x0_noise, x1_data, t):
-    """x_t = t·x1 + (1 − t)·x0 (spec §4.1, ICPlan). Tensors [B, ...] with t [B], or lists of [C, Hi, Wi]."""
-    if isinstance(x1_data, (list, tuple)):
-        return [ti * x1 + (1 - ti) * x0 for x0, x1, ti in zip(x0_noise, x1_data, t)]
+    """x_t = t·x1 + (1 − t)·x0 for x0, x1 [B, ...] and t [B] (the official ICPlan, `transport/path.py`)."""
     t = _per_sample(t, x1_data)
     return t * x1_data + (1 - t) * x0_noise
 
 
 def velocity_target(x0_noise, x1_data):
     """The path's velocity d x_t / dt = x1 − x0 (constant along each straight line)."""
-    if isinstance(x1_data, (list, tuple)):
-        return [x1 - x0 for x0, x1 in zip(x0_noise, x1_data)]
     return x1_data - x0_noise
 
 
 def training_loss(v_pred, x0_noise, x1_data):
-    """Per-sample mean squared error to the velocity target -> [B]; no weighting (spec §4.1).
-
-    Accepts tensors [B, ...] or lists of different-size tensors (multi-aspect batches): each sample is
-    averaged over its own elements, so every image counts equally whatever its size.
-    """
+    """Per-sample mean squared error to the velocity target, [B, ...] -> [B]; no weighting, as the official
+    `Transport.training_losses`. At init NextDiT predicts v = 0, so the first loss is the mean of (x1 − x0)²,
+    ≈ 1 + 1 = 2 for per-channel normalised latents and unit noise."""
     target = velocity_target(x0_noise, x1_data)
-    if isinstance(v_pred, (list, tuple)):
-        return torch.stack([(v.float() - u.float()).square().mean() for v, u in zip(v_pred, target)])
     return (v_pred.float() - target.float()).square().flatten(1).mean(1)
 
 
@@ -90,10 +90,18 @@ def sample_timesteps(n, generator=None, mode="lognorm", mu=LOGNORM_MU, device=No
 
 
 def resolution_shift(num_tokens):
-    """Training shift s = e^μ, μ linear in the image-token count: 256 -> 0.5, 4096 -> 1.15 (spec §4.1).
+    """Training shift s = e^μ, μ linear in the image-token count: 256 -> 0.5, 4096 -> 1.15 (the official
+    `Transport.sample`, svg_t2i/transport/transport.py). Official training uses a fixed count per stage,
+    (resolution / 16)²: 256 px -> s = 1.649, 512 -> 1.878, 1024 -> 3.158.
 
-    Official training uses a fixed count per stage, (resolution / 16)²: 256 px -> 1.649, 512 -> 1.878,
-    1024 -> 3.158.
+    Why: neighbouring tokens are strongly correlated, so noise can be averaged away over them. A flat
+    region covered by n tokens keeps its mean colour to within σ/√n, so at one noise level σ a 1024-px image
+    (4096 tokens) has 4x less noise on each such mean than a 256-px one (256 tokens): the same σ destroys
+    less of a big image, and unshifted training would spend many steps on noise levels that are easy at
+    high resolution. The shift moves the drawn times toward noise, more for more tokens: the median draw,
+    σ = 0.5, becomes σ' = 0.62 at 256 px and 0.76 at 1024 px. (SD3, arXiv 2403.03206, "resolution-dependent
+    shifting of timestep schedules", derives a shift of √(4096/256) = 4 from the same argument; the
+    official formula is gentler.)
     """
     (n0, n1), (mu0, mu1) = SHIFT_TOKENS, SHIFT_MU
     mu = mu0 + (mu1 - mu0) * (num_tokens - n0) / (n1 - n0)
@@ -121,6 +129,13 @@ def shift_timesteps(t, s):
 # 2(N − 1) for midpoint). The grids are the same, so the official run is reproduced by
 #     euler:     steps = N − 1          midpoint:  steps = 2·(N − 1)          dpm:  steps = N (it agrees)
 # with shift = the official --t_shift (6 by default) for euler / midpoint, --time_shifting_factor for dpm.
+#
+# Why sampling uses shift 10 when training used 1.65-3.16: the two shifts do different jobs. Training's
+# decides which noise levels the model practises on; the sampler's only decides where a fixed budget of
+# steps goes on a velocity field that is defined at every t. The layout of an image -- what goes where --
+# is decided at high noise, so the official sampler spends most of its steps there: of 50 DPM steps, 25
+# run at σ > 0.5 with shift 1, 38 with the 1024-px training shift 3.16, and 46 with shift 10 (36 of them
+# at σ > 0.8). Shift 10 is the official default (svg_t2i/scripts/sample.sh).
 
 def _call(velocity_fn, x, t_value):
     """Evaluate velocity_fn at a scalar time, broadcast to a [B] float32 tensor; output in float32."""
@@ -129,7 +144,8 @@ def _call(velocity_fn, x, t_value):
 
 
 def euler_midpoint_grid(intervals, shift):
-    """Data-time grid 0 = t_0 < ... < t_n = 1: a uniform grid in σ, shifted (spec §4.2 b)."""
+    """Data-time grid 0 = t_0 < ... < t_n = 1: a uniform grid in σ, shifted (the official `ode` in
+    svg_t2i/transport/integrators.py)."""
     sigma = 1 - torch.linspace(0, 1, intervals + 1, dtype=torch.float64)
     return (1 - shift_sigma(sigma, shift)).tolist()
 
@@ -150,9 +166,6 @@ def sample_euler(velocity_fn, x, steps, shift, progress=False):
 
 def sample_midpoint(velocity_fn, x, steps, shift, progress=False):
     """Explicit midpoint (torchdiffeq 'midpoint'): two evaluations per interval, so steps / 2 intervals."""
-    if steps < 2 or steps % 2:
-        raise ValueError(f"sample: --steps {steps} with the midpoint solver: it makes two model evaluations per "
-                         f"interval, so pass an even number >= 2 (e.g. {max(2, steps - 1)})")
     grid = euler_midpoint_grid(steps // 2, shift)
     for t, t_next in tqdm(list(zip(grid[:-1], grid[1:])), disable=not progress, desc="midpoint"):
         h = t_next - t
@@ -162,7 +175,8 @@ def sample_midpoint(velocity_fn, x, steps, shift, progress=False):
 
 
 def sample_dpm(velocity_fn, x, steps, shift, progress=False):
-    """DPM-Solver++ 2M (data prediction, multistep, order 2) in the official flow form (spec §4.2 a).
+    """DPM-Solver++ 2M (data prediction, multistep, order 2) as the official `Sampler.sample_dpm` runs it
+    (svg_t2i/transport/dpm_solver.py: NoiseScheduleFlow, "time_uniform_flow" grid, lower_order_final).
 
     Schedule in the noise level τ: α = 1 − τ, σ = τ, λ = log(α/σ). The model's velocity becomes a data
     prediction x̂1 = x + τ·v(x, t = 1 − τ). The first step is first order (no history yet), the middle
@@ -195,6 +209,20 @@ def sample_dpm(velocity_fn, x, steps, shift, progress=False):
 SOLVERS = {"euler": sample_euler, "midpoint": sample_midpoint, "dpm": sample_dpm}
 
 
+def check_sampler(steps, solver, shift):
+    """Raise a ValueError that says what to pass unless `solver` can run `steps` model evaluations at time
+    shift `shift` (None = no shift). sample() calls it first; sample.py calls it before it samples at all."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver (--solver) must be one of {sorted(SOLVERS)}, got {solver!r}")
+    if steps < 1:
+        raise ValueError(f"steps (--steps) must be >= 1, got {steps}")
+    if solver == "midpoint" and steps % 2:
+        raise ValueError(f"{steps} steps with the midpoint solver: it makes two model evaluations per interval, "
+                         f"so steps (--steps) must be even, e.g. {max(2, steps - 1)}")
+    if shift is not None and not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift (--shift) must be a finite number > 0, got {shift}")
+
+
 def sample(velocity_fn, noise, steps=DEFAULT_STEPS, solver=DEFAULT_SOLVER, shift=None, progress=False):
     """Integrate the flow from `noise` (t = 0) to data (t = 1) with `steps` model evaluations.
 
@@ -203,22 +231,23 @@ def sample(velocity_fn, noise, steps=DEFAULT_STEPS, solver=DEFAULT_SOLVER, shift
     the official defaults are DEFAULT_SHIFT = 10 for dpm and DEFAULT_ODE_SHIFT = 6 for euler/midpoint.
     Returns float32 (the official sampler also integrates in float32).
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"sample: solver must be one of {sorted(SOLVERS)}, got {solver!r}")
-    if steps < 1:
-        raise ValueError(f"sample: steps must be >= 1, got {steps}")
+    check_sampler(steps, solver, shift)
     with torch.no_grad():
         return SOLVERS[solver](velocity_fn, noise.float(), steps, 1.0 if shift is None else float(shift), progress)
 
 
-# ----- Classifier-free guidance (spec §4.3) -----------------------------------------------------------
+# ----- Classifier-free guidance (the official `forward_with_cfg`, svg_t2i/models/model_dino.py) --------
 
 def cfg_velocity(v_cond, v_uncond, scale, renorm=DEFAULT_RENORM):
     """Guided velocity v = v_u + scale·(v_c − v_u).
 
-    With `renorm` (the official default), each sample's v is scaled down, if needed, so that its L2 norm
-    over the whole latent (all of C, H, W) is at most that of v_c: v *= min(1, ‖v_c‖ / ‖v‖). This
-    tames over-saturation at high guidance scales.
+    What renorm fixes: v = v_c + (scale − 1)·(v_c − v_u) pushes past the conditional velocity, and the push
+    makes v longer than the velocities the model learnt. Integrated over the steps, the latent overshoots,
+    and the decoded image comes out over-saturated and over-contrasted. On the demo model (128 px, 20
+    steps, every step longer) ‖v‖ averages 1.44x ‖v_c‖ at scale 4 (up to 3.3x) and 2.1x at scale 8 (up to
+    6.6x). With `renorm` (the official default), each sample's v is scaled down, if needed, so that its
+    L2 norm over the whole latent (all of C, H, W) is at most that of v_c: v *= min(1, ‖v_c‖ / ‖v‖). The
+    direction guidance chose is kept; only the length is clipped.
     """
     v = v_uncond + scale * (v_cond - v_uncond)
     if renorm:

@@ -1,4 +1,4 @@
-"""The Unified Next-DiT: the generator of SVG-T2I.
+"""The Unified Next-DiT: the generator of SVG-T2I (paper Fig. 2, left: the single-stream DiT).
 
 Where it sits in the pipeline
 -----------------------------
@@ -7,21 +7,34 @@ Where it sits in the pipeline
     Gemma-2 caption features [B, L, 2304] + mask      ─┘
 
 SVG-T2I reuses, unchanged, the single-stream "Unified Next-DiT" of Lumina-Image-2.0 (arXiv 2503.21758);
-only the sizes differ (384 input channels, patch 1, 2.61 B parameters). The numerics below follow
-spec/nextdit_flow_train.md §1 (the official `svg_t2i/models/model_dino.py`) and §7; the state dict is the
-released layout key for key (tests/manifests/nextdit_2b_official.json), so the released
-`consolidated.00-of-01.pth` loads strictly.
+only the sizes differ (384 input channels, patch 1, 2.61 B parameters). The numerics follow the official
+KlingTeam/SVG-T2I `svg_t2i/models/model_dino.py`; the state dict is the released layout key for key
+(tests/manifests/nextdit_2b_official.json), so the released `consolidated.00-of-01.pth` loads strictly, and
+diffusers' `Lumina2Transformer2DModel` computes the same function (tests/test_model.py, to 1e-5).
 
-The network, in the order data meets it (spec §1.4):
+The network, in the order data meets it:
 
     t ──► TimestepEmbedder ──► c [B, 1024]  (conditions every modulated block; no pooled caption term)
     caption ──► cap_embedder (RMSNorm + Linear) ──► context_refiner (plain blocks, caption only)
     image ──► patchify ──► x_embedder ──► noise_refiner (modulated blocks, image only)
     [caption ; image] ──► layers (modulated joint blocks) ──► final_layer (image rows) ──► unpatchify
 
+"Single stream": after the refiners, caption and image tokens are one sequence, and each joint block runs
+one attention and one FFN, with one set of weights, over all of it (SD3's MM-DiT blocks, by contrast, keep
+separate weights for text and image tokens). Why refiners first: the two kinds of token start in different
+spaces -- Gemma-2 features trained for next-token prediction, and DINOv3 patches buried in noise whose
+level changes every step -- and the joint blocks' shared weights would otherwise have to serve both. So
+each modality first gets private blocks (2 in the released model) that align it before the two mix: the
+context refiner for the caption (it never sees t, so a sampler runs it once per prompt) and the noise
+refiner for the image, modulated by t.
+
 Every block is the same JointTransformerBlock: attention with GQA, per-head QK RMSNorm and 3-axis RoPE, a
 SwiGLU FFN, RMSNorms before and after each sub-layer ("sandwich norm"), and optionally a tanh-gated adaLN
-scale from c. Padding is handled with key-only masks, so a sample's output never depends on its batch mates.
+scale from c (its docstring says why each, against DiT's block). Padding is handled with key-only masks, so
+a sample's output never depends on its batch mates or on what its padding holds.
+
+Sections: presets · norm · timestep embedding · RoPE · attention · FFN · block · final layer · NextDiT
+(its forward is the place to start) · checkpoint loading (skip on a first reading).
 """
 import json
 import math
@@ -33,13 +46,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # ----- Presets ----------------------------------------------------------------------------------------
-# Keys are the official constructor names (model_dino.py:554-575). The two released sizes come from
-# NextDiT_2B_GQA_patch1_Adaln_Refiner and NextDiT_08B_GQA_patch1_Adaln_Refiner (model_dino.py:941-1014),
-# with the values the official scripts pass in: in_channels=384 (DINOv3-S/16+ width), cap_feat_dim=2304
-# (Gemma-2-2B width), qk_norm=True. The small presets are ours; callers override in_channels and
+# Keys are the official constructor names (KlingTeam/SVG-T2I `svg_t2i/models/model_dino.py`, NextDiT.__init__).
+# The two released sizes come from NextDiT_2B_GQA_patch1_Adaln_Refiner and NextDiT_08B_GQA_patch1_Adaln_Refiner
+# (same file), with the values the official scripts pass in: in_channels=384 (DINOv3-S/16+ width),
+# cap_feat_dim=2304 (Gemma-2-2B width), qk_norm=True. The small presets are ours; callers override in_channels and
 # cap_feat_dim to match their encoders.
 NEXTDIT_CONFIGS = {
-    # 2,611,246,336 parameters (spec §1.1, verified by tests/test_model.py).
+    # 2,611,246,336 parameters (the official "2.6B"; tests/test_model.py counts them).
     "2B": dict(patch_size=1, in_channels=384, dim=2304, n_layers=26, n_refiner_layers=2, n_heads=24,
                n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True,
                cap_feat_dim=2304, axes_dims=[32, 32, 32], axes_lens=[600, 512, 512]),
@@ -47,7 +60,7 @@ NEXTDIT_CONFIGS = {
     "0.8B": dict(patch_size=1, in_channels=384, dim=1152, n_layers=28, n_refiner_layers=2, n_heads=16,
                  n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True,
                  cap_feat_dim=2304, axes_dims=[24, 24, 24], axes_lens=[600, 512, 512]),
-    # CPU demo: 4.2 M parameters at in_channels=64, cap_feat_dim=64, sized so all four stages train in
+    # CPU demo: 4,298,816 parameters at in_channels=64, cap_feat_dim=64, sized so all four stages train in
     # minutes on 2 cores. Patch 2 (the released model uses 1): a 128-px image is a 16x16 latent grid but
     # only 8x8 = 64 tokens. head_dim 32 = 8 (caption axis) + 8 (rows) + 16 (columns).
     "demo": dict(patch_size=2, in_channels=64, dim=192, n_layers=4, n_refiner_layers=1, n_heads=6,
@@ -59,9 +72,10 @@ NEXTDIT_CONFIGS = {
                  cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[600, 512, 512]),
 }
 
-ROPE_THETA = 10000.0        # RopeEmbedder default; NextDiT never passes another (model_dino.py:531)
-QK_NORM_EPS = 1e-6          # the vanilla RMSNorm default used for q/k-norm (spec §1.2). UNVERIFIED: if apex
-                            # was installed during official training its FusedRMSNorm default 1e-5 applied.
+ROPE_THETA = 10000.0        # RopeEmbedder's default; NextDiT never passes another (model_dino.py)
+QK_NORM_EPS = 1e-6          # q/k-norm is built without an eps, so it gets the default of the official fallback
+                            # RMSNorm (`svg_t2i/models/components.py`), 1e-6. Unknowable from the release: had
+                            # apex been installed in training, its FusedRMSNorm default, 1e-5, applied.
 FREQ_EMBED_SIZE = 256       # sinusoidal timestep features (TimestepEmbedder frequency_embedding_size)
 MAX_ADALN_DIM = 1024        # adaLN / timestep width is min(dim, 1024)
 
@@ -111,7 +125,7 @@ class TimestepEmbedder(nn.Module):
         half = size // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         angles = t.float()[:, None] * freqs[None]                        # [B, 128]
-        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # cos FIRST (spec §1.2)
+        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # cos FIRST, as the official code
 
     def forward(self, t):
         return self.mlp(self.sinusoidal(t).to(self.mlp[0].weight.dtype))  # [B, width]
@@ -119,8 +133,15 @@ class TimestepEmbedder(nn.Module):
 
 # ----- Rotary position embedding ----------------------------------------------------------------------
 # Each token has a 3-component position (axis 0 = text position, axis 1 = row, axis 2 = column). Head
-# dimensions are split into three groups (axes_dims) and each group rotates with its own axis. Pairs of
-# neighbouring dimensions (2i, 2i+1) are one complex number (interleaved layout, not split halves).
+# dimensions are split into three groups (axes_dims; 2B: 32 + 32 + 32 of 96) and each group rotates with its
+# own axis. Pairs of neighbouring dimensions (2i, 2i+1) are one complex number (interleaved layout, not split
+# halves). NextDiT.grid_positions says why every image token sits at the caption length on axis 0.
+#
+# This project has four RoPE variants; all rotate q and k so that a query-key product depends on the
+# difference of positions only. dino.py (RopePositionEmbedding): axial 2-D on patch centres in (-1, 1),
+# so any grid size maps to the same range; rotate-half layout. text.py (rope_cos_sin): Gemma's 1-D token
+# index, rotate-half. Here: 3 integer axes, so a caption token and an image token can share one sequence;
+# interleaved pairs. autoencoder.py (RoPE-Mixed): learned 2-D directions per head, interleaved pairs.
 
 def rope_tables(axes_dims, axes_lens, theta=ROPE_THETA):
     """Per-axis tables of (cos, sin) pairs, [len_i, dim_i/2, 2] float32, built like the official complex64
@@ -214,7 +235,22 @@ class JointTransformerBlock(nn.Module):
         x = x + tanh(gate_msa) · norm2(Attn(norm1(x) · (1 + scale_msa)))
         x = x + tanh(gate_mlp) · ffn_norm2(FFN(ffn_norm1(x) · (1 + scale_mlp)))
 
-    There is no shift term. Without modulation (the context refiner) scale = 0 and the gates are 1.
+    Without modulation (the context refiner) scale = 0 and the gates are 1. Against DiT's adaLN-Zero block
+    (facebookresearch/DiT `models.py`: x + gate · Attn(modulate(LayerNorm(x), shift, scale))), three changes
+    and one idea kept:
+
+    * Sandwich norm: an RMSNorm after each sub-layer as well as before. A pre-norm block normalises what
+      goes into Attn and FFN but adds their output raw, so one large update can grow the residual stream, and
+      26 blocks x 2 sub-layers compound it; in bf16 (8 significant bits) a stream that has grown large also
+      swallows the later, smaller updates. Normalised, each update has RMS about its norm's weight.
+    * tanh gates: a gate in (-1, 1) bounds that update again; DiT's linear gate is unbounded.
+    * Zero init of adaLN_modulation, DiT's "-Zero" (NextDiT.initialize_weights): scale = 0 and tanh(0) = 0,
+      so a fresh modulated block is exactly the identity, and with the zero-initialised final layer the
+      untrained model predicts v = 0 everywhere (tests/test_model.py checks it). Training starts from a
+      stable network and learns how much each block contributes.
+    * No shift: modulate(x, scale) = x · (1 + scale). RMSNorm never centres and no linear in the block has
+      a bias, so the block stays bias-free, and c drives 4 vectors instead of DiT's 6: adaLN_modulation is
+      1024 -> 4 x 2304 in the 2B model, 9.4 M parameters per block where shift terms would make it 14.2 M.
     """
 
     def __init__(self, dim, n_heads, n_kv_heads, ffn_hidden, norm_eps, qk_norm, modulation, adaln_dim):
@@ -261,14 +297,12 @@ class FinalLayer(nn.Module):
 # ----- The model --------------------------------------------------------------------------------------
 
 class NextDiT(nn.Module):
-    """The Unified Next-DiT (spec §1). Constructor names and defaults are the official ones.
+    """The Unified Next-DiT. Constructor names and defaults are the official ones (model_dino.py's NextDiT).
 
-    forward(x, t, cap_feats, cap_mask, cap_tokens=None) -> v, same structure as x:
-      x          [B, C, H, W] tensor, or a list of B tensors [C, Hi, Wi] of different sizes
-      t          [B] (or a scalar) flow time in [0, 1]; 0 = pure noise, 1 = data
-      cap_feats  [B, L, cap_feat_dim] right-padded text-encoder features
-      cap_mask   [B, L] bool (or 0/1), True for real tokens, right-padded, at least 1 per sample
-      cap_tokens optional output of refine_captions(cap_feats, cap_mask), to skip the caption path
+    forward(x [B, C, H, W], t [B], cap_feats [B, L, cap_feat_dim], cap_mask [B, L]) -> v [B, C, H, W], for
+    one image size per call: training's bucket sampler (data.py) yields batches of one size, and a sampler
+    makes one size at a time. (The official forward also packs a list of different-size images with
+    padding; nothing here needs that.)
     """
 
     def __init__(self, patch_size=1, in_channels=384, dim=4096, n_layers=32, n_refiner_layers=2, n_heads=32,
@@ -296,7 +330,7 @@ class NextDiT(nn.Module):
         def block(modulation):
             return JointTransformerBlock(dim, n_heads, n_kv_heads, hidden, norm_eps, qk_norm, modulation, adaln_dim)
 
-        # Registration order below is the released key order (spec §1.6).
+        # Registration order below is the released key order (a state dict lists keys in this order).
         self.x_embedder = nn.Linear(patch_size * patch_size * in_channels, dim)
         self.noise_refiner = nn.ModuleList([block(True) for _ in range(n_refiner_layers)])
         self.context_refiner = nn.ModuleList([block(False) for _ in range(n_refiner_layers)])
@@ -312,10 +346,11 @@ class NextDiT(nn.Module):
         self.grad_checkpointing = False
         self.initialize_weights()
 
-    # ----- Initialisation (spec §1.5) -----------------------------------------------------------------
+    # ----- Initialisation ------------------------------------------------------------------------------
     def initialize_weights(self):
-        """The official init: xavier for projections, zero adaLN and final layer (so every modulated block
-        starts as the identity and the first prediction is 0), N(0, 0.02) timestep MLP."""
+        """The official init (model_dino.py): xavier for projections, zero adaLN and final layer (so every
+        modulated block starts as the identity and the first prediction is 0: JointTransformerBlock says
+        why), N(0, 0.02) timestep MLP."""
         if self.x_embedder.weight.is_meta:
             return
         for blk in [*self.noise_refiner, *self.context_refiner, *self.layers]:
@@ -343,8 +378,8 @@ class NextDiT(nn.Module):
 
     # ----- Positions and masks ------------------------------------------------------------------------
     # Positions and masks depend only on the caption mask and the image sizes, never on x or t. They are
-    # built with tensor ops alone (no .tolist(), no per-sample loop), so the batched forward traces into
-    # one torch.compile graph; only the eager-mode input check below reads values.
+    # built with tensor ops alone (no .tolist(), no per-sample loop), so the forward traces into one
+    # torch.compile graph; only the eager-mode input checks below read values.
     def rope(self, pos_ids):
         """pos_ids [B, S, 3] int64 -> freqs [B, S, head_dim/2, 2] (cos, sin), axis groups concatenated in order."""
         return torch.cat([tab[pos_ids[..., i]] for i, tab in enumerate(self._rope_tables)], dim=-2)
@@ -367,7 +402,12 @@ class NextDiT(nn.Module):
     def grid_positions(axis0, height, width):
         """Image token positions (axis0, row, col) in row-major order -> [B, height·width, 3].
 
-        axis0 [B] is each sample's caption length: image tokens sit just after their caption (spec §1.3).
+        axis0 [B] is each sample's caption length L_i, for every image token (as the official code). The
+        image comes after its caption in one sequence, so on the text axis it sits at the next position,
+        L_i; rows and columns then place it in 2-D. Because RoPE makes a query-key product depend only on
+        the difference of positions, that common offset cancels in image-to-image attention, where only
+        row and column differences remain (refine_image relies on it), while in image-to-caption attention
+        the difference L_i − j tells an image token how far back caption token j is.
         """
         rows = torch.arange(height, device=axis0.device).repeat_interleave(width)       # [N]
         cols = torch.arange(width, device=axis0.device).repeat(height)                  # [N]
@@ -392,6 +432,17 @@ class NextDiT(nn.Module):
             raise ValueError(f"NextDiT: caption of {max(lengths)} tokens exceeds the RoPE text axis "
                              f"(axes_lens[0] = {self.axes_lens[0]}); truncate captions first")
 
+    def check_inputs(self, x, t, cap_feats, cap_mask):
+        """t as a [B] tensor on x's device (a scalar is broadcast); a clear error for inputs that disagree."""
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(len(x)) if t.dim() == 0 else t
+        if t.shape != (len(x),) or cap_feats.shape[0] != len(x) or cap_mask.shape[0] != len(x):
+            raise ValueError(f"NextDiT: batch sizes disagree: latents {tuple(x.shape)}, t {tuple(t.shape)}, "
+                             f"cap_feats {tuple(cap_feats.shape)}, cap_mask {tuple(cap_mask.shape)}")
+        if not torch.compiler.is_compiling():
+            self.check_caption_mask(cap_mask.bool())
+        return t
+
     # ----- Caption path (independent of x and t) ------------------------------------------------------
     def refine_captions(self, cap_feats, cap_mask):
         """cap_feats [B, L, cap_feat_dim], cap_mask [B, L] -> cap_tokens [B, L, dim].
@@ -402,6 +453,10 @@ class NextDiT(nn.Module):
         cap_mask = cap_mask.bool()
         if not torch.compiler.is_compiling():
             self.check_caption_mask(cap_mask)
+        # Padding is zeroed on the way in. A padded key gets attention weight exactly 0, but 0 · NaN = NaN,
+        # so a NaN or inf left in the padding of cap_feats would otherwise reach every real token. For
+        # finite padding this changes nothing: 0 · v adds exactly 0.
+        cap_feats = cap_feats.masked_fill(~cap_mask[..., None], 0.0)     # [B, L, cap_feat_dim]
         freqs = self.rope(self.caption_positions(cap_mask))              # [B, L, hd/2, 2]
         cap = self.cap_embedder(cap_feats)                               # [B, L, dim]
         key_mask = None if self.unpadded(cap_mask) else cap_mask
@@ -435,102 +490,69 @@ class NextDiT(nn.Module):
         grid = tokens.reshape(tokens.shape[0], height // p, width // p, p, p, C)        # [B, h, w, p, p, C]
         return grid.permute(0, 5, 1, 3, 2, 4).reshape(tokens.shape[0], C, height, width)
 
-    def pad_images(self, images, cap_lens):
-        """A list of [C, Hi, Wi] -> zero-padded patches [B, N, p·p·C], positions [B, N, 3] and the mask of
-        real tokens [B, N] (None when every image has the same size). The only per-sample loop."""
-        p = self.patch_size
-        tokens = [self.patchify(im[None])[0] for im in images]            # [Ni, p·p·C] each
-        lens = [len(tok) for tok in tokens]
-        n = max(lens)
-        patches = torch.stack([F.pad(tok, (0, 0, 0, n - len(tok))) for tok in tokens])
-        pos = torch.stack([F.pad(self.grid_positions(cap_lens[i:i + 1], h // p, w // p)[0], (0, 0, 0, n - lens[i]))
-                           for i, (h, w) in enumerate(im.shape[-2:] for im in images)])
-        mask = torch.arange(n, device=patches.device)[None] < torch.tensor(lens, device=patches.device)[:, None]
-        return patches, pos, None if min(lens) == n else mask
-
     # ----- Image path (independent of the caption) ----------------------------------------------------
     def refine_image(self, x, t, cap_lens):
         """Latents x [B, C, H, W] and times t [B] -> image tokens after the noise refiner [B, N, dim].
 
         The noise refiner never sees the caption: its attention is image to image, and the caption length
-        enters only as the RoPE text-axis coordinate, which is the same for every image token and so cancels
-        in every query-key product. Its output is therefore a function of x and t alone (up to float
-        rounding), and a guided sampler computes it once per step for both the conditional and the
-        unconditional pass: forward(..., img_tokens=refine_image(x, t, cond_lengths)).
+        enters only as the RoPE text-axis coordinate, the same for every image token, which cancels
+        (grid_positions). Its output is therefore a function of x and t alone (up to float rounding).
         """
         t = torch.as_tensor(t, device=x.device)
-        c = self.t_embedder(t.expand(len(x)) if t.dim() == 0 else t)
+        c = self.t_embedder(t.expand(len(x)) if t.dim() == 0 else t)     # [B, adaln_dim]
         freqs = self.rope(self.grid_positions(cap_lens, x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size))
-        return self.noise_refine(self.x_embedder(self.patchify(x)), None, freqs, c)
+        return self.noise_refine(self.x_embedder(self.patchify(x)), freqs, c)
 
-    def noise_refine(self, img, img_mask, freqs, c):
+    def noise_refine(self, img, freqs, c):
         for blk in self.noise_refiner:
-            img = blk(img, img_mask, freqs, c)
+            img = blk(img, None, freqs, c)                               # every image token is real: no mask
         return img
 
     # ----- Forward ------------------------------------------------------------------------------------
     def forward(self, x, t, cap_feats, cap_mask, cap_tokens=None, img_tokens=None):
-        # A [B, C, H, W] tensor (one size) takes the fast path: no per-sample Python, no host syncs under
-        # torch.compile. A list of different-size images is padded to the longest and masked.
-        batched = torch.is_tensor(x)
-        B = len(x)
-        device = x[0].device
-        t = torch.as_tensor(t, device=device)
-        t = t.expand(B) if t.dim() == 0 else t
-        if t.shape != (B,) or cap_feats.shape[0] != B or cap_mask.shape[0] != B:
-            raise ValueError(f"NextDiT: batch sizes disagree: {B} latents, t {tuple(t.shape)}, cap_feats "
-                             f"{tuple(cap_feats.shape)}, cap_mask {tuple(cap_mask.shape)}")
-        cap_mask = cap_mask.bool()
-        if not torch.compiler.is_compiling():
-            self.check_caption_mask(cap_mask)
+        """Latents x [B, C, H, W] at flow times t [B] (or a scalar), captions cap_feats [B, L, cap_feat_dim]
+        with cap_mask [B, L] (True for real tokens, right-padded, >= 1 per caption) -> velocity [B, C, H, W].
+
+        cap_tokens and img_tokens are the sampler's caches (None: computed here, as in training). A guided
+        sampler runs the DiT twice per step, with the prompt and with the empty prompt. The caption path
+        sees neither x nor t, so it passes cap_tokens = refine_captions(cap_feats, cap_mask), computed once
+        per prompt; the noise refiner sees x and t but not the caption, so it passes img_tokens =
+        refine_image(x, t, cap_lens), computed once per step for both passes (sample.guided_velocity).
+        """
+        B, _, H, W = x.shape
+        p = self.patch_size
+        t = self.check_inputs(x, t, cap_feats, cap_mask)                 # [B]
+        cap_mask = cap_mask.bool()                                       # [B, L]
         c = self.t_embedder(t)                                           # [B, adaln_dim]
         if cap_tokens is None:
             cap_tokens = self.refine_captions(cap_feats, cap_mask)       # [B, L, dim]
+        img_freqs = self.rope(self.grid_positions(cap_mask.sum(1), H // p, W // p))  # [B, N, hd/2, 2]
+        if img_tokens is None:
+            img_tokens = self.noise_refine(self.x_embedder(self.patchify(x)), img_freqs, c)  # [B, N, dim]
 
-        # Image tokens [B, N, p·p·C] and their positions, through the noise refiner.
-        p = self.patch_size
-        cap_lens = cap_mask.sum(1)                                       # [B]
-        if batched:
-            img_mask = None
-            img_pos = self.grid_positions(cap_lens, x.shape[-2] // p, x.shape[-1] // p)
-            img_freqs = self.rope(img_pos)                               # [B, N, hd/2, 2]
-            if img_tokens is None:                                       # else: refine_image's, reused
-                img_tokens = self.noise_refine(self.x_embedder(self.patchify(x)), None, img_freqs, c)
-        else:
-            if img_tokens is not None:
-                raise ValueError("NextDiT: img_tokens= needs x as one [B, C, H, W] tensor")
-            patches, img_pos, img_mask = self.pad_images(x, cap_lens)
-            img_freqs = self.rope(img_pos)
-            img_tokens = self.noise_refine(self.x_embedder(patches), img_mask, img_freqs, c)
-        img = img_tokens                                                 # [B, N, dim]
-
-        # Joint sequence [caption (L rows, right-padded) ; image (N rows)]. Attention is blind to the order
-        # of tokens (RoPE carries the positions) and every other op is per token, so this plain
-        # concatenation computes what the official per-sample [caption ; image ; padding] packing does,
-        # without a loop. Caption padding is zeroed (so nothing a caller left there, even NaN, can leak
-        # through a zero attention weight) and masked as a key.
-        L = cap_mask.shape[1]
-        cap = cap_tokens.to(img.dtype).masked_fill(~cap_mask[..., None], 0.0)
-        joint = torch.cat([cap, img], dim=1)                             # [B, L + N, dim]
-        freqs = torch.cat([self.rope(self.caption_positions(cap_mask)), img_freqs], dim=1)
-        img_keys = cap_mask.new_ones(B, img.shape[1]) if img_mask is None else img_mask
-        key_mask = torch.cat([cap_mask, img_keys], dim=1)               # [B, L + N]
-        if img_mask is None and self.unpadded(cap_mask):
-            key_mask = None                                              # nothing to hide: unmasked attention
+        # One sequence [caption (L rows, right-padded) ; image (N rows)]. Attention is blind to the order of
+        # tokens (RoPE carries the positions) and every other op is per token, so this plain concatenation
+        # computes what the official per-sample packing [caption ; image ; padding] does, without a loop.
+        # Caption padding is masked as a key, and zeroed, so that junk in the padded rows of a cached
+        # cap_tokens (even NaN) cannot leak through a zero attention weight.
+        L, N = cap_mask.shape[1], img_tokens.shape[1]
+        cap = cap_tokens.to(img_tokens.dtype).masked_fill(~cap_mask[..., None], 0.0)  # [B, L, dim]
+        joint = torch.cat([cap, img_tokens], dim=1)                      # [B, L + N, dim]
+        freqs = torch.cat([self.rope(self.caption_positions(cap_mask)), img_freqs], dim=1)  # [B, L + N, hd/2, 2]
+        key_mask = None if self.unpadded(cap_mask) else torch.cat([cap_mask, cap_mask.new_ones(B, N)], dim=1)
         for blk in self.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 joint = checkpoint(blk, joint, key_mask, freqs, c, use_reentrant=False)
             else:
-                joint = blk(joint, key_mask, freqs, c)
+                joint = blk(joint, key_mask, freqs, c)                   # [B, L + N, dim]
         out = self.final_layer(joint[:, L:], c)                          # image rows only: [B, N, p·p·C]
-
-        if batched:
-            return self.unpatchify(out, x.shape[-2], x.shape[-1])
-        return [self.unpatchify(out[i:i + 1, :(im.shape[-2] // p) * (im.shape[-1] // p)], *im.shape[-2:])[0]
-                for i, im in enumerate(x)]
+        return self.unpatchify(out, H, W)                                # [B, C, H, W]
 
 
-# ----- Checkpoints ------------------------------------------------------------------------------------
+# ======================================================================================================
+# Checkpoint loading and saving. A first reading can skip the rest of this file: file formats, a config
+# inferred from tensor shapes, and clear errors for files that do not fit.
+# ======================================================================================================
 # Two formats load: the released `consolidated.00-of-01.pth` (a plain {key: tensor} dict, config inferred
 # from shapes) and ours, `*.safetensors` with the config as JSON under the metadata key "config".
 

@@ -1,6 +1,7 @@
 """sample.py -- text to image: prompt(s) in, PNG files out.
 
-Where this sits: the end of the pipeline (spec nextdit_flow_train.md §6). For each prompt:
+Where this sits: the end of the pipeline (the official KlingTeam/SVG-T2I `svg_t2i/sample_svg_t2i.py`). For
+each prompt:
 
     prompt --Gemma-2--> cap_feats [1, L, D]          once per prompt (and once for the empty prompt)
            --caption embedder + context refiner--> cap_tokens   once, reused by every step
@@ -14,8 +15,9 @@ Where this sits: the end of the pipeline (spec nextdit_flow_train.md §6). For e
 
 `--ckpt` takes a training run folder (the highest finished stage's EMA weights are used) or a folder of the
 released files (README "Using the released weights"): `consolidated.00-of-01.pth`, an Autoencoder-P
-`.ckpt`, the latent statistics `.pt` and a `gemma-2-2b/` folder. Fixes relative to the official sampler
-(DESIGN §5): the seed is honoured, and noise is laid out H first, so non-square sizes come out right.
+`.ckpt`, the latent statistics `.pt` and a `gemma-2-2b/` folder. Two fixes relative to the official
+sampler: the seed is honoured (its `manual_seed` call is commented out), and noise is laid out H first (it
+draws [W/16, H/16], so non-square sizes came out transposed).
 """
 
 import argparse
@@ -37,7 +39,6 @@ import model as dit_lib
 import text
 
 DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
-RELEASED_MAX_CAP_LEN = 512          # the official sampler's caption limit (spec nextdit_flow_train.md §3)
 
 
 # ----- Finding the pieces of a model on disk -------------------------------------------------------------
@@ -67,7 +68,7 @@ def _find_run_parts(folder):
     stats = resolve(enc.get("stats")) or os.path.join(folder, "encoders", "latent_stats.pt")
     return dict(dit=dit_path, decoder=_highest(os.path.join(folder, "autoencoder_P", "stage{k}", "model.safetensors")),
                 dino=resolve(enc["dino"]), gemma=resolve(enc["gemma"]), stats=stats,
-                sample=stage_cfg.get("sample", {}), max_cap_len=stage_cfg.get("max_cap_len", RELEASED_MAX_CAP_LEN))
+                sample=stage_cfg.get("sample", {}), max_cap_len=stage_cfg.get("max_cap_len", text.MAX_LENGTH_SAMPLE))
 
 
 def _find_released_parts(folder):
@@ -77,11 +78,11 @@ def _find_released_parts(folder):
     gemma = next((os.path.dirname(p) for p in sorted(glob.glob(os.path.join(folder, "*", "config.json")))
                   if os.path.exists(os.path.join(os.path.dirname(p), "tokenizer.model"))), None)
     # dino=None: the released autoencoder .ckpt carries its own DINOv3 weights under `encoder.` (unused for
-    # sampling, which only decodes). The sampler defaults are the official ones (spec §4.4).
+    # sampling, which only decodes). The sampler defaults are the official ones (svg_t2i/scripts/sample.sh).
     return dict(dit=first("consolidated.00-of-01.pth", "*/consolidated.00-of-01.pth"),
                 decoder=first("*autoencoder*P*stage3*.ckpt", "*autoencoder*P*.ckpt", "*.ckpt"),
                 dino=None, gemma=gemma, stats=first("*stats*.pt"),
-                sample=dict(steps=50, cfg=4.0, solver="dpm", shift=10.0, size=1024), max_cap_len=RELEASED_MAX_CAP_LEN)
+                sample=dict(flow.RELEASE_SAMPLER, size=1024), max_cap_len=text.MAX_LENGTH_SAMPLE)
 
 
 def find_parts(ckpt):
@@ -117,10 +118,21 @@ class Pipeline:
         # path runs once per batch and stays eager. A new size or caption length can cost another compilation.
         self.dit_passes = (torch.compile(dit.refine_image), torch.compile(dit)) if compile else (dit.refine_image, dit)
 
-    def check_size(self, size=None):
-        """(width, height) in pixels -- `size`, or the model's training size -- if this model can make it: whole
-        latent cells, and no more tokens per side than the DiT's RoPE tables have positions."""
-        width, height = size or (self.defaults.get("size", 256),) * 2
+    def settings(self, size=None, steps=None, cfg=None, solver=None, shift=None):
+        """The sampler settings a generate call uses -- each argument, or this model's default where it is None
+        -- checked, so that a bad value is refused before the first sampling step, not in the middle of it.
+        -> (width, height, steps, cfg, solver, shift); size and (width, height) are in pixels."""
+        d = self.defaults
+        # A run with no finished stage yet (train.py's previews during stage 1) has no defaults: the official
+        # steps, cfg and solver, and no shift.
+        steps = d.get("steps", flow.DEFAULT_STEPS) if steps is None else steps
+        cfg = d.get("cfg", flow.DEFAULT_CFG) if cfg is None else cfg
+        solver, shift = solver or d.get("solver", flow.DEFAULT_SOLVER), d.get("shift", 1.0) if shift is None else shift
+        flow.check_sampler(steps, solver, shift)
+        if not math.isfinite(cfg):
+            raise ValueError(f"--cfg {cfg}: the guidance scale must be a finite number (1 = no guidance)")
+        # Whole latent cells, and no more tokens per side than the DiT's RoPE tables have positions.
+        width, height = size or (d.get("size", 256),) * 2
         cell = self.latent_patch
         if min(width, height) < cell or width % cell or height % cell:
             round_down = lambda v: max(cell, v // cell * cell)
@@ -130,17 +142,16 @@ class Pipeline:
         if height > max_h or width > max_w:
             raise ValueError(f"--size {width}x{height}: this model places at most {max_w}x{max_h} pixels (its RoPE "
                              f"tables hold {max_h // cell} rows and {max_w // cell} columns of tokens)")
-        return width, height
+        return width, height, steps, cfg, solver, shift
 
     @torch.no_grad()
-    def generate(self, prompts, seed=0, size=None, steps=None, cfg=None, solver=None, shift=None, system="base",
-                 progress=True):
+    def generate(self, prompts, seed=0, size=None, steps=None, cfg=None, solver=None, shift=None,
+                 renorm=flow.DEFAULT_RENORM, system="base", progress=True):
         """One image per prompt; image i uses noise seeded by `seed + i`, so a prompt's image does not depend on
-        what else is in the batch. `size` is (width, height) in pixels. Returns a list of PIL images."""
-        d = self.defaults
-        steps, cfg = d.get("steps", 50) if steps is None else steps, d.get("cfg", 4.0) if cfg is None else cfg
-        solver, shift = solver or d.get("solver", "dpm"), d.get("shift", 1.0) if shift is None else shift
-        width, height = self.check_size(size)
+        what else is in the batch. `size` is (width, height) in pixels; None picks the model's default for it
+        and for steps, cfg, solver and shift (see settings). renorm=False: CFG without the renorm clip
+        (flow.cfg_velocity). Returns a list of PIL images, their settings in img.info["svg_t2i"]."""
+        width, height, steps, cfg, solver, shift = self.settings(size, steps, cfg, solver, shift)
         n = len(prompts)
 
         # Text: every prompt and the empty prompt in one Gemma call; then the caption path of the DiT, once.
@@ -148,7 +159,7 @@ class Pipeline:
         feats, mask = text.encode_prompts(self.gemma, self.tokenizer, texts, "", self.max_cap_len)
         feats = feats.float()                                                       # [n + 1, L, D]
         velocity = guided_velocity(self.dit, feats[:n], mask[:n], feats[n:].expand(n, -1, -1), mask[n:].expand(n, -1),
-                                   cfg, passes=self.dit_passes)
+                                   cfg, renorm=renorm, passes=self.dit_passes)
 
         # Noise, H first: [n, C, H/p, W/p]
         C, h, w = self.dit.config["in_channels"], height // self.pixels_per_latent, width // self.pixels_per_latent
@@ -158,9 +169,9 @@ class Pipeline:
         # The DiT works in normalised latents; the decoder was trained on raw DINOv3 features.
         decoder_dtype = next(self.autoencoder.decoder.parameters()).dtype
         pixels = self.autoencoder.decode(self.stats.denormalize(latents).to(decoder_dtype)).float()  # [n, 3, H, W]
-        # to uint8 as the official sampler does: (x + 1) / 2, clamp, x 255, truncate (autoencoder.md §6)
+        # to uint8 as the official sampler does: (x + 1) / 2, clamp, x 255, truncate (sample_svg_t2i.py)
         pixels = ((pixels + 1) / 2).clamp(0, 1).mul(255).byte().permute(0, 2, 3, 1).cpu().numpy()
-        meta = dict(seed=None, steps=steps, cfg=cfg, solver=solver, shift=shift, system=system,
+        meta = dict(seed=None, steps=steps, cfg=cfg, solver=solver, shift=shift, renorm=renorm, system=system,
                     size=f"{width}x{height}", checkpoint=self.source)
         images = []
         for i, prompt in enumerate(prompts):
@@ -170,7 +181,7 @@ class Pipeline:
         return images
 
 
-def guided_velocity(dit, feats, mask, empty_feats, empty_mask, scale, passes=None):
+def guided_velocity(dit, feats, mask, empty_feats, empty_mask, scale, renorm=flow.DEFAULT_RENORM, passes=None):
     """velocity(x, t) with classifier-free guidance: the function the ODE solver calls at every step.
 
     feats/mask [n, L, D] / [n, L] are the prompts' Gemma features, empty_* the empty prompt's, repeated n
@@ -180,7 +191,8 @@ def guided_velocity(dit, feats, mask, empty_feats, empty_mask, scale, passes=Non
       - twice per step: the joint blocks, a conditional and an unconditional pass, each cut to its own longest
         caption. The empty prompt is one token, and padding it to the prompt's length would cost tokens and an
         attention mask; a single prompt has no padding at all, so attention runs unmasked (the faster kernel).
-    `passes` = (refine_image, forward) of the DiT, e.g. torch.compile'd ones (default: the DiT's own).
+    `renorm`: clip the guided velocity's norm to the conditional one's (flow.cfg_velocity says why). `passes` =
+    (refine_image, forward) of the DiT, e.g. torch.compile'd ones (default: the DiT's own).
 
     Precision: the DiT runs in its own dtype (bf16 on GPUs, as the official sampler), but the ODE solver's state
     -- x and the DPM-Solver++ history -- stays float32. Each of ~50 steps adds a small update to x, and bf16
@@ -207,7 +219,7 @@ def guided_velocity(dit, feats, mask, empty_feats, empty_mask, scale, passes=Non
         if scale == 1:
             return v_cond
         v_uncond = forward(x, t, empty_feats, empty_mask, cap_tokens=empty_tokens, img_tokens=img_tokens).float()
-        return flow.cfg_velocity(v_cond, v_uncond, scale, renorm=True)
+        return flow.cfg_velocity(v_cond, v_uncond, scale, renorm=renorm)
     return velocity
 
 
@@ -332,8 +344,12 @@ def main(argv=None):
                    help="model evaluations, for every solver (default: the model's, 50 for the release); even "
                    "for midpoint. The official --num_sampling_steps N is N for dpm, N-1 for euler, 2(N-1) for "
                    "midpoint (it counts grid points)")
-    p.add_argument("--cfg", type=number(float), help="classifier-free guidance scale, with renorm (1 = no guidance)")
-    p.add_argument("--solver", choices=("dpm", "euler", "midpoint"), help="ODE solver (default dpm: DPM-Solver++ 2M)")
+    p.add_argument("--cfg", type=number(float), help="classifier-free guidance scale, 1 = no guidance (default: the "
+                   "model's, 4 for the release)")
+    p.add_argument("--renorm", action=argparse.BooleanOptionalAction, default=flow.DEFAULT_RENORM,
+                   help="CFG renorm, as the official sampler: clip the guided velocity's norm to the conditional "
+                   "one's. --no-renorm lets it grow (over-saturated colours at high --cfg)")
+    p.add_argument("--solver", choices=sorted(flow.SOLVERS), help="ODE solver (default dpm: DPM-Solver++ 2M)")
     p.add_argument("--shift", type=number(float, above=0),
                    help="time shift of the step grid toward noise, > 0 (release: 10)")
     p.add_argument("--seed", type=number(int, minimum=0), default=0, help="image j of a prompt uses seed + j")
@@ -367,7 +383,7 @@ def main(argv=None):
         pipe = load_pipeline(args.ckpt, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
                              compile=args.compile, dit=args.dit, decoder=args.decoder, gemma=args.gemma,
                              stats=args.stats)
-        pipe.check_size(args.size)
+        pipe.settings(args.size, args.steps, args.cfg, args.solver, args.shift)
         os.makedirs(args.out, exist_ok=True)
     except (ValueError, OSError) as err:
         raise SystemExit(f"sample.py: {err}")
@@ -375,7 +391,8 @@ def main(argv=None):
     for prompt in tqdm(prompts, desc="prompts", disable=len(prompts) == 1):
         # n copies of the prompt in one batch: the caption path runs once for all of them
         images = pipe.generate([prompt] * args.n, seed=args.seed, size=args.size, steps=args.steps, cfg=args.cfg,
-                               solver=args.solver, shift=args.shift, system=args.system, progress=True)
+                               solver=args.solver, shift=args.shift, renorm=args.renorm, system=args.system,
+                               progress=True)
         # Names carry the prompt's hash and the seed; save_png never overwrites, it numbers a taken name.
         for img in images:
             meta = json.loads(img.info["svg_t2i"])

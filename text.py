@@ -5,24 +5,46 @@ Where this sits in the pipeline
 SVG-T2I conditions its Next-DiT on a caption. The caption is prefixed with a plain-text "system prompt",
 tokenised with Gemma's sentencepiece model, and run through a frozen Gemma-2-2B. The DiT does not read the
 model's final output: it reads `hidden_states[-2]` of the transformers `Gemma2Model`, i.e. the raw residual
-stream after the second-to-last decoder layer, before the final RMSNorm (spec/gemma2.md §2.7;
-spec/nextdit_flow_train.md §3). So this file builds one decoder layer fewer than the checkpoint holds and has
-no final norm: its output *is* `hidden_states[-2]`.
+stream after the second-to-last decoder layer, before the final RMSNorm (KlingTeam/SVG-T2I
+`svg_t2i/train_svg_t2i.py` and `svg_t2i/sample_svg_t2i.py`, `encode_prompt`; transformers
+`models/gemma2/modeling_gemma2.py` for what the list holds: the embedding, then each layer's output, the
+last one normed). So this file builds one decoder layer fewer than the checkpoint holds and has no final
+norm: its output *is* `hidden_states[-2]`, and the 26th layer (1/26 of the compute) is never run.
 
     prompt ─► format_prompt ─► Tokenizer ─► ids [B, L], mask [B, L] ─► Gemma2Encoder ─► feats [B, L, 2304]
 
+Why the second-to-last layer: SVG-T2I keeps the choice of Lumina-Image-2.0, whose DiT it reuses. The usual
+reason is that a language model's last layer is specialised for predicting the next token, while the one
+before it still describes the text as a whole (the same idea as Stable Diffusion's "CLIP skip"). No final
+norm is needed: the DiT's caption embedder starts with an RMSNorm of its own (model.py).
+
+Why a system prompt: Gemma is causal, so every caption token's features are computed after reading the
+prefix, and the prefix tells Gemma what kind of text follows. The official trainer uses two, one per kind of
+data: 'base' ("...generate high-quality images based on user prompts.") for ordinary {"path", "prompt"}
+items, and 'align' ("...with the highest degree of image-text alignment based on textual prompts.") for
+{"image_path", "super_high_quality_caption"} items. The same words are thus encoded differently for the two
+kinds of caption, and at sampling time the prefix chooses which kind the DiT should follow (SYSTEM_PROMPTS
+below; the official `svg_t2i/scripts/sample.sh` passes 'base').
+
+Positions: Gemma uses plain 1-D RoPE over token index (`rope_cos_sin`). The project's other RoPEs are
+DINOv3's axial 2-D one (dino.py), the DiT's 3-axis one (model.py) and the residual ViT's RoPE-Mixed
+(autoencoder.py).
+
 Contents, in the order the data meets them:
     SYSTEM_PROMPTS, format_prompt      the exact prompt prefixes of the official code
-    Tokenizer, train_tokenizer         sentencepiece: BOS, no EOS, right padding, multiple-of-8 batches
+    Tokenizer                          sentencepiece: BOS, no EOS, right padding, multiple-of-8 batches
     GEMMA2_CONFIGS, Gemma2Encoder      the network (RMSNorm (1 + w), RoPE, GQA, sliding window, GeGLU)
+    encode_prompts, pad_features       everything above in one call: prompts -> (feats, mask)
+  and, behind a banner a first reading can skip:
     load_gemma2, save_gemma2           the Hugging Face folder layout (config.json + safetensors shards)
-    encode_prompts                     everything above in one call: prompts -> (feats, mask)
+    train_tokenizer                    a small Gemma-like tokenizer for the demo and the tests
 
-Numerics follow spec/gemma2.md, which was checked bit-exact against transformers' eager Gemma-2. The one
-deliberate choice: attention logit soft-capping (tanh at 50) exists in Gemma-2 but is OFF by default here,
-because the transformers version SVG-T2I pinned runs Gemma-2 through SDPA, which silently skips it — so the
-released DiT was (most likely; UNVERIFIED which stack the authors really ran) trained on features computed
-without it (spec/gemma2.md §2.6). `use_softcapping=True` gives the eager-attention numbers.
+Numerics were checked bit-exact against transformers' eager Gemma-2 (`models/gemma2/modeling_gemma2.py`).
+The one deliberate choice: attention logit soft-capping (tanh at 50) exists in Gemma-2 but is OFF by
+default here, because the transformers version SVG-T2I pinned (4.57.3, its requirements.txt) runs Gemma-2
+through SDPA, whose attention function ignores the soft-cap argument — so the released DiT was (most likely;
+UNVERIFIED which stack the authors really ran) trained on features computed without it.
+`use_softcapping=True` gives the eager-attention numbers.
 """
 import io
 import json
@@ -38,7 +60,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 # ----- System prompts ------------------------------------------------------------------------------------
-# Quoted exactly from the official code (spec/gemma2.md §4.3): SVG-T2I `sample_svg_t2i.py` system_type
+# Quoted exactly from the official code: KlingTeam/SVG-T2I `svg_t2i/sample_svg_t2i.py` system_type
 # choices == Lumina-Image-2.0 `sample.py`; 'base' and 'align' are also the two training prefixes
 # (`train_svg_t2i.py`: 'base' for {"path", "prompt"} items — the public JSONL format — and 'align' for
 # {"image_path", "super_high_quality_caption"} items). Note the trailing space after "<Prompt Start>":
@@ -57,9 +79,11 @@ SYSTEM_PROMPTS = {
     "empty": "",
 }
 
-# Caption budgets in tokens, BOS and system prompt included (spec/nextdit_flow_train.md §3). The official
-# training script means to honour --max_cap_len but a positional-argument bug pins it to 256; its sampler
-# hard-codes 512. We keep both numbers, and callers pass the one they mean.
+# Caption budgets in tokens, BOS and system prompt included. The official training script
+# (`svg_t2i/train_svg_t2i.py`) means to honour --max_cap_len, but its call `encode_prompt(caps, ...,
+# args.caption_dropout_prob, args.max_cap_len)` puts the value into the `is_train` slot, so the limit stays
+# at the default 256; its sampler (`svg_t2i/sample_svg_t2i.py`) hard-codes 512. We keep both numbers, and
+# callers pass the one they mean.
 MAX_LENGTH_TRAIN = 256
 MAX_LENGTH_SAMPLE = 512
 
@@ -77,7 +101,7 @@ def format_prompt(prompt: str, system_prompt: str) -> str:
 
 
 # ----- Tokenizer -----------------------------------------------------------------------------------------
-# Gemma's special ids (tokenizer pieces 0..3, spec/gemma2.md §4.1); the config agrees (pad/eos/bos 0/1/2).
+# Gemma's special ids (tokenizer pieces 0..3 of its sentencepiece model); the config agrees (pad/eos/bos 0/1/2).
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 
 
@@ -85,7 +109,8 @@ class Tokenizer:
     """Gemma's sentencepiece tokenizer, called the way SVG-T2I calls transformers' GemmaTokenizerFast.
 
     The official call is `tokenizer(texts, padding=True, pad_to_multiple_of=8, max_length=M,
-    truncation=True)` with `padding_side="right"` (spec/gemma2.md §4.2), which means per text:
+    truncation=True)` with `padding_side="right"` (`svg_t2i/train_svg_t2i.py`, `encode_prompt`), which
+    means per text:
     ids = [BOS] + sentencepiece ids, no EOS, cut to M tokens (BOS counts); then the batch is right-padded
     with 0 to its longest row rounded up to a multiple of 8. Gemma's sentencepiece model adds no dummy
     prefix space, so plain `encode(text)` gives the same pieces as the Hugging Face tokenizer.
@@ -109,7 +134,8 @@ class Tokenizer:
             raise ValueError(f"{path}: special ids (pad, eos, bos, unk) are {found}, Gemma's are "
                              f"{(PAD_ID, EOS_ID, BOS_ID, UNK_ID)}; this is not a Gemma tokenizer (make one "
                              "with train_tokenizer, which sets them)")
-        # A dummy-prefix model turns "a" into "▁a"; HF's Gemma tokenizer never does (spec §4.1). Such a
+        # A dummy-prefix model turns "a" into "▁a"; HF's Gemma tokenizer never does ("The Gemma tokenizer
+        # never adds a prefix space", transformers `models/gemma/tokenization_gemma.py`). Such a
         # file still works, but its ids will not match what the released DiT was trained on.
         first = self.sp.encode("a", out_type=str)
         if first and first[0].startswith("\u2581"):
@@ -127,7 +153,7 @@ class Tokenizer:
             raise TypeError("Tokenizer.encode takes a list of strings; wrap a single prompt as [prompt]")
         if max_length < 8 or max_length % 8:
             # With padding to a multiple of 8, a budget that is not one could be overshot by the padding;
-            # transformers refuses it too (spec §4.2).
+            # transformers refuses it too ("truncation length ... is not a multiple of pad_to_multiple_of").
             raise ValueError(f"max_length must be a positive multiple of 8, got {max_length}")
         rows = []
         for text in texts:
@@ -147,43 +173,8 @@ class Tokenizer:
         return input_ids, attention_mask
 
 
-def train_tokenizer(texts, out_path: str, vocab_size: int) -> str:
-    """Train a small Gemma-like sentencepiece model on `texts` and write it to `out_path`; returns the path.
-
-    For the demo and the tests, where the real 256k-piece Gemma tokenizer is not available. The settings
-    copy what Gemma's file is known to use (spec/gemma2.md §4.1, §5.2): BPE, byte fallback, split digits,
-    whitespace kept as is, no dummy prefix, special ids pad 0 / eos 1 / bos 2 / unk 3, and Gemma's two
-    turn markers as user-defined pieces. Single-threaded without sampling, so the same texts give the same
-    model. `vocab_size` is an upper bound: a tiny corpus may yield fewer pieces (read Tokenizer.vocab_size).
-    Every distinct character and all 256 byte pieces need a slot, so very small sizes are refused.
-    """
-    texts = [t for t in texts if t]
-    if not texts:
-        raise ValueError("train_tokenizer needs at least one non-empty text")
-    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-    needed = len(special) + 256 + len(set("".join(texts)))
-    if vocab_size < needed:
-        raise ValueError(f"vocab_size {vocab_size} is too small for these texts: the special pieces, 256 byte "
-                         f"pieces and every distinct character need {needed}; ask for at least that many")
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        hard_vocab_limit=False, pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
-        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-        user_defined_symbols=special[4:], byte_fallback=True, split_digits=True,
-        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        allow_whitespace_only_pieces=True, character_coverage=1.0, num_threads=1,
-        shuffle_input_sentence=False, minloglevel=2)
-    # Write to a temporary name and rename, so a half-written tokenizer.model is never left behind.
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path + ".tmp", "wb") as f:
-        f.write(model.getvalue())
-    os.replace(out_path + ".tmp", out_path)
-    return out_path
-
-
 # ----- Configuration -------------------------------------------------------------------------------------
-# google/gemma-2-2b config.json, HF field names (spec/gemma2.md §1). `num_hidden_layers` is the FULL
+# google/gemma-2-2b config.json, HF field names. `num_hidden_layers` is the FULL
 # model's depth; Gemma2Encoder builds one layer fewer (it stops at hidden_states[-2]).
 GEMMA2_CONFIGS = {
     "2b": dict(
@@ -227,7 +218,8 @@ def rope_cos_sin(length: int, head_dim: int, theta: float, dtype, device):
 
     Frequencies pair dimension j with j + head_dim/2 (the "rotate half" layout of transformers and
     gemma_pytorch — no weight permutation needed). Computed in fp32, then cast to the model dtype as the
-    reference does (spec §2.5). Positions ignore padding, which is why inputs must be right-padded.
+    reference does (transformers `Gemma2RotaryEmbedding`). Positions ignore padding, which is why inputs
+    must be right-padded.
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
     angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]  # [L, D/2]
@@ -387,7 +379,8 @@ class Gemma2Encoder(nn.Module):
                              "use Tokenizer.encode, which pads on the right")
         cfg = self.config
         x = self.embed_tokens(input_ids)                                               # [B, L, H]
-        # Gemma scales embeddings by sqrt(hidden), with the factor built in the model dtype (spec §2.2).
+        # Gemma scales embeddings by sqrt(hidden), with the factor built in the model dtype (as transformers'
+        # `Gemma2Model.forward` does: in bf16, sqrt(2304) = 48 is exact).
         x = x * torch.tensor(cfg["hidden_size"] ** 0.5, dtype=x.dtype)
         cos, sin = rope_cos_sin(L, cfg["head_dim"], cfg["rope_theta"], x.dtype, x.device)  # [L, D]
 
@@ -409,6 +402,48 @@ class Gemma2Encoder(nn.Module):
             x = layer(x, cos, sin, allowed_sliding if layer.sliding else allowed_full)
         return x                                                                       # [B, L, H]
 
+
+# ----- Prompts to features -------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_prompts(encoder, tokenizer, prompts, system_prompt, max_length):
+    """Prompts -> (feats [B, L, hidden] in the encoder's dtype and device, mask [B, L] bool).
+
+    Each prompt is prefixed with `system_prompt` (a SYSTEM_PROMPTS key or literal text; pass system_prompt ""
+    for prompts already formatted and for the unconditional input ""), tokenised (BOS, right padding to a
+    multiple of 8, cut at `max_length`), and run through the frozen encoder. `mask` marks real tokens.
+
+    Feats at padded positions are finite but meaningless. The DiT does not skip those rows: its caption
+    embedder and context refiner process all L of them (the refiner masks padded rows as keys, not as
+    queries). It zeroes them on the way in, since a masked key gets weight exactly 0 but 0 * NaN is NaN,
+    and zeroes the refined padded rows again before its joint blocks (model.py, NextDiT.refine_captions
+    and NextDiT.forward); so what the padding holds never reaches a real token.
+    """
+    if tokenizer.vocab_size > encoder.config["vocab_size"]:
+        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the encoder embeds "
+                         f"only {encoder.config['vocab_size']}; they do not belong together")
+    texts = [format_prompt(p, system_prompt) for p in prompts]
+    input_ids, attention_mask = tokenizer.encode(texts, max_length)
+    device = encoder.embed_tokens.weight.device
+    feats = encoder(input_ids.to(device), attention_mask.to(device))
+    return feats, attention_mask.bool().to(device)
+
+
+def pad_features(feats_list, multiple=8):
+    """Unpadded caption features [L_i, D] (a FeatureCache's, or rows of encode_prompts cut to their masks) ->
+    (feats [B, L, D], mask [B, L] bool), right-padded with zeros to the longest rounded up to `multiple`:
+    the shapes encode_prompts would have produced for the same prompts."""
+    length = multiple * math.ceil(max(len(f) for f in feats_list) / multiple)
+    feats = feats_list[0].new_zeros(len(feats_list), length, feats_list[0].shape[-1])
+    mask = torch.zeros(len(feats_list), length, dtype=torch.bool, device=feats.device)
+    for row, f in enumerate(feats_list):
+        feats[row, :len(f)], mask[row, :len(f)] = f, True
+    return feats, mask
+
+
+# =========================================================================================================
+# Released files, and a tokenizer for the demo. A first reading can skip everything below: it reads and
+# writes the Hugging Face folder layout and trains a small sentencepiece model, and adds no maths.
+# =========================================================================================================
 
 # ----- Loading and saving the Hugging Face layout --------------------------------------------------------
 # A HF model folder: config.json, then either model.safetensors or shards model-0000i-of-0000n.safetensors
@@ -572,33 +607,38 @@ def save_gemma2(encoder: Gemma2Encoder, folder, max_shard_size=None):
     return folder
 
 
-# ----- Prompts to features -------------------------------------------------------------------------------
-@torch.no_grad()
-def encode_prompts(encoder, tokenizer, prompts, system_prompt, max_length):
-    """Prompts -> (feats [B, L, hidden] in the encoder's dtype and device, mask [B, L] bool).
+# ----- A small Gemma-like tokenizer (demo and tests) -----------------------------------------------------
+def train_tokenizer(texts, out_path: str, vocab_size: int) -> str:
+    """Train a small Gemma-like sentencepiece model on `texts` and write it to `out_path`; returns the path.
 
-    Each prompt is prefixed with `system_prompt` (a SYSTEM_PROMPTS key or literal text; pass system_prompt ""
-    for prompts already formatted and for the unconditional input ""), tokenised (BOS, right padding to a multiple of 8, cut at `max_length`), and run
-    through the frozen encoder. `mask` marks real tokens; feats at padded positions are finite but
-    meaningless, and the DiT ignores them (it reads only the first mask.sum() rows of each caption).
+    For the demo and the tests, where the real 256k-piece Gemma tokenizer is not available. The settings
+    copy what Gemma's file is known to use (the Gemma report: split digits, preserved whitespace, byte
+    fallback; transformers' `GemmaConverter`: no prefix space, unk id 3): BPE, byte fallback, split digits,
+    whitespace kept as is, no dummy prefix, special ids pad 0 / eos 1 / bos 2 / unk 3, and Gemma's two
+    turn markers as user-defined pieces. Single-threaded without sampling, so the same texts give the same
+    model. `vocab_size` is an upper bound: a tiny corpus may yield fewer pieces (read Tokenizer.vocab_size).
+    Every distinct character and all 256 byte pieces need a slot, so very small sizes are refused.
     """
-    if tokenizer.vocab_size > encoder.config["vocab_size"]:
-        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the encoder embeds "
-                         f"only {encoder.config['vocab_size']}; they do not belong together")
-    texts = [format_prompt(p, system_prompt) for p in prompts]
-    input_ids, attention_mask = tokenizer.encode(texts, max_length)
-    device = encoder.embed_tokens.weight.device
-    feats = encoder(input_ids.to(device), attention_mask.to(device))
-    return feats, attention_mask.bool().to(device)
-
-
-def pad_features(feats_list, multiple=8):
-    """Unpadded caption features [L_i, D] (a FeatureCache's, or rows of encode_prompts cut to their masks) ->
-    (feats [B, L, D], mask [B, L] bool), right-padded with zeros to the longest rounded up to `multiple`:
-    the shapes encode_prompts would have produced for the same prompts."""
-    length = multiple * math.ceil(max(len(f) for f in feats_list) / multiple)
-    feats = feats_list[0].new_zeros(len(feats_list), length, feats_list[0].shape[-1])
-    mask = torch.zeros(len(feats_list), length, dtype=torch.bool, device=feats.device)
-    for row, f in enumerate(feats_list):
-        feats[row, :len(f)], mask[row, :len(f)] = f, True
-    return feats, mask
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("train_tokenizer needs at least one non-empty text")
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    needed = len(special) + 256 + len(set("".join(texts)))
+    if vocab_size < needed:
+        raise ValueError(f"vocab_size {vocab_size} is too small for these texts: the special pieces, 256 byte "
+                         f"pieces and every distinct character need {needed}; ask for at least that many")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        hard_vocab_limit=False, pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        user_defined_symbols=special[4:], byte_fallback=True, split_digits=True,
+        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True, character_coverage=1.0, num_threads=1,
+        shuffle_input_sentence=False, minloglevel=2)
+    # Write to a temporary name and rename, so a half-written tokenizer.model is never left behind.
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path + ".tmp", "wb") as f:
+        f.write(model.getvalue())
+    os.replace(out_path + ".tmp", out_path)
+    return out_path

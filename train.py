@@ -1,17 +1,28 @@
-"""train.py -- the four training stages of SVG-T2I, and the autoencoder stages before them.
+"""train.py -- the training of SVG-T2I: four DiT stages, and the autoencoder stages that come before them.
 
-Where this sits: everything else in the repository is a part; this file is the assembly line.
+Where this sits: every other file is a part; this one is the assembly line (paper §3.3 and §4). A DiT stage
+reads (image, caption) pairs and, at every optimizer step:
+
+  1. turns each image into a DINOv3 latent x1 [C, h, w], normalised per channel, and each caption (a system
+     prompt in front, 1 in 10 dropped to "" for classifier-free guidance) into Gemma-2 features [L, D]; both
+     encoders are frozen and run under no_grad;
+  2. draws a flow time t (logit-normal, shifted towards noise for larger images) and Gaussian noise x0, and
+     mixes x_t = t·x1 + (1 − t)·x0. Here t = 0 is noise and t = 1 is data (the reverse of minRF and SD3);
+  3. regresses the Next-DiT's output v(x_t, t, caption) onto the straight line's velocity x1 − x0 (an MSE);
+  4. clips the gradient, takes an AdamW step, and updates the EMA copy of the weights that sampling uses.
+
+Stage 1 trains at 256 px, stage 2 at 512 px, stage 3 at 1024 px, stage 4 fine-tunes at 1024 px on a small
+curated set; stage K > 1 starts from stage K-1's final weights with a fresh optimizer. An autoencoder stage
+(`--autoencoder P|R`) trains the pixel decoder that turns latents back into images.
 
     torchrun --nproc_per_node=8 train.py --stage 1 --data pairs.jsonl --out runs/svg --preset 2B \
              --dino dinov3_vits16plus.pth --gemma gemma-2-2b/ --stats latent_stats.pt
     python train.py --demo --out runs/demo          # every stage of the CPU demo, one after another
 
-A DiT stage (paper §3, spec nextdit_flow_train.md §5) reads (image, caption) pairs, turns the image into a
-normalised DINOv3 latent and the caption into Gemma-2 features -- both encoders frozen, under no_grad --
-and trains the Next-DiT to predict the flow-matching velocity. Stage 1 trains at 256 px, stage 2 at
-512 px, stage 3 at 1024 px, stage 4 fine-tunes at 1024 px on a small curated set; stage K > 1 starts from
-stage K-1's final weights with a fresh optimizer. An autoencoder stage (`--autoencoder P|R`) trains the pixel
-decoder that turns latents back into images (spec autoencoder.md §3).
+Reading order: the stage table; `train_dit`, the loop, then the steps it names in the order it calls them;
+`train_autoencoder` alike. Past the banner below them stands the machinery a first reading can skip: processes
+and devices, atomic checkpoint files, DDP and FSDP, making the small presets' random encoders, the feature
+cache, torch.compile, export, the run folder's lock, the command line.
 
 The run folder is the unit of work; a stage can be killed at any moment and restarted with the same
 command, and it continues exactly where its last checkpoint left it:
@@ -54,32 +65,40 @@ import text
 
 # ----- The stage table --------------------------------------------------------------------------------
 # Read it like nanoGPT's config block. A preset fixes the sizes of every network and the resolution ladder;
-# a stage picks one rung. Defaults follow the official scripts (spec nextdit_flow_train.md §5.1): AdamW
-# lr 2e-4, betas (0.9, 0.95), eps 1e-15, no weight decay, no warm-up, grad clip 2.0, caption dropout 0.1,
-# logit-normal t with the resolution shift, bf16 autocast on CUDA. Step counts of the released run are not
-# published (UNVERIFIED); the 2B/0.8B numbers below are a guide sized to the paper's data (~60 M pairs for
-# stages 1-2, ~15 M for stage 3, ~1 M for the SFT), not a reproduction of the authors' schedule.
+# a stage picks one rung. The defaults are those of the official training (KlingTeam/SVG-T2I
+# `svg_t2i/train_svg_t2i.py` run by `svg_t2i/scripts/run_train_mnodes.sh`): AdamW lr 2e-4, betas (0.9, 0.95),
+# eps 1e-15, no weight decay, a constant rate with no warm-up, grad clip 2.0, caption dropout 0.1, logit-normal
+# t with the resolution shift, bf16 autocast on CUDA, a global batch of 512 (4 nodes x 8 GPUs x 16).
+#
+# Why a ladder of resolutions (paper §4; the official README: "progressive training (256→512→1024)", then an
+# SFT stage, the released default): a step costs more the more image tokens it has -- 256 at 256 px, 4,096 at
+# 1024 px, 16x the tokens through every linear layer and 256x the token pairs in attention. So most pairs are
+# seen where steps are cheap, at low resolution, and that is where the model learns what depends little on
+# resolution: composition and text alignment (which object, what colour, where), from ~60 M pairs over stages
+# 1-2. Stage 3 adds fine detail at 1024 px from fewer images (~15 M), and the SFT stage on a small curated set
+# (~1 M) sharpens the look. The step counts of the released run are not published: the 2B/0.8B numbers below
+# are a guide sized to that data, not the authors' schedule.
 
 LR, BETAS, ADAM_EPS, WEIGHT_DECAY = 2e-4, (0.9, 0.95), 1e-15, 0.0
 GRAD_CLIP = 2.0
 CAPTION_DROPOUT = 0.1                 # whole caption (system prompt included) -> "" = just [BOS]
-AE_LR, AE_BETAS = 1e-4, (0.5, 0.9)    # autoencoder: Adam for decoder and discriminator (autoencoder.md §3.2)
+AE_LR, AE_BETAS = 1e-4, (0.5, 0.9)    # autoencoder: Adam for decoder and discriminator (official configs)
 AE_DISC_START = 2500                  # GAN on after 2,500 iterations (the official 5000 "global steps")
 
 _RELEASED = dict(
     dino=None, gemma=None,                       # the real encoders: --dino, --gemma, --stats
     dit_res=(256, 512, 1024, 1024),              # stage 1, 2, 3, 4 (SFT)
-    dit_steps=(120_000, 120_000, 60_000, 10_000),  # a guide (UNVERIFIED), see above
+    dit_steps=(120_000, 120_000, 60_000, 10_000),  # a guide, not published: see above
     micro_batch=(16, 8, 2, 2), global_batch=(512, 512, 128, 128),
     # The autoencoder as in the release's configs (KlingTeam/SVG-T2I autoencoder/configs/pure/*.yaml), per GPU
     # on 8 GPUs: 64 random square crops at 256 and at 512 px (ImageNet), 3 images in aspect buckets at 1024.
     ae_res=(256, 512, 1024), ae_steps=(100_000, 50_000, 20_000), ae_micro_batch=(64, 64, 3),
     ae_crop=("random", "random", "bucket"),
     decoder=dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2),
-    max_cap_len=256,                             # one honest limit (the official 512 flag was ignored)
+    max_cap_len=text.MAX_LENGTH_TRAIN,           # what the official training really used (text.py says why)
     ema_decay=0.9999,                            # a 10k-step horizon (the official 0.95 is ~20 steps)
     compile=True,                                # torch.compile the DiT (--no-compile / --compile override)
-    sample=dict(steps=50, cfg=4.0, solver="dpm", shift=10.0),   # spec §4.4
+    sample=flow.RELEASE_SAMPLER,                 # what config.json tells sample.py: the official sampler
     preview_every=5000, log_every=10,
 )
 
@@ -132,6 +151,481 @@ PREVIEW_PROMPTS = ["a red circle in the top left", "a blue square in the center"
                    "circle in the bottom left"]
 
 
+# ----- One DiT stage -----------------------------------------------------------------------------------
+# The loop first, then the steps it names, in the order it calls them. What they lean on (checkpoint files,
+# DDP and FSDP, torch.compile, the encoders' files) stands after the banner further down.
+
+def train_dit(args, preset, rank, world, device):
+    """DiT stage `args.stage` in the run folder `args.out`: start (from the seeded initialisation, from stage
+    K-1's result, or resumed from this stage's latest/), take the optimizer steps, write the result."""
+    k, run_dir = args.stage, args.out
+    stage_dir, res = os.path.join(run_dir, f"stage{k}"), preset["dit_res"][k - 1]
+    max_steps, global_batch, micro, accum = dit_batch_plan(args, preset, world)
+    # A resumed stage must go on as it began: the seed and global batch are checked before any heavy work, the
+    # data once it is open.
+    latest, settings = find_latest(stage_dir), dict(seed=args.seed, global_batch=global_batch)
+    check_resume(args, latest, settings, rank)
+    frozen, cfg, patch, dataset = open_dit_data(args, preset, res, latest, settings, rank, world, device)
+
+    # The sampler hands each rank its share of a step's global batch (micro x accum images), which the loop cuts
+    # into `accum` micro-batches: accumulating gradients over them equals one big batch.
+    sampler = data.BucketBatchSampler(dataset, micro * accum, rank=rank, world_size=world, seed=args.seed + 100 * res)
+    model, ema, step, trainer = start_dit(cfg, args, latest, sampler, rank, device)
+    wrapped = wrap_dit(model, ema, args.fsdp, world, device)
+    optimizer = dit_optimizer(model, args.lr if args.lr is not None else preset.get("lr", LR), trainer, latest)
+    use_compile = preset["compile"] if args.compile is None else args.compile
+    fwd, compiles = compile_dit(wrapped) if use_compile else (wrapped, lambda: 0)
+    shift = flow.resolution_shift((res // patch) ** 2)               # image tokens at this stage -> s
+    counts = dict(skipped=0)
+    batches = epoch_batches(make_loader(dataset, sampler, args.workers, device), sampler, counts)
+    preview_every = args.preview_every if args.preview_every is not None else preset["preview_every"]
+
+    bar = tqdm(total=max_steps, initial=step, desc=f"stage {k} @ {res}px", disable=rank != 0, dynamic_ncols=True)
+    t0, seen = time.time(), 0
+    model.train()
+    while step < max_steps:
+        optimizer.zero_grad(set_to_none=True)
+        batch, weight = next(batches)                  # this rank's micro x accum images
+        gens = keyed_generators(args.seed, k, step, rank * micro * accum, len(batch["captions"]))
+        loss_sum = torch.zeros((), device=device)      # this step's loss, added up on the device
+        for i in range(accum):
+            part, part_gens, part_weight = micro_batch(batch, gens, weight, i, micro)
+            x0, x1, t, cap_feats, cap_mask = make_inputs(frozen, part, part_gens, shift, device)
+            # DDP/FSDP communicate gradients only on the last micro-step; the others just accumulate locally.
+            with grad_sync(wrapped, sync=i == accum - 1):
+                # / accum: the accumulated gradient is then the big batch's mean
+                loss = flow_matching_loss(fwd, x0, x1, t, cap_feats, cap_mask) * (part_weight / accum)
+                loss.backward()
+            loss_sum += loss.detach()                  # no .item(): it would wait for the GPU every micro-step
+            seen += len(x1) * world
+        grad_norm = clip_gradients(model)
+        optimizer.step()
+        step += 1
+        update_ema(ema, model, preset["ema_decay"], step)
+        bar.update(1)
+
+        if step % preset["log_every"] == 0 or step == max_steps:
+            row = dit_log_row(k, step, loss_sum, grad_norm, seen / (time.time() - t0), counts, compiles(), world)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
+            append_log(run_dir, rank, row)
+            t0, seen = time.time(), 0
+        if step % args.ckpt_every == 0 or step == max_steps:
+            save_dit_checkpoint(stage_dir, rank, model, ema, optimizer, sampler, step, settings)
+        if preview_every and (step % preview_every == 0 or step == max_steps):
+            write_preview(run_dir, ema, cfg, args.fsdp, k, step, res, rank, device)
+    bar.close()
+    finish_dit(stage_dir, model, ema, cfg, rank, config=dict(
+        stage=k, resolution=res, steps=step, global_batch=global_batch, preset=args.preset, dit=cfg,
+        sample=dict(preset["sample"], size=res), max_cap_len=preset["max_cap_len"], data=args.data, seed=args.seed))
+
+
+def dit_batch_plan(args, preset, world):
+    """(optimizer steps, global batch, micro batch, accumulation steps) of this stage: the flags given, else the
+    stage table. One optimizer step = `accum` micro-batches per rank x `world` ranks = the global batch."""
+    pick = lambda flag, table: table[args.stage - 1] if flag is None else flag
+    max_steps = pick(args.max_steps, preset["dit_steps"])
+    global_batch = pick(args.global_batch_size, preset["global_batch"])
+    if global_batch < world:
+        raise SystemExit(f"--global-batch-size {global_batch} is smaller than the {world} processes: each needs at "
+                         f"least one image per step; pick a multiple of {world}")
+    micro = min(pick(args.micro_batch_size, preset["micro_batch"]), global_batch // world)
+    if global_batch % (micro * world):
+        raise SystemExit(f"--global-batch-size {global_batch} is not a multiple of micro batch {micro} x "
+                         f"{world} processes; pick a multiple of {micro * world}")
+    return max_steps, global_batch, micro, global_batch // (micro * world)
+
+
+def open_dit_data(args, preset, res, latest, settings, rank, world, device):
+    """(frozen encoders, NextDiT config, pixels per DiT token side, dataset) of a DiT stage. The data's hash goes
+    into `settings` and is checked against a resumed checkpoint before the latent statistics or the feature cache
+    cost any time. Under --cache-features the dataset yields the encoders' outputs instead of images."""
+    paths = prepare_encoders(args.out, preset, args, rank)
+    frozen = FrozenEncoders(*load_encoders(args.out, paths, device), preset["max_cap_len"], device)
+    cfg = dict(dit_lib.NEXTDIT_CONFIGS[preset["dit"]], in_channels=frozen.dino.embed_dim,   # small presets take
+               cap_feat_dim=frozen.gemma.config["hidden_size"])                            # widths from the encoders
+    patch = frozen.dino.patch_size * cfg["patch_size"]       # one DiT token's side in pixels: buckets count these
+    dataset = data.open_dataset(args.data, res, seed=args.seed, patch=patch, limit=args.data_limit)
+    settings["data"] = data_hash(dataset)
+    check_resume(args, latest, dict(data=settings["data"]), rank)
+    frozen.stats = prepare_stats(args.out, paths, frozen.dino, dataset, device, rank)
+    if args.cache_features:                     # same items, same buckets, same order: only the encoders go
+        dataset = open_feature_cache(args, args.out, paths, dataset, res, patch, frozen.encode, device, rank, world)
+    return frozen, cfg, patch, dataset
+
+
+class FrozenEncoders:
+    """The frozen half of the pipeline: DINOv3 turns images into latents, Gemma-2 (with its tokenizer) turns
+    captions into features, and `stats` normalises latents per channel. Nothing here trains."""
+
+    def __init__(self, dino_model, gemma, tokenizer, max_cap_len, device):
+        self.dino, self.gemma, self.tokenizer = dino_model, gemma, tokenizer
+        self.max_cap_len, self.device = max_cap_len, device
+        self.stats = None                         # set once the data is open (prepare_stats)
+        # A dropped caption is the empty prompt: [BOS] alone, the same features every time.
+        feats, mask = self.encode_captions([""])
+        self.empty_feats = feats[0, :int(mask.sum())]                          # [1, D]
+
+    def encode_captions(self, texts):
+        """Formatted captions -> Gemma features [B, L, D], mask [B, L] (L padded to a multiple of 8)."""
+        return text.encode_prompts(self.gemma, self.tokenizer, texts, "", self.max_cap_len)
+
+    @torch.no_grad()
+    def encode(self, batch):
+        """What the feature cache stores for a batch: raw DINOv3 latents [B, C, h, w], Gemma features [B, L, D]
+        and mask [B, L], every caption kept (dropout is drawn afresh at every step)."""
+        texts = [text.format_prompt(c, s) for c, s in zip(batch["captions"], batch["systems"])]
+        return (images_to_latents(self.dino, batch["images"].to(self.device)), *self.encode_captions(texts))
+
+
+def start_dit(cfg, args, latest, sampler, rank, device):
+    """(model, EMA, step, saved trainer state or None) where this stage starts: this stage's latest/ (a resume,
+    exactly: weights, EMA, the sampler's position, the step, this rank's RNG), stage K-1's final weights (with a
+    fresh optimizer), or the seeded initialisation.
+
+    Every rank holds the same weights before wrapping (the seeded initialisation, or the same files), so DDP's
+    broadcast of rank 0's changes nothing and fully_shard keeps each rank's slice of one model."""
+    k, run_dir = args.stage, args.out
+    with seeded(args.seed, "dit", k):            # initialised on the CPU, the same in every process
+        model = dit_lib.NextDiT(**cfg).to(device)
+        ema = dit_lib.NextDiT(**cfg).to(device).requires_grad_(False)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    # `norm_final` is in the official model (KlingTeam/SVG-T2I `svg_t2i/models/model_dino.py` builds it, its
+    # forward never calls it), kept so the released weights load key for key. No gradient ever reaches it, and
+    # DDP would wait for one: freeze it.
+    model.norm_final.requires_grad_(False)
+    if latest:
+        model.load_state_dict(load_file(os.path.join(latest, "model.safetensors")))
+        ema.load_state_dict(load_file(os.path.join(latest, "ema.safetensors")))
+        # mmap: with several ranks per machine, the pages of the full optimizer state are shared, not copied.
+        trainer = torch.load(os.path.join(latest, "trainer.pt"), weights_only=False, mmap=True)
+        sampler.load_state_dict(trainer["sampler"])
+        restore_rng(latest, rank)
+        log0(rank, f"stage {k}: resuming from {latest} at step {trainer['step']}")
+        return model, ema, trainer["step"], trainer
+    if k > 1:
+        prev = os.path.join(run_dir, f"stage{k - 1}", "model.safetensors")
+        if not os.path.exists(prev):
+            raise SystemExit(f"stage {k} starts from stage {k - 1}'s weights, but {prev} does not exist: "
+                             f"run `train.py --stage {k - 1} --out {run_dir}` first")
+        model.load_state_dict(dit_lib.load_nextdit(prev).state_dict())
+        log0(rank, f"stage {k}: initialised from {prev}")
+    ema.load_state_dict(model.state_dict())
+    return model, ema, 0, None
+
+
+def wrap_dit(model, ema, fsdp, world, device):
+    """What runs forward and backward: the FSDP-sharded model (the EMA sharded alike, so that update_ema stays
+    shard-local; `model` itself becomes the FSDP module), DDP around the model, or the model alone."""
+    if fsdp:
+        wrapped = shard_nextdit(model, device)
+        shard_nextdit(ema, device)
+        return wrapped
+    return DDP(model) if world > 1 else model
+
+
+def dit_optimizer(model, lr, trainer, latest):
+    """AdamW over the trainable weights, its state restored on a resume. Built after wrapping: fully_shard
+    replaces each parameter by its DTensor shard, and AdamW must hold (and keep moments for) those."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=BETAS,
+                                  eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
+    if trainer is not None:
+        load_optimizer_state(model, optimizer, trainer["optimizer"], os.path.join(latest, "trainer.pt"))
+    return optimizer
+
+
+def keyed_generators(seed, stage, step, first, n):
+    """n CPU generators for the samples first, first + 1, ... of a step's global batch, each seeded by (seed,
+    stage, step, index in the global batch) alone. What is drawn from them -- caption dropout, t and noise in a
+    DiT stage, crop positions in an autoencoder stage -- is then the same whatever the number of processes or
+    the gradient accumulation, and a resumed run continues exactly without any RNG state. CPU generators on
+    every device: a dropout decision is read on the host without waiting for the GPU, and the numbers do not
+    depend on the device. The index takes the low 20 bits: up to 1,048,576 samples per global batch."""
+    base = (((seed * 7919 + stage) * 1_000_003 + step) << 20) + first
+    return [torch.Generator().manual_seed(base + i) for i in range(n)]
+
+
+def micro_batch(batch, gens, weight, i, micro):
+    """Micro-batch i of this rank's share: its items, their generators, its loss weight. Unreadable images can
+    leave the share short; a micro-step left with nothing reruns micro-batch 0 with weight 0, because every rank
+    must run the same number of forward/backward passes (DDP would wait forever for one that skipped)."""
+    part = slice(i * micro, (i + 1) * micro)
+    if not batch["captions"][part]:
+        part, weight = slice(0, micro), 0.0
+    return {key: value[part] for key, value in batch.items() if key != "dropped"}, gens[part], weight
+
+
+def make_inputs(frozen, batch, gens, shift, device):
+    """One micro-batch's training inputs: noise x0 and data x1 [b, C, h, w] (x1 the normalised DINOv3 latents),
+    shifted flow times t [b], caption features [b, L, D] and mask [b, L], each caption dropped to "" with
+    probability CAPTION_DROPOUT (what classifier-free guidance needs). From the feature cache the latents and
+    features are read back instead of computed."""
+    # Host-to-device copies are non_blocking: the host queues them and goes on (from pinned memory on CUDA).
+    keep = [torch.rand(1, generator=g).item() >= CAPTION_DROPOUT for g in gens]
+    if "latents" in batch:
+        x1 = frozen.stats.normalize(batch["latents"].to(device, non_blocking=True))
+        cap_feats, cap_mask = text.pad_features([f.to(device, non_blocking=True) if kept else frozen.empty_feats
+                                                 for f, kept in zip(batch["cap_feats"], keep)])
+    else:
+        x1 = frozen.stats.normalize(images_to_latents(frozen.dino, batch["images"].to(device, non_blocking=True)))
+        cap_feats, cap_mask = frozen.encode_captions([text.format_prompt(c, s) if kept else "" for c, s, kept
+                                                      in zip(batch["captions"], batch["systems"], keep)])
+    t = flow.shift_timesteps(torch.cat([flow.sample_timesteps(1, generator=g) for g in gens]), shift)   # [b]
+    x0 = torch.stack([torch.randn(x1.shape[1:], generator=g) for g in gens])                         # [b, C, h, w]
+    return x0.to(device, non_blocking=True), x1, t.to(device, non_blocking=True), cap_feats.float(), cap_mask
+
+
+def flow_matching_loss(fwd, x0, x1, t, cap_feats, cap_mask):
+    """The DiT's velocity at x_t = t·x1 + (1 − t)·x0 (t = 0 is noise), regressed onto the straight line's velocity
+    x1 − x0 (paper §3.3): each sample's MSE, averaged over the micro-batch."""
+    autocast = torch.autocast("cuda", torch.bfloat16) if x1.is_cuda else contextlib.nullcontext()
+    with autocast:                                     # bf16 on CUDA only; fp32 master weights either way
+        v = fwd(flow.interpolate(x0, x1, t), t, cap_feats, cap_mask)                  # [b, C, h, w]
+        return flow.training_loss(v.float(), x0, x1).mean()
+
+
+def clip_gradients(model):
+    """Clip the whole gradient to norm GRAD_CLIP; return its norm before clipping. Under FSDP each rank holds
+    gradient shards (DTensors): clip_grad_norm_ reduces the squared shard norms across ranks, so it clips by,
+    and returns, the norm of the whole gradient (as a DTensor, made a plain tensor here)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+    return grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+
+
+# An exponential moving average of the weights: the model sampling uses. The decay warms up as
+# (1 + step) / (10 + step) so that a short run is not dominated by its random initialisation.
+@torch.no_grad()
+def update_ema(ema, model, decay, step):
+    decay = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().float(), 1 - decay)   # under FSDP both are DTensor shards cut alike: no gathers
+
+
+def dit_log_row(stage, step, loss_sum, grad_norm, images_per_s, counts, compiles, world):
+    """One log.jsonl row. Loss and skipped images are summed over ranks in one collective (every rank runs it),
+    then read back to the host once per log interval; grad_norm is already the whole gradient's on every rank.
+    `compiles`: graphs torch.compile has made in this process so far (0 when running eagerly)."""
+    total_loss, skipped = total_over_ranks(torch.stack([
+        loss_sum, torch.tensor(float(counts["skipped"]), device=loss_sum.device)])).tolist()
+    return dict(stage=stage, step=step, loss=total_loss / world, grad_norm=grad_norm.item(),
+                images_per_s=images_per_s, skipped_images=int(skipped), compiles=compiles)
+
+
+def save_dit_checkpoint(stage_dir, rank, model, ema, optimizer, sampler, step, settings):
+    """latest/ of a DiT stage. Weights, EMA and AdamW state are gathered whole (collectives under FSDP: every
+    rank calls this); with them the sampler's position, the step, the settings and every rank's RNG state."""
+    save_latest(stage_dir, rank, dict(
+        weights=dict(model=full_state(model), ema=full_state(ema)),
+        optimizer=full_optimizer_state(model, optimizer), sampler=sampler.state_dict(), step=step,
+        settings=settings), dict(torch=torch.get_rng_state()))
+
+
+def write_preview(run_dir, ema, cfg, fsdp, stage, step, res, rank, device):
+    """A grid of PREVIEW_PROMPTS from the EMA weights, if a decoder exists yet (train one with --autoencoder P)."""
+    if fsdp:              # sampling needs whole weights: every rank helps gather the EMA into a plain model
+        ema = plain_nextdit(cfg, full_state(ema))
+    if rank != 0:
+        return
+    try:
+        # float32: the EMA itself is handed over, and load_pipeline casts in place (bf16 would round it for good)
+        pipe = sample.load_pipeline(run_dir, device=device, dit_model=ema, dtype=torch.float32)
+    except FileNotFoundError as e:
+        if not getattr(write_preview, "warned", False):
+            tqdm.write(f"no previews: {e}")
+            write_preview.warned = True
+        return
+    images = pipe.generate(PREVIEW_PROMPTS, seed=0, size=(res, res), progress=False)
+    os.makedirs(os.path.join(run_dir, "previews"), exist_ok=True)
+    sample.make_grid(images).save(os.path.join(run_dir, "previews", f"stage{stage}_step{step:07d}.png"))
+
+
+def finish_dit(stage_dir, model, ema, cfg, rank, config):
+    """The stage's result in the form sample.py reads: model.safetensors, ema.safetensors, and config.json (what
+    was trained, and the sampler settings and caption limit the model is meant for)."""
+    model_state, ema_state = full_state(model), full_state(ema)      # every rank takes part
+    if rank == 0:
+        dit_lib.save_nextdit(plain_nextdit(cfg, model_state), os.path.join(stage_dir, "model.safetensors"))
+        dit_lib.save_nextdit(plain_nextdit(cfg, ema_state), os.path.join(stage_dir, "ema.safetensors"))
+        atomic_json(config, os.path.join(stage_dir, "config.json"))
+        log0(rank, f"stage {config['stage']} done: {stage_dir}/model.safetensors, ema.safetensors")
+    barrier()
+
+
+# ----- One autoencoder stage ---------------------------------------------------------------------------
+# The decoder (and, for R, the residual ViT) learns to invert the frozen DINOv3, as the official recipe does
+# (KlingTeam/SVG-T2I `autoencoder/ldm/models/dinov3_decoder_imagenet.py`, loss in
+# `autoencoder/ldm/modules/losses/contperceptual_decoder.py`): per iteration one generator update (L1 + LPIPS +
+# an adaptively weighted GAN term) and one discriminator update, Adam lr 1e-4, betas (0.5, 0.9), no EMA.
+
+def train_autoencoder(args, preset, rank, world, device):
+    """Autoencoder stage `args.stage` of kind `args.autoencoder` (P or R) in the run folder `args.out`."""
+    k, kind, run_dir = args.stage, args.autoencoder, args.out
+    stage_dir = os.path.join(run_dir, f"autoencoder_{kind}", f"stage{k}")
+    if k > len(preset["ae_res"]):
+        raise SystemExit(f"the autoencoder has stages 1-{len(preset['ae_res'])}; got --stage {k}")
+    res = preset["ae_res"][k - 1]
+    max_steps = args.max_steps if args.max_steps is not None else preset["ae_steps"][k - 1]
+    micro = args.micro_batch_size if args.micro_batch_size is not None else preset["ae_micro_batch"][k - 1]
+    latest, settings = find_latest(stage_dir), dict(seed=args.seed, global_batch=micro * world)
+    check_resume(args, latest, settings, rank)    # a resume goes on as it began (see train_dit)
+    # "random": the official recipe at 256/512 px (shorter side resized to res, a random res x res crop);
+    # "bucket": aspect buckets with centre crops, as the official 1024-px stage and the DiT stages.
+    random_crops = preset["ae_crop"][k - 1] == "random"
+
+    paths = prepare_encoders(run_dir, preset, args, rank)
+    dino_model, _, _ = load_encoders(run_dir, paths, device)
+    dataset = data.open_dataset(args.data, res, seed=args.seed, patch=dino_model.patch_size, limit=args.data_limit,
+                                square=random_crops)
+    settings["data"] = data_hash(dataset)
+    check_resume(args, latest, dict(data=settings["data"]), rank)
+    sampler = data.BucketBatchSampler(dataset, micro, rank=rank, world_size=world, seed=args.seed + 100 * res)
+    ae, loss_fn, opt_g, opt_d, step = start_autoencoder(dino_model, args, preset, latest, sampler, rank, device)
+    counts = dict(skipped=0)
+    batches = epoch_batches(make_loader(dataset, sampler, args.workers, device), sampler, counts)
+
+    bar = tqdm(total=max_steps, initial=step, desc=f"autoencoder {kind} stage {k} @ {res}px", disable=rank != 0)
+    ae.train()                                    # the decoder trains; Autoencoder.train keeps DINOv3 in eval
+    while step < max_steps:
+        batch, weight = next(batches)
+        images = batch["images"]                  # [B, 3, H, W], or with random crops a list of [3, >=res, >=res]
+        if random_crops:
+            images = data.random_square_crops(images, res, keyed_generators(args.seed, k, step, rank * micro,
+                                                                            len(images)))
+        losses = autoencoder_step(ae, loss_fn, opt_g, opt_d, images.to(device, non_blocking=True), weight, step,
+                                  world)
+        step += 1
+        bar.update(1)
+        if step % preset["log_every"] == 0 or step == max_steps:   # read back to the host once per log interval
+            logged = {n: v.item() for n, v in losses.items()}
+            bar.set_postfix(l1=f"{logged['l1']:.4f}")
+            append_log(run_dir, rank, dict(autoencoder=kind, stage=k, step=step, skipped_images=counts["skipped"],
+                                           **logged))
+        if step % args.ckpt_every == 0 or step == max_steps:
+            save_latest(stage_dir, rank, dict(
+                weights=dict(model=cpu_state(ae), discriminator=cpu_state(loss_fn.discriminator)),
+                opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(), sampler=sampler.state_dict(), step=step,
+                settings=settings), dict(torch=torch.get_rng_state()))
+    bar.close()
+    if rank == 0:
+        ae_lib.save_autoencoder(ae, os.path.join(stage_dir, "model.safetensors"))
+        log0(rank, f"autoencoder {kind} stage {k} done: {stage_dir}/model.safetensors")
+    barrier()
+
+
+def start_autoencoder(dino_model, args, preset, latest, sampler, rank, device):
+    """(autoencoder, loss with its discriminator, Adam for each, step) where this stage starts: this stage's
+    latest/ (a resume, exactly), the previous stage's decoder, or the seeded initialisation."""
+    k, kind = args.stage, args.autoencoder
+    residual = None
+    with seeded(args.seed, "autoencoder", kind, k):   # the same initial weights on every rank, whatever ran before
+        if kind == "R":   # the released R branch is a ViT-S/16; small presets shrink it and match the DINO patch
+            residual = ae_lib.ResidualViT(**dict(ae_lib.RESIDUAL_VIT_CONFIG, **preset.get("residual", {}),
+                                                 patch_size=dino_model.patch_size))
+        z_channels = dino_model.embed_dim + (residual.out_dim if residual is not None else 0)
+        decoder = ae_lib.Decoder(z_channels=z_channels, **preset["decoder"])
+        ae = ae_lib.Autoencoder(dino_model, decoder, residual).to(device)
+        loss_fn = ae_lib.AutoencoderLoss(lpips_path=args.lpips, vgg_path=args.vgg, disc_start=AE_DISC_START).to(device)
+    opt_g = torch.optim.Adam(list(ae.trainable_parameters()), lr=AE_LR, betas=AE_BETAS)
+    opt_d = torch.optim.Adam(list(loss_fn.discriminator.parameters()), lr=AE_LR, betas=AE_BETAS)
+    if latest:
+        ae.load_state_dict(load_file(os.path.join(latest, "model.safetensors")))
+        loss_fn.discriminator.load_state_dict(load_file(os.path.join(latest, "discriminator.safetensors")))
+        trainer = torch.load(os.path.join(latest, "trainer.pt"), weights_only=False)
+        opt_g.load_state_dict(trainer["opt_g"])
+        opt_d.load_state_dict(trainer["opt_d"])
+        sampler.load_state_dict(trainer["sampler"])
+        restore_rng(latest, rank)
+        log0(rank, f"autoencoder {kind} stage {k}: resuming from {latest} at step {trainer['step']}")
+        return ae, loss_fn, opt_g, opt_d, trainer["step"]
+    if k > 1:
+        prev = os.path.join(args.out, f"autoencoder_{kind}", f"stage{k - 1}", "model.safetensors")
+        if not os.path.exists(prev):
+            raise SystemExit(f"autoencoder stage {k} starts from {prev}, which does not exist: run stage {k - 1} first")
+        ae.load_state_dict(ae_lib.load_autoencoder(prev).state_dict())
+        log0(rank, f"autoencoder {kind} stage {k}: initialised from {prev}")
+    return ae, loss_fn, opt_g, opt_d, 0
+
+
+def autoencoder_step(ae, loss_fn, opt_g, opt_d, images, weight, step, world):
+    """One iteration, as the official Lightning loop: a generator update, then (once the GAN is on) a
+    discriminator update on the detached reconstructions. images [B, 3, H, W] in [-1, 1] are both the encoder's
+    input and the loss target. Returns the losses as tensors on the device."""
+    recon = ae(images)                        # encode (DINOv3 frozen, no grad) then decode: [B, 3, H, W]
+    loss_g, losses = loss_fn.generator_loss(recon, images, step, last_layer=ae.decoder.conv_out.weight)
+    opt_g.zero_grad(set_to_none=True)
+    (loss_g * weight).backward()
+    average_gradients(opt_g, world)
+    opt_g.step()
+    if loss_fn.disc_active(step):             # before disc_start the discriminator loss is exactly 0
+        loss_d, losses_d = loss_fn.discriminator_loss(recon.detach(), images, step)
+        opt_d.zero_grad(set_to_none=True)
+        (loss_d * weight).backward()
+        average_gradients(opt_d, world)
+        opt_d.step()
+        losses.update(losses_d)
+    return losses
+
+
+def average_gradients(optimizer, world):
+    """Average the gradients of the optimizer's parameters over the ranks, by hand: the two losses each run the
+    discriminator more than once and take an autograd.grad for the adaptive weight, which DDP's hooks do not
+    expect."""
+    if world > 1:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+
+
+# ----- Shared by both kinds of stage ----------------------------------------------------------------------
+
+def make_loader(dataset, sampler, workers, device):
+    """The DataLoader of a stage. pin_memory on CUDA: batches arrive in page-locked memory, from which the
+    host-to-device copies run asynchronously."""
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.collate, num_workers=workers,
+                                       persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+
+
+def append_log(run_dir, rank, row):
+    """One JSON line in RUN_DIR/log.jsonl, written by rank 0."""
+    if rank == 0:
+        with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def epoch_batches(loader, sampler, counts):
+    """(batch, weight) forever, epoch after epoch.
+
+    Counts what the training loop consumed (not what the loader prefetched) so a resumed run starts at the
+    right batch, and adds up unreadable images in counts['skipped']. If every image of a micro-batch was
+    unreadable, the previous batch stands in with loss weight 0: each rank must still run the same number
+    of forward/backward passes, or DDP would wait forever for the one that skipped. A whole epoch's worth of
+    batches in a row without one readable image would loop forever: that stops the run instead."""
+    last, unusable = None, 0
+    while True:
+        for batch in loader:
+            sampler.batches_done += 1
+            counts["skipped"] += batch["dropped"]
+            if batch["captions"]:
+                last, unusable = batch, 0
+                yield batch, 1.0
+                continue
+            unusable += 1
+            if unusable >= len(sampler):
+                raise ValueError(f"--data: not one image could be read in a whole epoch ({unusable} batches in a "
+                                 f"row, {counts['skipped']} unreadable images); the warnings above name the files")
+            if last is not None:
+                yield last, 0.0
+        sampler.set_epoch(sampler.epoch + 1)      # a new epoch: the sampler reshuffles by (seed, epoch)
+
+
+# ==========================================================================================================
+# The machinery: a first reading can skip everything below. Processes and devices; files written so that a kill
+# at any moment loses nothing; DDP and FSDP; making and loading the frozen encoders; the feature cache;
+# torch.compile; export; the run folder's lock; the command line.
+# ==========================================================================================================
+
 # ----- Distributed bookkeeping -----------------------------------------------------------------------
 # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python train.py` is a world of one. One process per
 # device: NCCL on CUDA, gloo on CPU. NCCL reduces CUDA tensors only ("No backend type associated with device
@@ -163,6 +657,13 @@ def barrier():
 def log0(rank, *msg):
     if rank == 0:
         tqdm.write(" ".join(str(m) for m in msg))
+
+
+def total_over_ranks(tensor):
+    """Sum `tensor` over all ranks, in place, and return it. It must be on the training device (NCCL)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
 
 
 @contextlib.contextmanager
@@ -258,9 +759,10 @@ def restore_rng(latest, rank):
 def check_resume(args, latest, settings, rank):
     """Refuse to continue `latest` with other settings than the run that wrote it (its settings.json): the
     result would be neither run's, and nothing would say so. --force-resume continues anyway and records the
-    change in log.jsonl. Only the settings given are compared, so a caller can check some before heavy work."""
-    path = os.path.join(latest, "settings.json")
-    if not os.path.exists(path):                  # written by an older train.py: nothing to compare
+    change in log.jsonl. Only the settings given are compared, so a caller can check some before heavy work.
+    Nothing to check without a checkpoint (latest None) or one written by an older train.py (no settings.json)."""
+    path = latest and os.path.join(latest, "settings.json")
+    if not path or not os.path.exists(path):
         return
     with open(path) as f:
         saved = json.load(f)
@@ -274,27 +776,14 @@ def check_resume(args, latest, settings, rank):
         raise SystemExit(f"{latest} was written with other settings: {what}; pass the flags it was made with, "
                          "another --out, or --force-resume to continue anyway")
     log0(rank, f"--force-resume: continuing {latest} with {what}")
-    if rank == 0:
-        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-            f.write(json.dumps(dict(forced_resume=latest, changed=changed)) + "\n")
-
-
-# ----- EMA -------------------------------------------------------------------------------------------
-# An exponential moving average of the weights, the model used for sampling. The decay warms up as
-# (1 + step) / (10 + step) so a short run is not dominated by its random initialisation.
-
-@torch.no_grad()
-def update_ema(ema, model, decay, step):
-    decay = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().float(), 1 - decay)   # under FSDP both are DTensor shards cut alike: no gathers
+    append_log(args.out, rank, dict(forced_resume=latest, changed=changed))
 
 
 # ----- Data parallelism: DDP or FSDP ---------------------------------------------------------------------
 # DDP keeps full copies of the weights, gradients and AdamW moments on every device and averages gradients
 # with one all-reduce per step: simple, and comfortable up to ~1 B parameters. The 2B DiT needs 10 GB of fp32
 # weights, 10 GB of gradients, 21 GB of AdamW moments and 10 GB of EMA per device that way. `--fsdp` shards
-# all of them over the ranks instead (FSDP2, `fully_shard`, spec nextdit_flow_train.md §5.1): each rank
+# all of them over the ranks instead (FSDP2, `fully_shard`; the official run used FSDP as well): each rank
 # stores 1/world of every tensor (dim 0) as a DTensor, all-gathers a block's full weights just before the
 # block runs, frees them after, and reduce-scatters the block's gradients as soon as backward leaves it.
 
@@ -307,11 +796,12 @@ def shard_nextdit(dit, device):
     up with the model's and update_ema stays shard-local.
     """
     # On CUDA: bf16 weights in forward and backward, gradients reduced in fp32. The official scripts left
-    # --grad_precision unset and so reduced in bf16 (spec §5.1), a deviation from Lumina-Image-2.0's fp32
+    # --grad_precision unset and so reduced in bf16 (`svg_t2i/train_svg_t2i.py`), unlike Lumina-Image-2.0's fp32
     # reduce: a sum over hundreds of ranks with 8 mantissa bits drops the small contributions. The sharded
     # master weights and AdamW stay fp32 either way. cast_forward_inputs=False: autocast already picks each
     # op's precision, and casting inputs would round t to bf16 before the timestep embedding.
-    # On CPU: plain fp32 (bf16 matrix products are ~100x slower there, DESIGN §4).
+    # On CPU: plain fp32, as everywhere on a CPU in this project: on CPUs without native bf16 (a 2-core AVX2
+    # server, say) bf16 matrix products run about 100x slower than fp32 (~1 against ~100 GFLOP/s).
     if device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
     else:
@@ -434,11 +924,9 @@ def load_encoders(run_dir, paths, device):
 def images_to_latents(dino_model, images):
     """[B,3,H,W] in [-1,1] -> raw DINOv3 patch features [B,C,H/p,W/p] (fp32, eval, no grad).
 
-    DINOv3 reads ImageNet-normalised pixels (spec autoencoder.md §1.1), not the [-1, 1] images the data
-    loader and the decoder's loss use."""
-    mean = images.new_tensor(dino.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(dino.IMAGENET_STD).view(1, 3, 1, 1)
-    return dino_model.encode(((images + 1) / 2 - mean) / std)
+    DINOv3 reads ImageNet-normalised pixels, not the [-1, 1] images the data loader and the decoder's
+    loss use."""
+    return dino_model.encode(dino.imagenet_normalize(images))
 
 
 def prepare_stats(run_dir, paths, dino_model, dataset, device, rank):
@@ -497,39 +985,6 @@ def open_feature_cache(args, run_dir, paths, dataset, res, patch, encode, device
     return data.FeatureCache(folder)
 
 
-def epoch_batches(loader, sampler, counts):
-    """(batch, weight) forever, epoch after epoch.
-
-    Counts what the training loop consumed (not what the loader prefetched) so a resumed run starts at the
-    right batch, and adds up unreadable images in counts['skipped']. If every image of a micro-batch was
-    unreadable, the previous batch stands in with loss weight 0: each rank must still run the same number
-    of forward/backward passes, or DDP would wait forever for the one that skipped. A whole epoch's worth of
-    batches in a row without one readable image would loop forever: that stops the run instead."""
-    last, unusable = None, 0
-    while True:
-        for batch in loader:
-            sampler.batches_done += 1
-            counts["skipped"] += batch["dropped"]
-            if batch["captions"]:
-                last, unusable = batch, 0
-                yield batch, 1.0
-                continue
-            unusable += 1
-            if unusable >= len(sampler):
-                raise ValueError(f"--data: not one image could be read in a whole epoch ({unusable} batches in a "
-                                 f"row, {counts['skipped']} unreadable images); the warnings above name the files")
-            if last is not None:
-                yield last, 0.0
-        sampler.set_epoch(sampler.epoch + 1)      # a new epoch: the sampler reshuffles by (seed, epoch)
-
-
-def total_over_ranks(tensor):
-    """Sum `tensor` over all ranks, in place, and return it. It must be on the training device (NCCL)."""
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
-
-
 # ----- torch.compile over many shapes ---------------------------------------------------------------------
 # A stage sees many latent grids (one per aspect bucket) and caption lengths (8-256 tokens, in steps of 8). Left
 # to itself dynamo compiles a graph for the first shape, then again each time another of these sizes changes
@@ -556,359 +1011,6 @@ def compile_dit(module):
                     torch._dynamo.mark_dynamic(tensor, dim)
         return compiled(x, t, cap_feats, cap_mask)
     return forward, lambda: graphs() - start
-
-
-# ----- One DiT stage -----------------------------------------------------------------------------------
-
-def train_dit(args, preset, rank, world, device):
-    k = args.stage
-    run_dir = args.out
-    stage_dir = os.path.join(run_dir, f"stage{k}")
-    res = preset["dit_res"][k - 1]
-    pick = lambda flag, table: table[k - 1] if flag is None else flag      # a flag given, or the stage table
-    max_steps = pick(args.max_steps, preset["dit_steps"])
-    global_batch = pick(args.global_batch_size, preset["global_batch"])
-    if global_batch < world:
-        raise SystemExit(f"--global-batch-size {global_batch} is smaller than the {world} processes: each needs at "
-                         f"least one image per step; pick a multiple of {world}")
-    micro = min(pick(args.micro_batch_size, preset["micro_batch"]), global_batch // world)
-    if global_batch % (micro * world):
-        raise SystemExit(f"--global-batch-size {global_batch} is not a multiple of micro batch {micro} x "
-                         f"{world} processes; pick a multiple of {micro * world}")
-    accum = global_batch // (micro * world)
-    # A resumed stage must go on as it began: the seed and global batch are checked before any heavy work, the
-    # data once it is open.
-    latest = find_latest(stage_dir)
-    settings = dict(seed=args.seed, global_batch=global_batch)
-    if latest:
-        check_resume(args, latest, settings, rank)
-
-    paths = prepare_encoders(run_dir, preset, args, rank)
-    dino_model, gemma, tokenizer = load_encoders(run_dir, paths, device)
-    # The generator. Small presets take their widths from the encoders they were given.
-    cfg = dict(dit_lib.NEXTDIT_CONFIGS[preset["dit"]], in_channels=dino_model.embed_dim,
-               cap_feat_dim=gemma.config["hidden_size"])
-    # One DiT token covers (encoder patch x DiT patch) pixels: buckets are counted in those.
-    patch = dino_model.patch_size * cfg["patch_size"]
-    dataset = data.open_dataset(args.data, res, seed=args.seed, patch=patch, limit=args.data_limit)
-    settings["data"] = data_hash(dataset)
-    if latest:
-        check_resume(args, latest, dict(data=settings["data"]), rank)
-    stats = prepare_stats(run_dir, paths, dino_model, dataset, device, rank)
-
-    @torch.no_grad()
-    def encode(batch):
-        """The frozen encoders on a batch: raw DINOv3 latents [B,C,h,w], Gemma features [B,L,D] + mask [B,L]."""
-        texts = [text.format_prompt(c, s) for c, s in zip(batch["captions"], batch["systems"])]
-        return (images_to_latents(dino_model, batch["images"].to(device)),
-                *text.encode_prompts(gemma, tokenizer, texts, "", preset["max_cap_len"]))
-    if args.cache_features:                     # same items, same buckets, same order: only the encoders go
-        dataset = open_feature_cache(args, run_dir, paths, dataset, res, patch, encode, device, rank, world)
-    # A dropped caption is the empty prompt: [BOS] alone, the same features every time.
-    empty_feats, empty_mask = text.encode_prompts(gemma, tokenizer, [""], "", preset["max_cap_len"])
-    empty_feats = empty_feats[0, :int(empty_mask.sum())]                          # [1, D]
-
-    with seeded(args.seed, "dit", k):            # initialised on the CPU, the same in every process
-        model = dit_lib.NextDiT(**cfg).to(device)
-        ema = dit_lib.NextDiT(**cfg).to(device).requires_grad_(False)
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    # The released layout carries a `norm_final.weight` that forward never uses (spec §1.6); no gradient ever
-    # reaches it, and DDP would wait for one. Freeze it.
-    model.norm_final.requires_grad_(False)
-    # The sampler hands each rank its share of a step's global batch (micro x accum images), which the loop
-    # below cuts into `accum` micro-batches: accumulating gradients over them equals one big batch.
-    sampler = data.BucketBatchSampler(dataset, micro * accum, rank=rank, world_size=world, seed=args.seed + 100 * res)
-
-    # Every rank holds the same weights before wrapping (the seeded initialisation, or the same files), so DDP's
-    # broadcast of rank 0's changes nothing and fully_shard keeps each rank's slice of one model.
-    step, trainer = 0, None
-    if latest:                                  # resume this stage exactly
-        model.load_state_dict(load_file(os.path.join(latest, "model.safetensors")))
-        ema.load_state_dict(load_file(os.path.join(latest, "ema.safetensors")))
-        # mmap: with several ranks per machine, the pages of the full optimizer state are shared, not copied.
-        trainer = torch.load(os.path.join(latest, "trainer.pt"), weights_only=False, mmap=True)
-        sampler.load_state_dict(trainer["sampler"])
-        step = trainer["step"]
-        restore_rng(latest, rank)
-        log0(rank, f"stage {k}: resuming from {latest} at step {step}")
-    elif k > 1:                                 # start from the previous stage's final weights
-        prev = os.path.join(run_dir, f"stage{k - 1}", "model.safetensors")
-        if not os.path.exists(prev):
-            raise SystemExit(f"stage {k} starts from stage {k - 1}'s weights, but {prev} does not exist: "
-                             f"run `train.py --stage {k - 1} --out {run_dir}` first")
-        model.load_state_dict(dit_lib.load_nextdit(prev).state_dict())
-        ema.load_state_dict(model.state_dict())
-        log0(rank, f"stage {k}: initialised from {prev}")
-    else:
-        ema.load_state_dict(model.state_dict())
-
-    if args.fsdp:                               # shard model and EMA alike; `model` becomes the FSDP module
-        wrapped = shard_nextdit(model, device)
-        shard_nextdit(ema, device)
-    else:
-        wrapped = DDP(model) if world > 1 else model
-    # The optimizer is built after wrapping: fully_shard replaces each parameter by its DTensor shard, and
-    # AdamW must hold (and keep moments for) those.
-    lr = args.lr if args.lr is not None else preset.get("lr", LR)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=BETAS,
-                                  eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
-    if trainer is not None:
-        load_optimizer_state(model, optimizer, trainer["optimizer"], os.path.join(latest, "trainer.pt"))
-    use_compile = preset["compile"] if args.compile is None else args.compile
-    fwd, compiles = compile_dit(wrapped) if use_compile else (wrapped, lambda: 0)
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    shift = flow.resolution_shift((res // patch) ** 2)               # image tokens at this stage -> s
-
-    def sample_generators(step, n):
-        """One generator per sample for its caption dropout, t and noise, seeded by (seed, stage, step, index
-        in the global batch): the draws are the same whatever the number of processes or the accumulation,
-        and a resumed run needs no RNG state to continue exactly. CPU generators on every device: reading a
-        dropout decision on the host then never waits for the GPU, and the numbers do not depend on the device."""
-        base = (((args.seed * 7919 + k) * 1_000_003 + step) << 20) + rank * micro * accum
-        return [torch.Generator().manual_seed(base + i) for i in range(n)]
-
-    def make_inputs(batch, gens):
-        """Images -> normalised latents x1 [B,C,h,w]; captions (10% dropped to "") -> Gemma features. From the
-        feature cache, the same two things are read back instead of computed."""
-        # Host-to-device copies are non_blocking: the host queues them and goes on (from pinned memory on CUDA).
-        keep = [torch.rand(1, generator=g).item() >= CAPTION_DROPOUT for g in gens]
-        if "latents" in batch:
-            x1 = stats.normalize(batch["latents"].to(device, non_blocking=True))
-            cap_feats, cap_mask = text.pad_features([f.to(device, non_blocking=True) if kept else empty_feats
-                                                     for f, kept in zip(batch["cap_feats"], keep)])
-        else:
-            x1 = stats.normalize(images_to_latents(dino_model, batch["images"].to(device, non_blocking=True)))
-            texts = [text.format_prompt(c, s) if kept else "" for c, s, kept in zip(batch["captions"], batch["systems"], keep)]
-            cap_feats, cap_mask = text.encode_prompts(gemma, tokenizer, texts, "", preset["max_cap_len"])
-        t = flow.shift_timesteps(torch.cat([flow.sample_timesteps(1, generator=g) for g in gens]), shift)   # [b]
-        x0 = torch.stack([torch.randn(x1.shape[1:], generator=g) for g in gens])                         # [b, C, h, w]
-        return x0.to(device, non_blocking=True), x1, t.to(device, non_blocking=True), cap_feats.float(), cap_mask
-
-    # pin_memory on CUDA: batches arrive in page-locked memory, from which the copies above run asynchronously.
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.collate,
-                                         num_workers=args.workers, persistent_workers=args.workers > 0,
-                                         pin_memory=device.type == "cuda")
-    counts = dict(skipped=0)
-    batches = epoch_batches(loader, sampler, counts)
-
-    log_path = os.path.join(run_dir, "log.jsonl")
-    bar = tqdm(total=max_steps, initial=step, desc=f"stage {k} @ {res}px", disable=rank != 0, dynamic_ncols=True)
-    t0, seen = time.time(), 0
-    model.train()
-    # One optimizer step = `accum` micro-batches per rank x `world` ranks = the global batch. Per micro-batch:
-    #   x1 [b, C, h, w] normalised DINOv3 latents, x0 same-shape noise, t [b] in [0, 1] (0 = noise),
-    #   x_t = t·x1 + (1 − t)·x0, and the DiT is regressed onto the straight-line velocity x1 − x0 (paper §3.3).
-    while step < max_steps:
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)      # this step's loss, added up on the device
-        batch, weight = next(batches)                  # this rank's micro x accum images
-        gens = sample_generators(step, len(batch["captions"]))
-        take = lambda part: {key: value[part] for key, value in batch.items() if key != "dropped"}
-        for micro_step in range(accum):
-            part, chunk_weight = slice(micro_step * micro, (micro_step + 1) * micro), weight
-            if not batch["captions"][part]:            # unreadable images shortened the batch: run, weight 0
-                part, chunk_weight = slice(0, micro), 0.0
-            x0, x1, t, cap_feats, cap_mask = make_inputs(take(part), gens[part])
-            # DDP/FSDP communicate gradients only on the last micro-step; the others just accumulate locally.
-            with grad_sync(wrapped, sync=micro_step == accum - 1):
-                with autocast:                         # bf16 on CUDA only; fp32 master weights either way
-                    v = fwd(flow.interpolate(x0, x1, t), t, cap_feats, cap_mask)       # [b, C, h, w]
-                    # per-sample MSE, averaged; / accum so the accumulated gradient is the big batch's mean
-                    loss = flow.training_loss(v.float(), x0, x1).mean() * (chunk_weight / accum)
-                loss.backward()
-            loss_sum += loss.detach()                  # no .item(): it would wait for the GPU every micro-step
-            seen += len(x1) * world
-        # Under FSDP each rank holds gradient shards (DTensors); clip_grad_norm_ reduces the squared shard norms
-        # across ranks, so it clips by, and returns, the norm of the whole gradient (as a DTensor).
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
-        optimizer.step()
-        step += 1
-        update_ema(ema, model, preset["ema_decay"], step)
-        bar.update(1)
-
-        if step % preset["log_every"] == 0 or step == max_steps:
-            elapsed = time.time() - t0
-            # Loss and skipped images summed over ranks in one collective (every rank runs this line), then read
-            # back to the host once per log interval. grad_norm is already the whole gradient's on every rank.
-            # `compiles`: graphs torch.compile has made in this process so far (0 when running eagerly).
-            total_loss, skipped = total_over_ranks(torch.stack([
-                loss_sum, torch.tensor(float(counts["skipped"]), device=device)])).tolist()
-            row = dict(stage=k, step=step, loss=total_loss / world, grad_norm=grad_norm.item(),
-                       images_per_s=seen / elapsed, skipped_images=int(skipped), compiles=compiles())
-            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{seen / elapsed:.1f}")
-            if rank == 0:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            t0, seen = time.time(), 0
-        if step % args.ckpt_every == 0 or step == max_steps:
-            save_latest(stage_dir, rank, dict(      # the gathers are collectives: every rank runs them
-                weights=dict(model=full_state(model), ema=full_state(ema)),
-                optimizer=full_optimizer_state(model, optimizer), sampler=sampler.state_dict(), step=step,
-                settings=settings),
-                dict(torch=torch.get_rng_state()))
-        every = args.preview_every if args.preview_every is not None else preset["preview_every"]
-        if every and (step % every == 0 or step == max_steps):
-            # Sampling needs whole weights: under FSDP every rank helps gather the EMA into a plain model.
-            preview_dit = plain_nextdit(cfg, full_state(ema)) if args.fsdp else ema
-            if rank == 0:
-                write_preview(run_dir, preview_dit, k, step, res, preset, device)
-    bar.close()
-
-    model_state, ema_state = full_state(model), full_state(ema)      # every rank takes part
-    if rank == 0:                                 # the stage's result, in the form sample.py reads
-        dit_lib.save_nextdit(plain_nextdit(cfg, model_state), os.path.join(stage_dir, "model.safetensors"))
-        dit_lib.save_nextdit(plain_nextdit(cfg, ema_state), os.path.join(stage_dir, "ema.safetensors"))
-        atomic_json(dict(stage=k, resolution=res, steps=step, global_batch=global_batch, preset=args.preset,
-                         dit=cfg, sample=dict(preset["sample"], size=res), max_cap_len=preset["max_cap_len"],
-                         data=args.data, seed=args.seed), os.path.join(stage_dir, "config.json"))
-        log0(rank, f"stage {k} done: {stage_dir}/model.safetensors, ema.safetensors")
-    barrier()
-
-
-def write_preview(run_dir, ema, stage, step, res, preset, device):
-    """A grid of fixed prompts from the EMA weights, if a decoder exists yet (train one with --autoencoder P)."""
-    try:
-        # float32: the EMA itself is handed over, and load_pipeline casts in place (bf16 would round it for good)
-        pipe = sample.load_pipeline(run_dir, device=device, dit_model=ema, dtype=torch.float32)
-    except FileNotFoundError as e:
-        if not getattr(write_preview, "warned", False):
-            tqdm.write(f"no previews: {e}")
-            write_preview.warned = True
-        return
-    images = pipe.generate(PREVIEW_PROMPTS, seed=0, size=(res, res), progress=False)
-    os.makedirs(os.path.join(run_dir, "previews"), exist_ok=True)
-    sample.make_grid(images).save(os.path.join(run_dir, "previews", f"stage{stage}_step{step:07d}.png"))
-
-
-# ----- One autoencoder stage ---------------------------------------------------------------------------
-# The decoder (and, for R, the residual ViT) learns to invert the frozen DINOv3 (spec autoencoder.md §3):
-# per iteration one generator update (L1 + LPIPS + adaptive-weight GAN) and one discriminator update. The
-# two losses each run the discriminator more than once and take an autograd.grad for the adaptive weight,
-# which DDP's hooks do not expect; so gradients are averaged across ranks by hand instead.
-
-def average_gradients(params, world):
-    if world > 1:
-        for p in params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= world
-
-
-def train_autoencoder(args, preset, rank, world, device):
-    k, kind = args.stage, args.autoencoder
-    run_dir = args.out
-    stage_dir = os.path.join(run_dir, f"autoencoder_{kind}", f"stage{k}")
-    if k > len(preset["ae_res"]):
-        raise SystemExit(f"the autoencoder has stages 1-{len(preset['ae_res'])}; got --stage {k}")
-    res = preset["ae_res"][k - 1]
-    max_steps = args.max_steps if args.max_steps is not None else preset["ae_steps"][k - 1]
-    micro = args.micro_batch_size if args.micro_batch_size is not None else preset["ae_micro_batch"][k - 1]
-    latest, settings = find_latest(stage_dir), dict(seed=args.seed, global_batch=micro * world)
-    if latest:                                    # a resume goes on as it began (see train_dit)
-        check_resume(args, latest, settings, rank)
-    # "random": the official recipe at 256/512 px (shorter side resized to res, a random res x res crop);
-    # "bucket": aspect buckets with centre crops, as the official 1024-px stage and the DiT stages.
-    random_crops = preset["ae_crop"][k - 1] == "random"
-
-    paths = prepare_encoders(run_dir, preset, args, rank)
-    dino_model, _, _ = load_encoders(run_dir, paths, device)
-    dataset = data.open_dataset(args.data, res, seed=args.seed, patch=dino_model.patch_size, limit=args.data_limit,
-                                square=random_crops)
-    settings["data"] = data_hash(dataset)
-    if latest:
-        check_resume(args, latest, dict(data=settings["data"]), rank)
-
-    def crop_generators(step, n):
-        """One generator per image for its crop position, seeded by (seed, stage, step, index in the global
-        batch): the same crops whatever the number of processes, and a resumed run needs no RNG state."""
-        base = (((args.seed * 7919 + k) * 1_000_003 + step) << 20) + rank * micro
-        return [torch.Generator().manual_seed(base + i) for i in range(n)]
-
-    residual = None
-    with seeded(args.seed, "autoencoder", kind, k):   # the same initial weights on every rank, whatever ran before
-        if kind == "R":   # the released R branch is a ViT-S/16; small presets shrink it and match the DINO patch
-            residual = ae_lib.ResidualViT(**dict(ae_lib.RESIDUAL_VIT_CONFIG, **preset.get("residual", {}),
-                                                 patch_size=dino_model.patch_size))
-        z_channels = dino_model.embed_dim + (residual.out_dim if residual is not None else 0)
-        decoder = ae_lib.Decoder(z_channels=z_channels, **preset["decoder"])
-        ae = ae_lib.Autoencoder(dino_model, decoder, residual).to(device)
-        loss_fn = ae_lib.AutoencoderLoss(lpips_path=args.lpips, vgg_path=args.vgg, disc_start=AE_DISC_START).to(device)
-    params = list(ae.trainable_parameters())
-    disc_params = list(loss_fn.discriminator.parameters())
-    opt_g = torch.optim.Adam(params, lr=AE_LR, betas=AE_BETAS)
-    opt_d = torch.optim.Adam(disc_params, lr=AE_LR, betas=AE_BETAS)
-    sampler = data.BucketBatchSampler(dataset, micro, rank=rank, world_size=world, seed=args.seed + 100 * res)
-
-    step = 0
-    if latest:
-        ae.load_state_dict(load_file(os.path.join(latest, "model.safetensors")))
-        loss_fn.discriminator.load_state_dict(load_file(os.path.join(latest, "discriminator.safetensors")))
-        trainer = torch.load(os.path.join(latest, "trainer.pt"), weights_only=False)
-        opt_g.load_state_dict(trainer["opt_g"])
-        opt_d.load_state_dict(trainer["opt_d"])
-        sampler.load_state_dict(trainer["sampler"])
-        step = trainer["step"]
-        restore_rng(latest, rank)
-        log0(rank, f"autoencoder {kind} stage {k}: resuming from {latest} at step {step}")
-    elif k > 1:
-        prev = os.path.join(run_dir, f"autoencoder_{kind}", f"stage{k - 1}", "model.safetensors")
-        if not os.path.exists(prev):
-            raise SystemExit(f"autoencoder stage {k} starts from {prev}, which does not exist: run stage {k - 1} first")
-        ae.load_state_dict(ae_lib.load_autoencoder(prev).state_dict())
-        log0(rank, f"autoencoder {kind} stage {k}: initialised from {prev}")
-
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.collate,
-                                         num_workers=args.workers, persistent_workers=args.workers > 0,
-                                         pin_memory=device.type == "cuda")
-    counts = dict(skipped=0)
-    batches = epoch_batches(loader, sampler, counts)
-    bar = tqdm(total=max_steps, initial=step, desc=f"autoencoder {kind} stage {k} @ {res}px", disable=rank != 0)
-    ae.train()                                    # the decoder trains; Autoencoder.train keeps DINOv3 in eval
-    # Per iteration, as the official Lightning loop: one generator update, then (once the GAN is on) one
-    # discriminator update on the detached reconstructions. images [B, 3, H, W] in [-1, 1] are both the
-    # encoder's input and the loss target.
-    while step < max_steps:
-        batch, weight = next(batches)
-        images = batch["images"]                  # [B, 3, H, W], or with random crops a list of [3, >=res, >=res]
-        if random_crops:
-            images = data.random_square_crops(images, res, crop_generators(step, len(images)))
-        images = images.to(device, non_blocking=True)
-        recon = ae(images)                        # encode (DINOv3 frozen, no grad) then decode: [B, 3, H, W]
-        loss_g, log_g = loss_fn.generator_loss(recon, images, step, last_layer=decoder.conv_out.weight)
-        opt_g.zero_grad(set_to_none=True)
-        (loss_g * weight).backward()
-        average_gradients(params, world)
-        opt_g.step()
-        if loss_fn.disc_active(step):             # before disc_start the discriminator loss is exactly 0
-            loss_d, log_d = loss_fn.discriminator_loss(recon.detach(), images, step)
-            opt_d.zero_grad(set_to_none=True)
-            (loss_d * weight).backward()
-            average_gradients(disc_params, world)
-            opt_d.step()
-            log_g.update(log_d)
-        step += 1
-        bar.update(1)
-        if step % preset["log_every"] == 0 or step == max_steps:   # read back to the host once per log interval
-            logged = {n: v.item() for n, v in log_g.items()}
-            bar.set_postfix(l1=f"{logged['l1']:.4f}")
-            if rank == 0:
-                with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(dict(autoencoder=kind, stage=k, step=step, skipped_images=counts["skipped"],
-                                            **logged)) + "\n")
-        if step % args.ckpt_every == 0 or step == max_steps:
-            save_latest(stage_dir, rank, dict(
-                weights=dict(model=cpu_state(ae), discriminator=cpu_state(loss_fn.discriminator)),
-                opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(), sampler=sampler.state_dict(), step=step,
-                settings=settings),
-                dict(torch=torch.get_rng_state()))
-    bar.close()
-    if rank == 0:
-        ae_lib.save_autoencoder(ae, os.path.join(stage_dir, "model.safetensors"))
-        log0(rank, f"autoencoder {kind} stage {k} done: {stage_dir}/model.safetensors")
-    barrier()
 
 
 # ----- Export: the files sample.py needs, and nothing else ------------------------------------------------

@@ -1,8 +1,8 @@
 """Prompt adherence of the demo model: does "a red circle in the top left" come out red, round, top left?
 
-The demo (DESIGN.md §7) is trained on the procedural shapes of data.py, so its outputs can be read back with
-plain pixel arithmetic instead of a learned detector (the GenEval idea, shrunk to a world of 8 colours,
-3 shapes and 5 positions):
+The demo model (train.py's `demo` preset) is trained on the procedural shapes of data.py, so its outputs
+can be read back with plain pixel arithmetic instead of a learned detector (the GenEval idea, shrunk to a
+world of 8 colours, 3 shapes and 5 positions):
 
     prompt ──► sample.load_pipeline(ckpt).generate ──► image ──► classify_image ──► objects ──► score
 

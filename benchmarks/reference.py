@@ -5,8 +5,9 @@ Next-DiT, transformers' `DINOv3ViTModel` and `Gemma2Model` for the encoders. Eac
 our models and returns the reference with that model's weights, so a benchmark can time both on the same
 inputs and check that they agree before it times anything.
 
-The Next-DiT key mapping is spec/nextdit_flow_train.md §7.3; the encoders go through our own loaders'
-public formats (HF layouts), which tests/test_dino.py and tests/test_text.py check independently.
+The Next-DiT key mapping (released names -> diffusers names) is `nextdit_state_to_diffusers` below; the
+encoders go through our own loaders' public formats (HF layouts), which tests/test_dino.py and
+tests/test_text.py check independently.
 """
 import torch
 
@@ -30,7 +31,7 @@ def randomize_(module, seed):
     return module
 
 
-# ----- Next-DiT -> diffusers Lumina2Transformer2DModel (spec §7.3) ------------------------------------------
+# ----- Next-DiT -> diffusers Lumina2Transformer2DModel ------------------------------------------------------
 # Plain renames, in the order they are applied; the fused qkv is split into to_q / to_k / to_v, and the
 # released `norm_final.weight` (unused in forward) has no diffusers counterpart.
 _RENAMES = [
@@ -86,7 +87,7 @@ def diffusers_nextdit(model):
         norm_eps=cfg["norm_eps"], axes_dim_rope=tuple(cfg["axes_dims"]), axes_lens=tuple(cfg["axes_lens"]),
         cap_feat_dim=cfg["cap_feat_dim"])
     ref.load_state_dict(nextdit_state_to_diffusers(model.state_dict(), cfg), strict=True)
-    for mod in ref.modules():   # the official q/k-norm eps, 1e-6 (spec §7.2 item 3); diffusers builds 1e-5
+    for mod in ref.modules():   # the official q/k-norm eps, 1e-6 (RMSNorm's default); diffusers builds 1e-5
         if getattr(mod, "norm_q", None) is not None:
             mod.norm_q.eps = mod.norm_k.eps = 1e-6
     return ref.train(model.training)

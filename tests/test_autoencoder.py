@@ -62,12 +62,12 @@ def test_released_decoder_layout(kind, z, count):
 
 
 def test_released_loss_layouts():
-    """LPIPS and the PatchGAN have the released `loss.perceptual_loss.*` / `loss.discriminator.*` tables (§4)."""
+    """LPIPS and the PatchGAN have the released `loss.perceptual_loss.*` / `loss.discriminator.*` tables."""
     with torch.device("meta"):
         lp, disc = A.LPIPS(), A.PatchDiscriminator()
     for module, n_tensors, numel in [(lp, 33, 14_716_166), (disc, 22, 2_767_425)]:
         sd = module.state_dict()
-        # The spec's numel counts float tensors (not BatchNorm's integer num_batches_tracked).
+        # The released numel counts float tensors (not BatchNorm's integer num_batches_tracked).
         assert len(sd) == n_tensors and sum(v.numel() for v in sd.values() if v.is_floating_point()) == numel
     assert sum(p.numel() for p in disc.parameters()) == 2_765_633
     assert {k.rsplit(".", 1)[0] for k in disc.state_dict()} == {f"main.{i}" for i in (0, 2, 3, 5, 6, 8, 9, 11)}
@@ -212,7 +212,7 @@ def test_autoencoder_shapes_and_frozen_encoder(kind):
     images = torch.rand(2, 3, 32, 48) * 2 - 1
     z = ae.encode(images)
     assert z.shape == (2, 64 + (8 if kind == "R" else 0), 4, 6)
-    assert torch.equal(z[:, :64], ae.encoder.encode(A.imagenet_normalize(images)))
+    assert torch.equal(z[:, :64], ae.encoder.encode(A.dino.imagenet_normalize(images)))
     out = ae.decode(z)
     assert out.shape == images.shape and out.dtype == torch.float32
     out.abs().mean().backward()
@@ -232,7 +232,7 @@ def test_decoder_width_must_suit_groupnorm():
 
 
 def test_decoder_overfits_four_images(one_thread):
-    """A small P decoder on a random frozen DINOv3 learns 4 smooth 32×32 images (L1 only, as spec §7.2)."""
+    """A small P decoder on a random frozen DINOv3 learns 4 smooth 32×32 images (L1 only: LPIPS needs VGG weights)."""
     torch.manual_seed(0)
     enc = tiny_dino(patch_size=4, embed_dim=64)
     ae = A.Autoencoder(enc, A.Decoder(64, 32, (1, 1, 2), 1))
@@ -377,7 +377,7 @@ def test_variable_size_batch_counts_every_image():
 # ----- Checkpoints ---------------------------------------------------------------------------------
 
 def mock_lightning_ckpt(ae, path):
-    """The released `.ckpt` layout (spec §4): Lightning top-level keys, state_dict with every prefix."""
+    """The released `.ckpt` layout: Lightning top-level keys, state_dict with every prefix."""
     state = {f"encoder.{k}": v for k, v in ae.encoder.state_dict().items()}
     if ae.extra_vit is not None:
         state.update({f"extra_vit.{k}": v for k, v in ae.extra_vit.state_dict().items()})

@@ -15,7 +15,7 @@ import data
 # ----- Buckets and crops ------------------------------------------------------------------------------------
 
 def test_bucket_counts_match_official():
-    # spec nextdit_flow_train.md §2: 15 / 27 / 51 buckets at 256 / 512 / 1024 for patch 16
+    # the official generate_crop_size_list: 15 / 27 / 51 buckets at 256 / 512 / 1024 for patch 16
     assert [len(data.buckets(r)) for r in (256, 512, 1024)] == [15, 27, 51]
     # ... and the 256 list spelled out there (w x h), plus transposes
     listed_wh = [(512, 128), (464, 128), (448, 128), (448, 144), (400, 144), (336, 192), (320, 192), (256, 256)]

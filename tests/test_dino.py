@@ -4,7 +4,8 @@ LatentStats.
 
 The reference is an HF model with *every* parameter randomised (LayerScale, norms, mask/cls/register tokens
 included), exported (a) with `save_pretrained` and (b) to a Meta-layout `.pth` by `meta_from_hf` below,
-a key mapping written independently of dino.py's own converter (spec/dinov3.md §6.2).
+a key mapping written independently of dino.py's own converter (the inverse of transformers'
+`models/dinov3_vit/convert_dinov3_vit_to_hf.py`).
 """
 import hashlib
 import os
@@ -39,7 +40,7 @@ def hf_file_state(hf, tmp_path) -> dict:
 
 
 def meta_from_hf(hf_sd: dict, head_dim: int) -> dict:
-    """Meta layout from HF names, per spec/dinov3.md §6.2 (independent of dino.hf_to_meta)."""
+    """Meta layout from HF names (independent of dino.hf_to_meta)."""
     out = {
         "cls_token": hf_sd["embeddings.cls_token"],
         "storage_tokens": hf_sd["embeddings.register_tokens"],
@@ -136,7 +137,7 @@ def test_rope_rescale_only_behind_flag_and_dtype_cast_keeps_periods():
         torch.manual_seed(0)
         assert rel_err(augmented.train().forward_features(x)["x_prenorm"],
                        model.forward_features(x)["x_prenorm"]) > 1e-4
-    # casting to bf16 keeps the RoPE periods in fp32, unrounded (spec/dinov3.md §3.4)
+    # casting to bf16 keeps the RoPE periods in fp32, unrounded (the official RoPE module stays fp32)
     periods = model.rope_embed.periods.clone()
     model.to(torch.bfloat16)
     assert model.rope_embed.periods.dtype == torch.float32 and torch.equal(model.rope_embed.periods, periods)
@@ -145,7 +146,7 @@ def test_rope_rescale_only_behind_flag_and_dtype_cast_keeps_periods():
 
 # ----- Layouts of the released variants --------------------------------------------------------------------
 
-PARAM_COUNTS = {  # spec/dinov3.md §1.2, counted on the official model
+PARAM_COUNTS = {  # counted on the official model (facebookresearch/dinov3 `dinov3/hub/backbones.py`)
     "vits16": 21_601_152, "vits16plus": 28_697_472, "vitb16": 85_669_632, "vitl16": 303_154_176,
     "vitl16plus": 403_915_776, "vith16plus": 840_633_600, "vit7b16": 6_716_043_264}
 
@@ -330,3 +331,21 @@ def test_latent_stats_released_format_and_roundtrip(tmp_path):
     torch.save({"avg": mean}, tmp_path / "wrong.pt")
     with pytest.raises(ValueError, match=r"wrong\.pt.*'mean' and 'std'"):
         dino.LatentStats.load(str(tmp_path / "wrong.pt"))
+
+
+def test_imagenet_normalize_is_the_one_pipeline_normalisation():
+    """dino.imagenet_normalize is the official ((x + 1) / 2 - mean) / std, bit for bit, and it is what the
+    autoencoder and the DiT trainer feed DINOv3; dino.preprocess agrees to float rounding."""
+    import autoencoder
+    import train
+    images = torch.rand(2, 3, 16, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x_in = dino.imagenet_normalize(images)
+    assert torch.equal(x_in, ((images + 1) / 2 - mean) / std)
+    assert torch.allclose(dino.preprocess((images + 1) / 2), x_in, atol=1e-6)
+    torch.manual_seed(0)
+    model = dino.DINOv3(patch_size=8, embed_dim=32, depth=1, num_heads=2, n_storage_tokens=1).eval()
+    ae = autoencoder.Autoencoder(model, autoencoder.Decoder(32, ch=32, ch_mult=(1, 1, 1, 2), num_res_blocks=1))
+    assert torch.equal(ae.encode(images), model.encode(x_in))
+    assert torch.equal(train.images_to_latents(model, images), model.encode(x_in))

@@ -162,6 +162,16 @@ def test_sample_flags_that_mean_nothing_are_refused(flag, value, tiny_run, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("steps,words", [("3", ("midpoint", "even", "e.g. 2")), ("1", ("midpoint", "even"))])
+def test_an_odd_step_count_for_the_midpoint_solver_is_refused_before_sampling(steps, words, tiny_run, tmp_path,
+                                                                               no_sampling):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--prompt", "a red circle", "--ckpt", str(tiny_run), "--solver", "midpoint", "--steps", steps,
+                     "--out", str(tmp_path / "out")])
+    one_line_exit(e, "--steps", *words)
+    assert not (tmp_path / "out").exists()
+
+
 def test_size_beyond_the_rope_table_is_refused_before_sampling(tiny_run, tmp_path, no_sampling):
     with pytest.raises(SystemExit) as e:
         sample.main(["--prompt", "a red circle", "--ckpt", str(tiny_run), "--size", "16384x16", "--steps", "1",

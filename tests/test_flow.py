@@ -68,7 +68,7 @@ def test_dpm_reaches_the_true_distribution():
 def test_dpm_grid_and_model_call_count():
     grid = flow.dpm_sigma_grid(50, 10.0)
     assert grid[0] == pytest.approx(0.99990, abs=1e-5) and grid[-1] == 0.0
-    assert grid[-2] == pytest.approx(0.169, abs=1e-3)   # spec §4.2: 0.99990, 0.99786, ..., 0.169, 0
+    assert grid[-2] == pytest.approx(0.169, abs=1e-3)   # the official DPM grid at 50 steps, shift 10: 0.99990, 0.99786, ..., 0.169, 0
     assert grid[1] == pytest.approx(0.99786, abs=1e-5)
     for solver, steps in (("dpm", 7), ("euler", 7), ("midpoint", 8)):
         calls = []
@@ -147,14 +147,6 @@ def test_path_target_and_loss():
     loss = flow.training_loss(v, x0, x1)
     assert loss.shape == (3,)
     assert torch.allclose(loss[1], ((v[1] - (x1[1] - x0[1])) ** 2).mean())
-    # Lists of different sizes: each sample averaged over its own elements.
-    x0s = [x0[0], torch.randn(4, 3, 3, generator=gen)]
-    x1s = [x1[0], torch.randn(4, 3, 3, generator=gen)]
-    vs = [v[0], torch.zeros(4, 3, 3)]
-    list_loss = flow.training_loss(vs, x0s, x1s)
-    assert torch.allclose(list_loss[0], loss[0])
-    assert torch.allclose(list_loss[1], ((x1s[1] - x0s[1]) ** 2).mean())
-    assert torch.allclose(flow.interpolate(x0s, x1s, t[:2])[1], 0.25 * x1s[1] + 0.75 * x0s[1])
 
 
 def test_seeded_noise_is_reproducible_and_height_first():

@@ -119,3 +119,28 @@ def test_bfloat16_runs_end_to_end_and_agrees_with_float32_loosely(tiny_run, tmp_
     pipe = sample.load_pipeline(str(tiny_run), device="cpu", dtype=torch.bfloat16)
     assert {m.weight.dtype for m in (pipe.dit.x_embedder, pipe.gemma.embed_tokens, pipe.autoencoder.decoder.conv_out)} \
         == {torch.bfloat16}
+
+
+def test_settings_resolve_the_model_defaults_and_refuse_what_cannot_run(tiny_run):
+    pipe = sample.load_pipeline(str(tiny_run), device="cpu")
+    d = pipe.defaults                                        # the stage's config.json: the tiny preset's sampler
+    assert pipe.settings() == (d["size"], d["size"], d["steps"], d["cfg"], d["solver"], d["shift"])
+    assert pipe.settings((64, 32), 6, 8.0, "midpoint", 2.0) == (64, 32, 6, 8.0, "midpoint", 2.0)
+    for kwargs, words in ((dict(solver="midpoint", steps=5), "even, e.g. 4"), (dict(solver="heun"), "--solver"),
+                          (dict(steps=0), "--steps"), (dict(shift=0.0), "--shift"),
+                          (dict(cfg=float("nan")), "--cfg"), (dict(size=(100, 64)), "multiples of 8")):
+        with pytest.raises(ValueError, match=words):
+            pipe.settings(**kwargs)
+
+
+def test_no_renorm_reaches_the_guidance_and_the_png(tiny_run, tmp_path, monkeypatch):
+    import flow
+    renorms = []
+    guide = flow.cfg_velocity
+    monkeypatch.setattr(flow, "cfg_velocity", lambda *a, renorm: renorms.append(renorm) or guide(*a, renorm=renorm))
+    args = ["--prompt", "a red circle", "--ckpt", str(tiny_run), "--steps", "2", "--cfg", "8"]
+    for flag in ("--renorm", "--no-renorm"):
+        sample.main([*args, flag, "--out", str(tmp_path / flag)])
+        (name,) = os.listdir(tmp_path / flag)
+        assert json.loads(Image.open(tmp_path / flag / name).text["svg_t2i"])["renorm"] == (flag == "--renorm")
+    assert renorms == [True, True, False, False]             # two steps each

@@ -14,7 +14,7 @@ import torch
 import text
 from helpers import manifest, randomize_, rel_err
 
-# A tiny Gemma-2 that exercises every feature (spec/gemma2.md §5.1): GQA (4 heads, 2 kv heads),
+# A tiny Gemma-2 that exercises every feature: GQA (4 heads, 2 kv heads),
 # query_pre_attn_scalar != head_dim (catches a wrong scale), a sliding window shorter than the sequence,
 # a small soft-cap so that it changes the numbers, and a RoPE base other than Gemma's 10000 (transformers 5
 # stores it in config.json's `rope_parameters`; a loader that missed it would fall back to the default).
@@ -131,9 +131,9 @@ def test_2b_layout_and_parameter_counts_on_meta():
     released = {k: v for k, v in manifest("gemma2_2b_hf").items()
                 if not k.startswith(f"model.layers.{last}.") and k != "model.norm.weight"}
     assert built == released
-    # spec/gemma2.md §6: embedding 589,824,000; per layer 77,865,984; the full model 2,614,341,888.
-    # Embedding + 25 layers = 589,824,000 + 25 * 77,865,984 = 2,536,473,600 (the spec's 2,536,475,904
-    # also counts the final norm, which is not built).
+    # google/gemma-2-2b: embedding 589,824,000; per layer 77,865,984; the full model 2,614,341,888.
+    # Embedding + 25 layers = 589,824,000 + 25 * 77,865,984 = 2,536,473,600 (2,536,475,904 with the final
+    # norm, which is not built).
     n_params = sum(p.numel() for p in enc.parameters())
     per_layer = sum(p.numel() for p in enc.layers[0].parameters())
     assert enc.embed_tokens.weight.numel() == 589_824_000
@@ -196,7 +196,7 @@ def test_tokenizer_matches_transformers(tokenizer_path):
 
 
 def test_system_prompts_and_format():
-    # Quoted from spec/gemma2.md §4.3 (the official sampler's system_type choices).
+    # Quoted from KlingTeam/SVG-T2I `svg_t2i/sample_svg_t2i.py` (the official sampler's system_type choices).
     base = "You are an assistant designed to generate high-quality images based on user prompts. <Prompt Start> "
     align = ("You are an assistant designed to generate high-quality images with the highest degree of "
              "image-text alignment based on textual prompts. <Prompt Start> ")
