@@ -228,8 +228,8 @@ def load_pipeline(ckpt=None, device=None, dit_model=None, dtype=None, compile=Fa
 
     `dit_model` may be a NextDiT already in memory (train.py previews its EMA weights this way); it is moved and
     cast in place. `dtype` is the DiT's, the decoder's and Gemma-2's (default: torch.bfloat16 on CUDA, as the
-    official sampler, which casts the DiT to bf16; torch.float32 on CPUs, where bf16 matrix products are ~100x
-    slower); the sampler's own state stays float32 either way (guided_velocity). `compile`: torch.compile the
+    official sampler, which casts the DiT to bf16; torch.float32 on CPUs, where bf16 matrix products are
+    fast only with bf16 units such as AMX and far slower without); the sampler's own state stays float32 either way (guided_velocity). `compile`: torch.compile the
     DiT's per-step passes. Keyword overrides (dit, decoder, gemma, stats: file paths) replace individual files.
     Raises FileNotFoundError naming the missing piece."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -330,9 +330,17 @@ def number(kind, minimum=None, above=None):
     return parse
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only where it has one the help text does not already state."""
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Generate images from text prompts with SVG-T2I.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpWithDefaults)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompts", help="a text file with one prompt per line")
@@ -359,7 +367,7 @@ def main(argv=None):
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="precision of the DiT, decoder and Gemma-2 "
                    "(default: bfloat16 on CUDA, as the official sampler; float32 on CPU, where bf16 matrix products "
-                   "are ~100x slower). The ODE solver's state is float32 either way")
+                   "are fast only with bf16 units such as AMX). The ODE solver's state is float32 either way")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT's per-step passes: faster steps "
                    "after a one-off compilation (seconds to minutes), worth it for many images of one size")
     p.add_argument("--dit", help="override: DiT weights file")

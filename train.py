@@ -800,8 +800,8 @@ def shard_nextdit(dit, device):
     # reduce: a sum over hundreds of ranks with 8 mantissa bits drops the small contributions. The sharded
     # master weights and AdamW stay fp32 either way. cast_forward_inputs=False: autocast already picks each
     # op's precision, and casting inputs would round t to bf16 before the timestep embedding.
-    # On CPU: plain fp32, as everywhere on a CPU in this project: on CPUs without native bf16 (a 2-core AVX2
-    # server, say) bf16 matrix products run about 100x slower than fp32 (~1 against ~100 GFLOP/s).
+    # On CPU: plain fp32, as everywhere on a CPU in this project: on CPUs without native bf16 units (AVX2 only,
+    # say) bf16 matrix products run far slower than fp32; with them (AMX) faster, but fp32 keeps CPU runs exact.
     if device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
     else:
