@@ -444,14 +444,16 @@ class NextDiT(nn.Module):
         return t
 
     # ----- Caption path (independent of x and t) ------------------------------------------------------
-    def refine_captions(self, cap_feats, cap_mask):
+    def refine_captions(self, cap_feats, cap_mask, check=True):
         """cap_feats [B, L, cap_feat_dim], cap_mask [B, L] -> cap_tokens [B, L, dim].
 
         Caption embedder + context refiner. It sees neither x nor t, so a sampler computes it once and
         passes it to every step as forward(..., cap_tokens=...). Padded rows hold meaningless values.
+        check=False: the caller (forward) has checked cap_mask already -- the check reads the mask on the host,
+        a GPU sync, so it should happen once per call, not twice.
         """
         cap_mask = cap_mask.bool()
-        if not torch.compiler.is_compiling():
+        if check and not torch.compiler.is_compiling():
             self.check_caption_mask(cap_mask)
         # Padding is zeroed on the way in. A padded key gets attention weight exactly 0, but 0 · NaN = NaN,
         # so a NaN or inf left in the padding of cap_feats would otherwise reach every real token. For
@@ -525,7 +527,7 @@ class NextDiT(nn.Module):
         cap_mask = cap_mask.bool()                                       # [B, L]
         c = self.t_embedder(t)                                           # [B, adaln_dim]
         if cap_tokens is None:
-            cap_tokens = self.refine_captions(cap_feats, cap_mask)       # [B, L, dim]
+            cap_tokens = self.refine_captions(cap_feats, cap_mask, check=False)  # [B, L, dim]
         img_freqs = self.rope(self.grid_positions(cap_mask.sum(1), H // p, W // p))  # [B, N, hd/2, 2]
         if img_tokens is None:
             img_tokens = self.noise_refine(self.x_embedder(self.patchify(x)), img_freqs, c)  # [B, N, dim]
