@@ -403,9 +403,12 @@ POSITIONS = {  # name -> (cx, cy) as fractions of width and height
 BACKGROUND = (255, 255, 255)
 JITTER = 0.04            # centres move up to ±4% of the canvas
 SINGLE_SIDE = (0.30, 0.40)  # bounding-box side of a lone object, fraction of the canvas
-PAIR_SIDE = (0.20, 0.26)    # each object of a pair; shrunk further when needed so the two never touch
+# A pair sits on two corners, never the centre: corners are 0.44 apart, so each object of a pair can be as
+# large as a lone one (a centre pair leaves room for 0.19, three latent cells, too few to tell a shape).
+PAIR_POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+PAIR_SIDE = SINGLE_SIDE     # each object of a pair; shrunk further when needed so the two never touch
 PAIR_GAP = 0.03          # minimum empty band between the boxes of a pair
-CLEAN_SIDE = {1: 0.35, 2: 0.19}  # fixed sides of the clean (SFT) subset; 0.19 + gap fits a centre pair
+CLEAN_SIDE = {1: 0.35, 2: 0.35}  # fixed sides of the clean (SFT) subset
 SUPERSAMPLE = 4          # draw at 4x, then box-filter down: exact-coverage anti-aliasing
 
 # Wordings. The canonical one ("a red circle in the top left") is always first and always understood;
@@ -510,17 +513,17 @@ class ShapesDataset(torch.utils.data.Dataset):
     same picture for the same index, and indices past `length` work too (the data is infinite; `length` only
     sets what an "epoch" is for the sampler).
 
-    A scene is one object (probability 1 - two_object_prob) or two at different positions. Each object has a
+    A scene is one object (probability 1 - two_object_prob) or two on different corners. Each object has a
     palette colour, a shape, a position with its centre jittered by ±4%, and a side of 30-40% of the canvas
-    (one object) or 20-26% (two, shrunk further when needed so that a 3% gap always separates them).
+    (shrunk in a pair when needed so that a 3% gap always separates the two).
     About a quarter of object phrases use a paraphrase ("at the", "upper left", "middle").
 
     clean=True is the SFT subset of the demo's stage 4: canonical captions, centres exactly on their
-    positions, fixed sides (35% alone, 19% in a pair). Same colours, shapes, positions and object counts.
+    positions, a fixed side of 35%. Same colours, shapes, positions and object counts.
     Images are square (resolution × resolution), so there is one bucket. System prompt key: 'base'.
     """
 
-    def __init__(self, resolution, seed=0, length=100_000, clean=False, two_object_prob=0.3):
+    def __init__(self, resolution, seed=0, length=100_000, clean=False, two_object_prob=0.5):
         if seed < 0:
             raise ValueError(f"ShapesDataset: seed must be >= 0, got {seed}")
         self.resolution, self.seed, self.length = resolution, seed, length
@@ -533,7 +536,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         # Every draw below happens in the same order whether or not clean=True: the clean subset is the same
         # scenes with the jitter, size and paraphrase switched off, not a different sample.
         n = 2 if rng.random() < self.two_object_prob else 1
-        names = list(POSITIONS)
+        names = list(POSITIONS) if n == 1 else list(PAIR_POSITIONS)
         objects, phrases = [], []
         for k in rng.choice(len(names), size=n, replace=False):
             pos = names[k]

@@ -1,4 +1,5 @@
-"""The README's picture: twelve fixed prompts through a model, one image each, labelled, in a 6 x 2 grid.
+"""The README's picture: twelve fixed prompts through a model (six single objects, then six pairs), one image each,
+labelled, in a 6 x 2 grid.
 
     python benchmarks/demo_grid.py [--ckpt DIR] [--out assets/demo_grid.png]
 
@@ -16,10 +17,12 @@ import sample  # noqa: E402
 
 PROMPTS = ["a red circle in the top left", "a blue square in the center", "a yellow triangle in the bottom right",
            "a green square in the top right", "a purple triangle in the bottom left", "an orange circle in the center",
-           "a cyan square in the bottom left", "a black circle in the top right",
-           "a red square in the bottom right", "a blue triangle in the top left",
            "a yellow circle in the bottom left and a green square in the top right",
-           "a purple square in the top left and an orange triangle in the bottom right"]
+           "a purple square in the top left and an orange triangle in the bottom right",
+           "a red triangle in the top left and a blue circle in the top right",
+           "a black square in the bottom left and a cyan triangle in the bottom right",
+           "a green triangle in the top right and a red square in the bottom right",
+           "a cyan circle in the top left and a black triangle in the bottom left"]
 COLS, LABEL_HEIGHT = 6, 28
 SCALE = 2                  # pixels doubled (nearest): room for the labels, and every generated pixel visible
 

@@ -17,6 +17,11 @@ The classifier, step by step:
      a square fills its box (1.0), a circle π/4 ≈ 0.79, an upright triangle 0.5.
 It is checked on rendered ground truth by tests/test_eval_shapes.py.
 
+Scoring (GenEval's two-object and colour-attribution questions, in miniature): a one-object prompt is right
+when the largest object found has its colour, shape and position. A two-object prompt is scored per object
+(the object found at each named place: its colour, its shape, and whether the place is occupied) and per
+image (`all`: both objects right in all three). Every number is reported with its range over the seeds.
+
 Usage:  python benchmarks/eval_shapes.py [--ckpt RUN_DIR] [--seeds 0,1,2,3] [--out eval_shapes.json]
                                          [--steps N] [--cfg S] [--limit N]
 """
@@ -29,7 +34,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
-from data import PALETTE, POSITIONS, SHAPES, caption_for, parse_caption  # noqa: E402
+from data import PAIR_POSITIONS, PALETTE, POSITIONS, SHAPES, caption_for, parse_caption  # noqa: E402
 
 # Thresholds. The nearest palette colour is at least ~240 RGB units from white, so a quarter of that marks
 # foreground; shape fills split halfway between the ideal values 0.5, π/4 and 1.
@@ -125,37 +130,41 @@ def classify_image(image):
 
 
 def score(prompt_objects, found_objects):
-    """Did the image show what the prompt asked? -> dict of bools: color, shape, position, all, count.
+    """Did the image show what the prompt asked? -> {objects: [{color, shape, position} per asked object],
+    all, count}, every value a bool.
 
-    One asked object is compared with the largest found one. Two asked objects are each matched to the found
-    object at their position (position is then right when both positions are occupied). `all` needs colour,
-    shape and position right for every asked object; `count` is whether exactly as many objects were found."""
+    One asked object is compared with the largest found one. Each of two asked objects is compared with the
+    found object at its named place (the largest there): its position is right when that place is occupied,
+    its colour and shape when that object has them. `all`: every asked object right in all three (for a pair,
+    both objects); `count`: exactly as many objects found as asked."""
     if len(prompt_objects) == 1:
-        matches = [found_objects[0] if found_objects else None]
-        position = bool(found_objects) and found_objects[0]["position"] == prompt_objects[0]["position"]
+        match = found_objects[0] if found_objects else None
+        matches = [match]
+        positions = [match is not None and match["position"] == prompt_objects[0]["position"]]
     else:
         by_position = {}
         for obj in found_objects:  # largest first, so the largest object at a position wins
             by_position.setdefault(obj["position"], obj)
         matches = [by_position.get(p["position"]) for p in prompt_objects]
-        position = all(m is not None for m in matches)
-    color = all(m is not None and m["color"] == p["color"] for p, m in zip(prompt_objects, matches))
-    shape = all(m is not None and m["shape"] == p["shape"] for p, m in zip(prompt_objects, matches))
-    return dict(color=color, shape=shape, position=position, all=color and shape and position,
+        positions = [m is not None for m in matches]
+    objects = [dict(color=m is not None and m["color"] == p["color"], shape=m is not None and m["shape"] == p["shape"],
+                    position=at) for p, m, at in zip(prompt_objects, matches, positions)]
+    return dict(objects=objects, all=all(all(o.values()) for o in objects),
                 count=len(found_objects) == len(prompt_objects))
 
 
 # ----- The prompts ------------------------------------------------------------------------------------------
 
 def _eval_prompts():
-    """Every single object (8 colours × 3 shapes × 5 positions = 120), then 30 pairs: each of the 10
-    position pairs three times, colours and shapes cycled so that the two objects always differ in both."""
+    """Every single object (8 colours × 3 shapes × 5 positions = 120), then 48 pairs: each of the 6 pairs of
+    corners (the places pairs are drawn at) eight times, colours and shapes cycled so that the two objects
+    always differ in both (the colour of one must not bleed into the other)."""
     colors, positions = list(PALETTE), list(POSITIONS)
     singles = [caption_for([dict(color=c, shape=s, position=p)])
                for c in colors for s in SHAPES for p in positions]
     pairs = []
-    position_pairs = [(a, b) for i, a in enumerate(positions) for b in positions[i + 1:]]  # 10
-    for variant in range(3):
+    position_pairs = [(a, b) for i, a in enumerate(PAIR_POSITIONS) for b in PAIR_POSITIONS[i + 1:]]  # 6
+    for variant in range(8):
         for k, (pa, pb) in enumerate(position_pairs):
             j = 3 * k + variant
             pairs.append(caption_for([
@@ -169,21 +178,45 @@ EVAL_PROMPTS = _eval_prompts()
 
 # ----- Generate and report ----------------------------------------------------------------------------------
 
+OBJECT_KEYS, IMAGE_KEYS = ("color", "shape", "position"), ("all", "count")
+
+
 def summarize(records):
-    """Per-prompt records -> {group: {n, color, shape, position, all, count}} accuracies."""
+    """Per-prompt records -> {group: {n, color, shape, position, all, count}}: colour, shape and position are
+    fractions of asked objects (two per pair prompt), `all` and `count` fractions of images (a pair counts
+    only when both objects are right)."""
     groups = {"single": [r for r in records if r["n_objects"] == 1],
-              "two": [r for r in records if r["n_objects"] == 2], "overall": records}
-    keys = ("color", "shape", "position", "all", "count")
-    return {g: dict(n=len(rs), **{k: (sum(r["score"][k] for r in rs) / len(rs) if rs else float("nan"))
-                                  for k in keys})
-            for g, rs in groups.items()}
+              "two": [r for r in records if r["n_objects"] == 2]}
+    out = {}
+    for g, rs in groups.items():
+        objects = [o for r in rs for o in r["score"]["objects"]]
+        rate = lambda hits: sum(hits) / len(hits) if hits else float("nan")
+        out[g] = dict(n=len(rs), **{k: rate([o[k] for o in objects]) for k in OBJECT_KEYS},
+                      **{k: rate([r["score"][k] for r in rs]) for k in IMAGE_KEYS})
+    return out
 
 
-def print_table(summary):
-    print(f"{'':10s}{'n':>6s}{'color':>8s}{'shape':>8s}{'position':>10s}{'all':>8s}{'count':>8s}")
+def summarize_seeds(records, seeds):
+    """-> (per-seed summaries {seed: summary}, spread {group: {key: (mean, min, max) over the seeds}})."""
+    per_seed = {seed: summarize([r for r in records if r["seed"] == seed]) for seed in seeds}
+    spread = {}
+    for g in ("single", "two"):
+        spread[g] = {}
+        for k in OBJECT_KEYS + IMAGE_KEYS:
+            values = [per_seed[seed][g][k] for seed in seeds]
+            spread[g][k] = (float(np.mean(values)), min(values), max(values))
+    return per_seed, spread
+
+
+def print_table(summary, spread=None):
+    """One row per group; with `spread`, each number is followed by its [min-max] over the seeds."""
+    keys = OBJECT_KEYS + IMAGE_KEYS
+    width = 8 if spread is None else 20
+    print(f"{'':8s}{'n':>6s}" + "".join(f"{k:>{width}s}" for k in keys))
     for g, s in summary.items():
-        print(f"{g:10s}{s['n']:6d}{s['color']:8.3f}{s['shape']:8.3f}{s['position']:10.3f}"
-              f"{s['all']:8.3f}{s['count']:8.3f}")
+        cells = [f"{s[k]:.3f}" + ("" if spread is None else f" [{spread[g][k][1]:.2f}-{spread[g][k][2]:.2f}]")
+                 for k in keys]
+        print(f"{g:8s}{s['n']:6d}" + "".join(f"{c:>{width}s}" for c in cells))
 
 
 def main(argv=None):
@@ -215,11 +248,15 @@ def main(argv=None):
                 records.append(dict(prompt=prompt, seed=seed, n_objects=len(asked), found=found,
                                     score=score(asked, found)))
     summary = summarize(records)
-    print_table(summary)
+    per_seed, spread = summarize_seeds(records, seeds)
+    print("one object: colour, shape, position of the largest object found; two objects: colour, shape,\n"
+          "position per asked object (the object found at its named place), `all` = every object right;\n"
+          f"[min-max] over the {len(seeds)} seeds")
+    print_table(summary, spread)
     print(f"{len(records)} images in {time.time() - start:.0f} s")
     with open(args.out, "w") as f:
-        json.dump(dict(ckpt=args.ckpt, seeds=seeds, options=options, summary=summary, records=records), f,
-                  indent=1)
+        json.dump(dict(ckpt=args.ckpt, seeds=seeds, options=options, summary=summary, per_seed=per_seed,
+                       spread=spread, records=records), f, indent=1)
     print(f"wrote {args.out}")
     return summary
 

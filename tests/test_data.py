@@ -372,10 +372,11 @@ def test_shapes_scenes_follow_the_rules():
         else:
             n_two += 1
             a, b = objects
-            assert a["position"] != b["position"]
+            assert a["position"] != b["position"] and {a["position"], b["position"]} <= set(data.PAIR_POSITIONS)
             gap = max(abs(a["cx"] - b["cx"]), abs(a["cy"] - b["cy"])) - (a["side"] + b["side"]) / 2
             assert gap >= data.PAIR_GAP - 1e-9, "two objects touch"
-    assert 0.25 < n_two / 600 < 0.35
+            assert min(a["side"], b["side"]) >= 0.25, "a pair on two corners has room for lone-sized objects"
+    assert 0.45 < n_two / 600 < 0.55
     assert 0.1 < paraphrased / 600 < 0.6
 
 

@@ -17,26 +17,25 @@ _spec.loader.exec_module(eval_shapes)
 
 @pytest.mark.parametrize("resolution,n_images", [(128, 300), (64, 400)])
 def test_classifier_reads_rendered_scenes(resolution, n_images):
-    # The training distribution itself (jitter, varied sizes, ~30% pairs), seed unrelated to training.
+    # The training distribution itself (jitter, varied sizes, half pairs), seed unrelated to training.
     ds = data.ShapesDataset(resolution, seed=12345)
-    totals = dict(color=0, shape=0, position=0, all=0, count=0)
-    misses = []
+    records, misses = [], []
     for i in range(n_images):
         objects, caption = ds.scene(i)
         found = eval_shapes.classify_image(data.render_shapes(objects, resolution))
         result = eval_shapes.score(data.parse_caption(caption), found)
-        for k in totals:
-            totals[k] += result[k]
+        records.append(dict(n_objects=len(objects), score=result))
         if not (result["all"] and result["count"]):
             misses.append((caption, [(f["color"], f["shape"], f["position"], round(f["fill"], 3)) for f in found]))
-    accuracy = {k: v / n_images for k, v in totals.items()}
+    summary = eval_shapes.summarize(records)
+    accuracy = {f"{g} {k}": v for g, s in summary.items() for k, v in s.items() if k != "n"}
     print(f"\nclassifier accuracy at {resolution} px over {n_images} scenes: {accuracy}")
     for k, v in accuracy.items():
         assert v >= 0.99, f"{k} accuracy {v:.3f} at {resolution} px; misses: {misses[:5]}"
 
 
 def test_every_eval_prompt_is_read_back_from_its_rendering():
-    # One image per prompt at the clean sizes: every colour x shape x position, and all 30 pairs.
+    # One image per prompt at the clean sizes: every colour x shape x position, and all 48 pairs.
     for prompt in eval_shapes.EVAL_PROMPTS:
         objects = data.parse_caption(prompt)
         found = eval_shapes.classify_image(np.asarray(data.render_shapes(objects, 64)))  # array input too
@@ -47,18 +46,40 @@ def test_every_eval_prompt_is_read_back_from_its_rendering():
 def test_score_catches_each_kind_of_mistake():
     truth = [dict(color="red", shape="circle", position="top left")]
     found = eval_shapes.classify_image(data.render_shapes(truth, 64))
-    assert eval_shapes.score(truth, found) == dict(color=True, shape=True, position=True, all=True, count=True)
+    right = dict(color=True, shape=True, position=True)
+    assert eval_shapes.score(truth, found) == dict(objects=[right], all=True, count=True)
     for key, wrong in (("color", "blue"), ("shape", "square"), ("position", "center")):
         asked = [dict(truth[0], **{key: wrong})]
         result = eval_shapes.score(asked, found)
-        assert result[key] is False and result["all"] is False
-        assert all(result[k] for k in ("color", "shape", "position") if k != key)
-    # nothing drawn: everything wrong; a pair where only one object is drawn: position (and all) wrong
+        assert result == dict(objects=[dict(right, **{key: False})], all=False, count=True)
+    # nothing drawn: everything wrong; a pair where only one object is drawn: the missing one is all wrong
     blank = eval_shapes.classify_image(data.render_shapes([], 64))
-    assert blank == [] and not any(eval_shapes.score(truth, blank).values())
+    assert blank == [] and eval_shapes.score(truth, blank) == dict(
+        objects=[dict(color=False, shape=False, position=False)], all=False, count=False)
     pair = truth + [dict(color="green", shape="square", position="bottom right")]
     result = eval_shapes.score(pair, found)
-    assert not result["position"] and not result["all"] and not result["count"]
+    assert result == dict(objects=[right, dict(color=False, shape=False, position=False)], all=False, count=False)
+
+
+def test_pair_is_scored_per_object():
+    # Drawn: a red circle top left and a blue triangle bottom right. Asked: a blue circle top left and a
+    # blue square bottom right, so the first object has the wrong colour and the second the wrong shape.
+    drawn = [dict(color="red", shape="circle", position="top left"),
+             dict(color="blue", shape="triangle", position="bottom right")]
+    found = eval_shapes.classify_image(data.render_shapes(drawn, 128))
+    asked = [dict(color="blue", shape="circle", position="top left"),
+             dict(color="blue", shape="square", position="bottom right")]
+    result = eval_shapes.score(asked, found)
+    assert result == dict(objects=[dict(color=False, shape=True, position=True),
+                                   dict(color=True, shape=False, position=True)], all=False, count=True)
+    # Per object, colour and shape are each right for one of the two objects; per image, neither is right.
+    records = [dict(n_objects=2, seed=0, score=result),
+               dict(n_objects=2, seed=1, score=eval_shapes.score(drawn, found))]
+    summary = eval_shapes.summarize(records)["two"]
+    assert summary == dict(n=2, color=0.75, shape=0.75, position=1.0, all=0.5, count=1.0)
+    per_seed, spread = eval_shapes.summarize_seeds(records, [0, 1])
+    assert per_seed[0]["two"]["all"] == 0.0 and per_seed[1]["two"]["all"] == 1.0
+    assert spread["two"]["all"] == (0.5, 0.0, 1.0) and spread["two"]["color"] == (0.75, 0.5, 1.0)
 
 
 def test_connected_components_separates_objects():
@@ -103,7 +124,7 @@ def test_connected_components_match_flood_fill(density):
 
 def test_eval_prompts_are_fixed_and_valid():
     prompts = eval_shapes.EVAL_PROMPTS
-    assert len(prompts) == 150 and len(set(prompts)) == 150
+    assert len(prompts) == 168 and len(set(prompts)) == 168
     singles = [p for p in prompts if " and " not in p]
     assert len(singles) == 120
     for p in prompts:
@@ -111,6 +132,7 @@ def test_eval_prompts_are_fixed_and_valid():
         if len(objects) == 2:
             a, b = objects
             assert a["position"] != b["position"] and a["color"] != b["color"] and a["shape"] != b["shape"]
+            assert {a["position"], b["position"]} <= set(data.PAIR_POSITIONS)
 
 
 def test_main_end_to_end_with_a_perfect_generator(monkeypatch, tmp_path):
@@ -130,11 +152,12 @@ def test_main_end_to_end_with_a_perfect_generator(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "sample", fake)
     out = tmp_path / "eval.json"
     summary = eval_shapes.main(["--seeds", "0,1", "--limit", "125", "--steps", "7", "--out", str(out)])
-    assert summary["overall"]["n"] == 250 and summary["two"]["n"] == 10
+    assert summary["single"]["n"] == 240 and summary["two"]["n"] == 10
     assert all(summary[g][k] == 1.0 for g in summary for k in ("color", "shape", "position", "all", "count"))
     assert calls[0] == (30, 0, {"steps": 7, "progress": False})
     # generate() seeds image j with seed + j: every (seed, prompt) pair must get noise of its own
     image_seeds = [seed + j for n, seed, _ in calls for j in range(n)]
     assert len(set(image_seeds)) == len(image_seeds) == 250
     saved = json.loads(out.read_text())
-    assert saved["summary"]["overall"]["all"] == 1.0 and len(saved["records"]) == 250
+    assert saved["summary"]["two"]["all"] == 1.0 and len(saved["records"]) == 250
+    assert saved["spread"]["two"]["all"] == [1.0, 1.0, 1.0] and set(saved["per_seed"]) == {"0", "1"}
