@@ -208,15 +208,13 @@ def summarize_seeds(records, seeds):
     return per_seed, spread
 
 
-def print_table(summary, spread=None):
-    """One row per group; with `spread`, each number is followed by its [min-max] over the seeds."""
+def print_table(summary, spread):
+    """One row per group, each number followed by its [min-max] over the seeds."""
     keys = OBJECT_KEYS + IMAGE_KEYS
-    width = 8 if spread is None else 20
-    print(f"{'':8s}{'n':>6s}" + "".join(f"{k:>{width}s}" for k in keys))
+    print(f"{'':8s}{'n':>6s}" + "".join(f"{k:>20s}" for k in keys))
     for g, s in summary.items():
-        cells = [f"{s[k]:.3f}" + ("" if spread is None else f" [{spread[g][k][1]:.2f}-{spread[g][k][2]:.2f}]")
-                 for k in keys]
-        print(f"{g:8s}{s['n']:6d}" + "".join(f"{c:>{width}s}" for c in cells))
+        cells = [f"{s[k]:.3f} [{spread[g][k][1]:.2f}-{spread[g][k][2]:.2f}]" for k in keys]
+        print(f"{g:8s}{s['n']:6d}" + "".join(f"{c:>20s}" for c in cells))
 
 
 def main(argv=None):
