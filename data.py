@@ -25,7 +25,9 @@ resized to the resolution, then a random square crop.
 
 Bad data policy: a malformed JSONL line is a configuration error and stops start-up with file and line. A
 missing, unreadable or truncated image is a data accident: it is skipped, counted in `ds.skipped`, named in
-a (rate-limited) log warning, and never stops a run.
+a (rate-limited) log warning, and never stops a run. Its item reads as `Unreadable(path)`, false like None,
+so that collate() can name the files it drops. Anything that is not a regular file (a named pipe called
+b.png, a device) is never opened: reading one could block for ever.
 
 Runtime imports: torch, numpy, PIL, safetensors, tqdm, the standard library, and dino.py for `to_rgb` (one
 image conversion for training and for `dino.preprocess`). Images leave here in [-1, 1]; the ImageNet
@@ -42,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -147,6 +149,14 @@ def image_to_tensor(image):
 
 # ----- Bad-image reporting ----------------------------------------------------------------------------------
 
+class Unreadable(str):
+    """What a dataset returns for an item it cannot load: the file's name, false in a truth test as None is.
+    collate() drops it and lists it, so the trainer counts files, not the times it met them."""
+
+    def __bool__(self):
+        return False
+
+
 class _BadImageLog:
     """Counts unusable images (each file once) and names them in the log without flooding it: the first 20
     individually, then every 100th with the running total."""
@@ -179,6 +189,16 @@ def _open_image(rec):
     return Image.open(rec["path"])
 
 
+# EXIF orientations 5-8 turn the picture by 90 degrees: the stored width is the displayed height.
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def _displayed_size(im):
+    """(height, width) as a viewer shows the image: after its EXIF orientation, which training applies too."""
+    turned = im.getexif().get(0x0112) in _TRANSPOSED_ORIENTATIONS
+    return (im.width, im.height) if turned else (im.height, im.width)
+
+
 class _ImageListDataset(torch.utils.data.Dataset):
     """Shared body of JsonlDataset and FolderDataset: a list of records (path, caption, system, size).
 
@@ -194,7 +214,7 @@ class _ImageListDataset(torch.utils.data.Dataset):
     step so that a resume is exact), and all items share the one bucket (resolution, resolution).
 
     `skipped` counts per process: under a multi-worker DataLoader each worker has its own copy, so the
-    trainer should also sum `collate(...)['dropped']`, which travels back with every batch.
+    trainer counts `collate(...)['dropped_files']` instead, which travels back with every batch.
     """
 
     def __init__(self, records, resolution, patch, max_ratio, source, square=False):
@@ -219,7 +239,7 @@ class _ImageListDataset(torch.utils.data.Dataset):
         def header_size(rec):
             try:
                 with _open_image(rec) as im:
-                    return im.height, im.width
+                    return _displayed_size(im)
             except Exception as err:  # noqa: BLE001 - any unreadable file is a data accident, never fatal
                 return err
 
@@ -254,12 +274,14 @@ class _ImageListDataset(torch.utils.data.Dataset):
         rec = self.records[i]
         try:
             with _open_image(rec) as im:
-                im.load()  # decode now: a truncated file fails here, inside the try (EXIF rotation is
-                # ignored, as in the official loader)
-                image = dino.to_rgb(im)  # the conversion dino.preprocess uses too (16-bit, alpha)
+                im.load()  # decode now: a truncated file fails here, inside the try
+                # Turned upright by its EXIF orientation, as every viewer shows it (the official loader ignores
+                # it: a portrait photo from a phone trains sideways), then the conversion dino.preprocess uses
+                # too (16-bit, alpha).
+                image = dino.to_rgb(ImageOps.exif_transpose(im))
         except Exception as err:  # noqa: BLE001 - skip, count and report; a run never dies of one bad file
             self._bad.report(rec["path"], err)
-            return None
+            return Unreadable(rec["path"])
         if self.square:                         # [3, resolution, >= resolution] or the transpose
             return dict(image=image_to_tensor(resize_shorter_side(image, self.resolution)),
                         caption=rec["caption"], system=rec["system"])
@@ -309,6 +331,9 @@ def _locate(path, folder):
     """Where a JSONL path points: as given first (absolute, or relative to the working directory, as the
     official trainer opens it), then relative to the JSONL's folder. Returns the record fields: {"path"}, or
     {"path", "missing"} naming both places tried."""
+    for found in (path, None if os.path.isabs(path) else os.path.join(folder, path)):
+        if found and os.path.exists(found) and not os.path.isfile(found):      # a named pipe, a device, a folder
+            return dict(path=os.path.abspath(found), missing=f"not a regular file: {os.path.abspath(found)}")
     if os.path.exists(path):
         return dict(path=os.path.abspath(path))    # absolute: DataLoader workers never depend on the cwd
     beside = os.path.join(folder, path)
@@ -331,7 +356,7 @@ class JsonlDataset(_ImageListDataset):
 
     def __init__(self, path, resolution, patch=16, max_ratio=4.0, limit=None, square=False):
         folder = os.path.dirname(os.path.abspath(path))
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:      # -sig: a byte-order mark is not part of line 1
             text = f.read()
         if text.lstrip().startswith("["):  # a JSON array of objects
             try:
@@ -358,19 +383,26 @@ class FolderDataset(_ImageListDataset):
         if not os.path.isdir(path):
             raise ValueError(f"{path}: not a folder")
         records, uncaptioned = [], 0
-        for root, dirs, files in os.walk(path):
+        unlisted = lambda err: log.warning("%s: cannot list %s (%s); its images are left out", path, err.filename, err)
+        for root, dirs, files in os.walk(path, onerror=unlisted):
             dirs.sort()
             for name in sorted(files):
                 stem, ext = os.path.splitext(name)
                 if ext.lower() not in IMAGE_EXTENSIONS:
                     continue
-                txt = os.path.join(root, stem + ".txt")
+                image_path, txt = os.path.join(root, name), os.path.join(root, stem + ".txt")
+                odd = [p for p in (image_path, txt) if os.path.exists(p) and not os.path.isfile(p)]
+                if odd:                            # opening a named pipe would wait for a writer for ever
+                    log.warning("%s: %s is not a regular file (a named pipe, a device?); its image is left out",
+                                path, odd[0])
+                    continue
                 if not os.path.exists(txt):
                     uncaptioned += 1
                     continue
-                with open(txt, encoding="utf-8") as f:
+                # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the caption
+                with open(txt, encoding="utf-8-sig") as f:
                     caption = f.read().strip()
-                records.append(dict(path=os.path.join(root, name), caption=caption, system="base", size=None))
+                records.append(dict(path=image_path, caption=caption, system="base", size=None))
         if uncaptioned:
             log.warning("%s: %d images have no same-stem .txt caption and are left out", path, uncaptioned)
         if not records:
@@ -649,7 +681,7 @@ class FeatureCache(torch.utils.data.Dataset):
         # safetensors maps the shard and copies out only the two tensors asked for
         handle, keys, captions, systems = self._shard(i // CACHE_SHARD_SIZE)
         if f"{i}.latent" not in keys:                      # the image was unreadable when the cache was built
-            return None
+            return Unreadable(f"{self.folder} item {i}")
         return dict(latent=handle.get_tensor(f"{i}.latent"), cap_feats=handle.get_tensor(f"{i}.cap_feats"),
                     caption=captions[str(i)], system=systems[str(i)])
 
@@ -669,6 +701,43 @@ def fingerprint(path):
     return digest.hexdigest()[:16]
 
 
+def file_stamps(dataset):
+    """A hash of every image file's size and modification time (None for the shapes, a pure function of their
+    settings): an image replaced in place, same name and caption, changes it. One stat per file, on 16
+    threads; the pixels themselves are not read (that would cost a pass over the whole dataset per start)."""
+    if not hasattr(dataset, "records"):
+        return None
+
+    def stamp(rec):
+        try:
+            st = os.stat(rec["path"])
+            return [st.st_size, st.st_mtime_ns]
+        except OSError:
+            return None
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        stamps = list(pool.map(stamp, dataset.records))
+    return hashlib.sha1(json.dumps(stamps).encode()).hexdigest()[:16]
+
+
+def remove_stale_temporaries(folder):
+    """Delete what a build killed by kill -9 left: shard temporaries whose writer (the pid in the name) is gone,
+    and an unfinished index.json.tmp (rank 0 writes it last, so no live build of this folder is writing it)."""
+    for name in os.listdir(folder):
+        match = re.fullmatch(r"shard-\d+\.safetensors\.tmp(\d+)|index\.json\.tmp", name)
+        if match and not (match.group(1) and _alive(int(match.group(1)))):
+            os.remove(os.path.join(folder, name))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # someone else's live process
+        return True
+    return True
+
+
 @torch.no_grad()
 def build_feature_cache(folder, dataset, encode, identity, rank=0, world=1, workers=0, barrier=lambda: None):
     """Encode every item of `dataset` once into `folder`. `encode(batch)` -> (latents [B,C,h,w], cap_feats
@@ -677,6 +746,9 @@ def build_feature_cache(folder, dataset, encode, identity, rank=0, world=1, work
     and the next run finishes the rest. Rank 0 writes index.json last: its presence means the cache is
     complete."""
     os.makedirs(folder, exist_ok=True)
+    if rank == 0:
+        remove_stale_temporaries(folder)
+    barrier()
     n, size = len(dataset), CACHE_SHARD_SIZE
     # Shard k holds items [k·size, (k+1)·size). A shard already on disk was finished by an earlier run (the
     # rename is its last act), so only the missing ones are this rank's work.
@@ -694,7 +766,7 @@ def build_feature_cache(folder, dataset, encode, identity, rank=0, world=1, work
         for items in loader:
             groups = {}                                   # images of one size encode together
             for i, item in enumerate(items, start=first):
-                if item is not None:
+                if item:
                     groups.setdefault(tuple(item["image"].shape), []).append((i, item))
             first += len(items)
             for members in groups.values():
@@ -822,22 +894,23 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 
 def collate(items):
-    """List of dataset items (None = unusable image) -> batch dict.
+    """List of dataset items (None or an Unreadable = unusable image) -> batch dict.
 
     images: Tensor [B, 3, H, W] when all sizes agree (always, under BucketBatchSampler), else a list of
-    [3, H, W]; captions, systems: lists of str; dropped: how many None items were removed (the trainer adds
-    these up and logs them: it is the only count that crosses DataLoader worker processes). A batch can come
+    [3, H, W]; captions, systems: lists of str; dropped: how many unusable items were removed, dropped_files:
+    the files of those a dataset could name (the trainer counts these, each once: it is the only record that
+    crosses DataLoader worker processes). A batch can come
     out smaller than asked, or empty (captions == []); the trainer decides whether to skip it.
     Items of a FeatureCache give latents [B, C, h, w] and cap_feats (a list of [L_i, D]) instead of images.
     """
-    good = [it for it in items if it is not None]
+    good = [it for it in items if it]
+    dropped = dict(dropped=len(items) - len(good), dropped_files=[str(it) for it in items if isinstance(it, str)])
     if good and "latent" in good[0]:                       # from a FeatureCache: the encoders already ran
         return dict(latents=torch.stack([it["latent"] for it in good]),      # [B, C, h, w], one bucket
                     cap_feats=[it["cap_feats"] for it in good],              # [L_i, D] each, unpadded
-                    captions=[it["caption"] for it in good], systems=[it["system"] for it in good],
-                    dropped=len(items) - len(good))
+                    captions=[it["caption"] for it in good], systems=[it["system"] for it in good], **dropped)
     images = [it["image"] for it in good]
     if images and all(im.shape == images[0].shape for im in images):
         images = torch.stack(images)  # [B, 3, H, W]
     return dict(images=images, captions=[it["caption"] for it in good], systems=[it["system"] for it in good],
-                dropped=len(items) - len(good))
+                **dropped)

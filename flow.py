@@ -223,6 +223,23 @@ def check_sampler(steps, solver, shift):
         raise ValueError(f"shift (--shift) must be a finite number > 0, got {shift}")
 
 
+def check_stage_config(config, where):
+    """A stage's config.json as train.py writes it, its types checked (the sampler defaults and the caption
+    limit sample.py takes from it): one ValueError naming `where` instead of a TypeError mid-way."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    kinds = dict(steps=whole, size=whole, cfg=number, shift=number, solver=lambda v: isinstance(v, str))
+    sampler = config.get("sample", {}) if isinstance(config, dict) else None
+    wrong = (["sample"] if not isinstance(sampler, dict)
+             else [k for k, ok in kinds.items() if k in sampler and not ok(sampler[k])])
+    if isinstance(config, dict) and "max_cap_len" in config and not whole(config["max_cap_len"]):
+        wrong.append("max_cap_len")
+    if not isinstance(config, dict) or wrong:
+        raise ValueError(f"{where}: wrong types for {wrong or 'the whole file'} (steps, size and max_cap_len are whole "
+                         "numbers, cfg and shift numbers, solver a name); restore the file train.py wrote")
+    return config
+
+
 def sample(velocity_fn, noise, steps=DEFAULT_STEPS, solver=DEFAULT_SOLVER, shift=None, progress=False):
     """Integrate the flow from `noise` (t = 0) to data (t = 1) with `steps` model evaluations.
 

@@ -64,7 +64,7 @@ def _find_run_parts(folder):
     stage_cfg = {}
     if dit_path:
         with open(os.path.join(os.path.dirname(dit_path), "config.json")) as f:
-            stage_cfg = json.load(f)
+            stage_cfg = flow.check_stage_config(json.load(f), f.name)
     stats = resolve(enc.get("stats")) or os.path.join(folder, "encoders", "latent_stats.pt")
     return dict(dit=dit_path, decoder=_highest(os.path.join(folder, "autoencoder_P", "stage{k}", "model.safetensors")),
                 dino=resolve(enc["dino"]), gemma=resolve(enc["gemma"]), stats=stats,

@@ -42,11 +42,14 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import sys
 import time
 import warnings
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
@@ -166,19 +169,23 @@ def train_dit(args, preset, rank, world, device):
     # A resumed stage must go on as it began: the seed and global batch are checked before any heavy work, the
     # data once it is open.
     latest, settings = find_latest(stage_dir), dict(seed=args.seed, global_batch=global_batch)
+    refuse_to_overwrite(stage_dir, latest)
     check_resume(args, latest, settings, rank)
     frozen, cfg, patch, dataset = open_dit_data(args, preset, res, latest, settings, rank, world, device)
+    check_previous_stage(run_dir, k, cfg, args.preset, latest)
 
     # The sampler hands each rank its share of a step's global batch (micro x accum images), which the loop cuts
     # into `accum` micro-batches: accumulating gradients over them equals one big batch.
     sampler = data.BucketBatchSampler(dataset, micro * accum, rank=rank, world_size=world, seed=args.seed + 100 * res)
     model, ema, step, trainer = start_dit(cfg, args, latest, sampler, rank, device)
+    if latest:
+        drop_log_rows_after(run_dir, rank, step, stage=k)
     wrapped = wrap_dit(model, ema, args.fsdp, world, device)
     optimizer = dit_optimizer(model, args.lr if args.lr is not None else preset.get("lr", LR), trainer, latest)
     use_compile = preset["compile"] if args.compile is None else args.compile
     fwd, compiles = compile_dit(wrapped) if use_compile else (wrapped, lambda: 0)
     shift = flow.resolution_shift((res // patch) ** 2)               # image tokens at this stage -> s
-    counts = dict(skipped=0)
+    counts = dict(skipped=set(), new=set())
     batches = epoch_batches(make_loader(dataset, sampler, args.workers, device), sampler, counts)
     preview_every = args.preview_every if args.preview_every is not None else preset["preview_every"]
 
@@ -247,7 +254,7 @@ def open_dit_data(args, preset, res, latest, settings, rank, world, device):
                cap_feat_dim=frozen.gemma.config["hidden_size"])                            # widths from the encoders
     patch = frozen.dino.patch_size * cfg["patch_size"]       # one DiT token's side in pixels: buckets count these
     dataset = data.open_dataset(args.data, res, seed=args.seed, patch=patch, limit=args.data_limit)
-    settings["data"] = data_hash(dataset)
+    settings["data"] = same_on_every_rank(data_hash(dataset), "--data", world)
     check_resume(args, latest, dict(data=settings["data"]), rank)
     frozen.stats = prepare_stats(args.out, paths, frozen.dino, dataset, device, rank)
     if args.cache_features:                     # same items, same buckets, same order: only the encoders go
@@ -297,12 +304,8 @@ def start_dit(cfg, args, latest, sampler, rank, device):
     # DDP would wait for one: freeze it.
     model.norm_final.requires_grad_(False)
     if latest:
-        model.load_state_dict(load_file(os.path.join(latest, "model.safetensors")))
-        ema.load_state_dict(load_file(os.path.join(latest, "ema.safetensors")))
-        # mmap: with several ranks per machine, the pages of the full optimizer state are shared, not copied.
-        trainer = torch.load(os.path.join(latest, "trainer.pt"), weights_only=False, mmap=True)
+        trainer = load_latest(latest, rank, model=model, ema=ema)     # weights, EMA, RNG; returns the rest
         sampler.load_state_dict(trainer["sampler"])
-        restore_rng(latest, rank)
         log0(rank, f"stage {k}: resuming from {latest} at step {trainer['step']}")
         return model, ema, trainer["step"], trainer
     if k > 1:
@@ -354,7 +357,7 @@ def micro_batch(batch, gens, weight, i, micro):
     part = slice(i * micro, (i + 1) * micro)
     if not batch["captions"][part]:
         part, weight = slice(0, micro), 0.0
-    return {key: value[part] for key, value in batch.items() if key != "dropped"}, gens[part], weight
+    return {key: value[part] for key, value in batch.items() if not key.startswith("dropped")}, gens[part], weight
 
 
 def make_inputs(frozen, batch, gens, shift, device):
@@ -404,13 +407,12 @@ def update_ema(ema, model, decay, step):
 
 
 def dit_log_row(stage, step, loss_sum, grad_norm, images_per_s, counts, compiles, world):
-    """One log.jsonl row. Loss and skipped images are summed over ranks in one collective (every rank runs it),
-    then read back to the host once per log interval; grad_norm is already the whole gradient's on every rank.
-    `compiles`: graphs torch.compile has made in this process so far (0 when running eagerly)."""
-    total_loss, skipped = total_over_ranks(torch.stack([
-        loss_sum, torch.tensor(float(counts["skipped"]), device=loss_sum.device)])).tolist()
+    """One log.jsonl row. The loss is summed over ranks (every rank runs this), then read back to the host once
+    per log interval; grad_norm is already the whole gradient's on every rank. `compiles`: graphs torch.compile
+    has made in this process so far (0 when running eagerly)."""
+    total_loss = total_over_ranks(loss_sum.clone()).item()
     return dict(stage=stage, step=step, loss=total_loss / world, grad_norm=grad_norm.item(),
-                images_per_s=images_per_s, skipped_images=int(skipped), compiles=compiles)
+                images_per_s=images_per_s, skipped_images=count_skipped(counts, world), compiles=compiles)
 
 
 def save_dit_checkpoint(stage_dir, rank, model, ema, optimizer, sampler, step, settings):
@@ -446,8 +448,9 @@ def finish_dit(stage_dir, model, ema, cfg, rank, config):
     was trained, and the sampler settings and caption limit the model is meant for)."""
     model_state, ema_state = full_state(model), full_state(ema)      # every rank takes part
     if rank == 0:
-        dit_lib.save_nextdit(plain_nextdit(cfg, model_state), os.path.join(stage_dir, "model.safetensors"))
-        dit_lib.save_nextdit(plain_nextdit(cfg, ema_state), os.path.join(stage_dir, "ema.safetensors"))
+        for name, state in (("model", model_state), ("ema", ema_state)):
+            atomic_save(lambda tmp: dit_lib.save_nextdit(plain_nextdit(cfg, state), tmp),
+                        os.path.join(stage_dir, f"{name}.safetensors"))
         atomic_json(config, os.path.join(stage_dir, "config.json"))
         log0(rank, f"stage {config['stage']} done: {stage_dir}/model.safetensors, ema.safetensors")
     barrier()
@@ -469,6 +472,7 @@ def train_autoencoder(args, preset, rank, world, device):
     max_steps = args.max_steps if args.max_steps is not None else preset["ae_steps"][k - 1]
     micro = args.micro_batch_size if args.micro_batch_size is not None else preset["ae_micro_batch"][k - 1]
     latest, settings = find_latest(stage_dir), dict(seed=args.seed, global_batch=micro * world)
+    refuse_to_overwrite(stage_dir, latest)
     check_resume(args, latest, settings, rank)    # a resume goes on as it began (see train_dit)
     # "random": the official recipe at 256/512 px (shorter side resized to res, a random res x res crop);
     # "bucket": aspect buckets with centre crops, as the official 1024-px stage and the DiT stages.
@@ -478,11 +482,13 @@ def train_autoencoder(args, preset, rank, world, device):
     dino_model, _, _ = load_encoders(run_dir, paths, device)
     dataset = data.open_dataset(args.data, res, seed=args.seed, patch=dino_model.patch_size, limit=args.data_limit,
                                 square=random_crops)
-    settings["data"] = data_hash(dataset)
+    settings["data"] = same_on_every_rank(data_hash(dataset), "--data", world)
     check_resume(args, latest, dict(data=settings["data"]), rank)
     sampler = data.BucketBatchSampler(dataset, micro, rank=rank, world_size=world, seed=args.seed + 100 * res)
     ae, loss_fn, opt_g, opt_d, step = start_autoencoder(dino_model, args, preset, latest, sampler, rank, device)
-    counts = dict(skipped=0)
+    if latest:
+        drop_log_rows_after(run_dir, rank, step, stage=k, autoencoder=kind)
+    counts = dict(skipped=set(), new=set())
     batches = epoch_batches(make_loader(dataset, sampler, args.workers, device), sampler, counts)
 
     bar = tqdm(total=max_steps, initial=step, desc=f"autoencoder {kind} stage {k} @ {res}px", disable=rank != 0)
@@ -500,8 +506,8 @@ def train_autoencoder(args, preset, rank, world, device):
         if step % preset["log_every"] == 0 or step == max_steps:   # read back to the host once per log interval
             logged = {n: v.item() for n, v in losses.items()}
             bar.set_postfix(l1=f"{logged['l1']:.4f}")
-            append_log(run_dir, rank, dict(autoencoder=kind, stage=k, step=step, skipped_images=counts["skipped"],
-                                           **logged))
+            append_log(run_dir, rank, dict(autoencoder=kind, stage=k, step=step,
+                                           skipped_images=count_skipped(counts, world), **logged))
         if step % args.ckpt_every == 0 or step == max_steps:
             save_latest(stage_dir, rank, dict(
                 weights=dict(model=cpu_state(ae), discriminator=cpu_state(loss_fn.discriminator)),
@@ -509,7 +515,7 @@ def train_autoencoder(args, preset, rank, world, device):
                 settings=settings), dict(torch=torch.get_rng_state()))
     bar.close()
     if rank == 0:
-        ae_lib.save_autoencoder(ae, os.path.join(stage_dir, "model.safetensors"))
+        atomic_save(lambda tmp: ae_lib.save_autoencoder(ae, tmp), os.path.join(stage_dir, "model.safetensors"))
         log0(rank, f"autoencoder {kind} stage {k} done: {stage_dir}/model.safetensors")
     barrier()
 
@@ -530,13 +536,10 @@ def start_autoencoder(dino_model, args, preset, latest, sampler, rank, device):
     opt_g = torch.optim.Adam(list(ae.trainable_parameters()), lr=AE_LR, betas=AE_BETAS)
     opt_d = torch.optim.Adam(list(loss_fn.discriminator.parameters()), lr=AE_LR, betas=AE_BETAS)
     if latest:
-        ae.load_state_dict(load_file(os.path.join(latest, "model.safetensors")))
-        loss_fn.discriminator.load_state_dict(load_file(os.path.join(latest, "discriminator.safetensors")))
-        trainer = torch.load(os.path.join(latest, "trainer.pt"), weights_only=False)
+        trainer = load_latest(latest, rank, model=ae, discriminator=loss_fn.discriminator)
         opt_g.load_state_dict(trainer["opt_g"])
         opt_d.load_state_dict(trainer["opt_d"])
         sampler.load_state_dict(trainer["sampler"])
-        restore_rng(latest, rank)
         log0(rank, f"autoencoder {kind} stage {k}: resuming from {latest} at step {trainer['step']}")
         return ae, loss_fn, opt_g, opt_d, trainer["step"]
     if k > 1:
@@ -608,7 +611,7 @@ def epoch_batches(loader, sampler, counts):
     while True:
         for batch in loader:
             sampler.batches_done += 1
-            counts["skipped"] += batch["dropped"]
+            counts["new"].update(batch["dropped_files"])
             if batch["captions"]:
                 last, unusable = batch, 0
                 yield batch, 1.0
@@ -616,7 +619,8 @@ def epoch_batches(loader, sampler, counts):
             unusable += 1
             if unusable >= len(sampler):
                 raise ValueError(f"--data: not one image could be read in a whole epoch ({unusable} batches in a "
-                                 f"row, {counts['skipped']} unreadable images); the warnings above name the files")
+                                 f"row, {len(counts['skipped'] | counts['new'])} unreadable images); the warnings "
+                                 "above name the files")
             if last is not None:
                 yield last, 0.0
         sampler.set_epoch(sampler.epoch + 1)      # a new epoch: the sampler reshuffles by (seed, epoch)
@@ -668,6 +672,34 @@ def total_over_ranks(tensor):
     return tensor
 
 
+def from_every_rank(obj, world):
+    """[rank 0's obj, rank 1's, ...] on every rank (every rank calls it)."""
+    if world == 1:
+        return [obj]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def same_on_every_rank(value, what, world):
+    """`value` if every rank has the same, else SystemExit on every rank: two nodes whose local --data differ
+    would otherwise train together on neither's data."""
+    values = from_every_rank(value, world)
+    if len(set(values)) > 1:
+        raise SystemExit(f"{what} differs between the processes (hash per rank: {values}): every node must see "
+                         "the same files and captions; copy the same data to each")
+    return value
+
+
+def count_skipped(counts, world):
+    """How many distinct files could not be read so far, over all ranks (every rank calls it): each rank hands
+    over the names it found since the last call, so a file that fails in every epoch counts once."""
+    for names in from_every_rank(counts["new"], world):
+        counts["skipped"].update(names)
+    counts["new"] = set()
+    return len(counts["skipped"])
+
+
 @contextlib.contextmanager
 def seeded(*key):
     """Run the block on the CPU RNG seeded by `key` alone, e.g. (seed, "dit", stage), and give the global RNG back
@@ -683,9 +715,28 @@ def seeded(*key):
 # moment leaves either the old file or the new one, never half of one.
 
 def atomic_save(write_fn, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    write_fn(tmp)
-    os.replace(tmp, path)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"         # the extension kept: save_autoencoder insists on .safetensors
+    with write_errors(path, cleanup=lambda: os.path.exists(tmp) and os.remove(tmp)):
+        write_fn(tmp)
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def write_errors(path, cleanup):
+    """A failed write (a full disk, no permission: OSError, torch.save's RuntimeError, SafetensorError) removes
+    what it left (`cleanup`) and becomes one OSError naming `path`; whatever stood there before is untouched."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as err:
+        cleanup()
+        raise OSError(f"could not write {path} ({type(err).__name__}: {first_line(err)}); the previous files are "
+                      "intact: free disk space (or fix permissions) and run the same command again") from err
+
+
+def first_line(err, limit=200):
+    text = str(err).strip().splitlines()
+    return text[0][:limit] if text else type(err).__name__
 
 
 def atomic_json(obj, path):
@@ -723,13 +774,14 @@ def save_latest(stage_dir, rank, state, rng_state):
         remove_tree(tmp)
         os.makedirs(tmp)
     barrier()
-    torch.save(rng_state, os.path.join(tmp, f"rng_rank{rank}.pt"))   # every rank its own RNG state
-    if rank == 0:
-        for name, module_state in state.pop("weights").items():
-            save_file(module_state, os.path.join(tmp, f"{name}.safetensors"))
-        if "settings" in state:
-            atomic_json(state.pop("settings"), os.path.join(tmp, "settings.json"))
-        torch.save(state, os.path.join(tmp, "trainer.pt"))             # optimizer, step, sampler
+    with write_errors(tmp, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):   # a full disk: space back
+        torch.save(rng_state, os.path.join(tmp, f"rng_rank{rank}.pt"))   # every rank its own RNG state
+        if rank == 0:
+            for name, module_state in state.pop("weights").items():
+                save_file(module_state, os.path.join(tmp, f"{name}.safetensors"))
+            if "settings" in state:
+                atomic_json(state.pop("settings"), os.path.join(tmp, "settings.json"))
+            torch.save(state, os.path.join(tmp, "trainer.pt"))             # optimizer, step, sampler
     barrier()
     if rank == 0:
         with open(os.path.join(tmp, "COMPLETE"), "w") as f:
@@ -750,12 +802,116 @@ def find_latest(stage_dir):
     return None
 
 
+# Every file of latest/ is read without running code: weights from safetensors, settings.json as JSON, and
+# trainer.pt / rng_rank*.pt (dicts of tensors, numbers, strings: AdamW's state, the sampler's position, the
+# step, the RNG's ByteTensor) by torch.load(weights_only=True), which refuses any other pickled object. A run
+# folder someone else wrote can hold a wrong checkpoint, never a program.
+
+def load_latest(latest, rank, **modules):
+    """Load latest/{name}.safetensors into each module given (model=..., ema=...), put this rank's RNG back,
+    and return trainer.pt's contents (optimizer state, sampler position, step)."""
+    for name, module in modules.items():
+        load_weights(module, os.path.join(latest, f"{name}.safetensors"))
+    # mmap: with several ranks per machine, the pages of the full optimizer state are shared, not copied.
+    trainer = read_torch_file(os.path.join(latest, "trainer.pt"), ("sampler", "step"), mmap=True)
+    restore_rng(latest, rank)
+    return trainer
+
+
+def read_torch_file(path, keys, mmap=False):
+    """A dict written by torch.save in save_latest, holding `keys`; one line naming the file otherwise."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 - truncated, damaged, or a pickle of anything but plain data
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {first_line(err)}): it is truncated, "
+                         "damaged, or holds objects other than tensors and numbers (refused: loading them could "
+                         "run code); delete this latest/ folder to restart the stage") from None
+    if not isinstance(obj, dict) or not set(keys) <= set(obj):
+        raise ValueError(f"{path} is not a checkpoint of this train.py (expected a dict with {sorted(keys)}); "
+                         "delete this latest/ folder to restart the stage")
+    return obj
+
+
+def load_weights(module, path):
+    """module.load_state_dict from a safetensors file, with one line naming the file if it is truncated or
+    holds another model's weights (a folder of another --preset)."""
+    try:
+        module.load_state_dict(load_file(path))
+    except (OSError, SafetensorError, RuntimeError) as err:
+        raise ValueError(f"{path} does not load into this {type(module).__name__} ({type(err).__name__}: "
+                         f"{first_line(err)}): it is truncated, or from another --preset; delete this latest/ "
+                         "folder to restart the stage, or pass the --preset it was made with") from None
+
+
 def restore_rng(latest, rank):
     """Put this rank's global RNG back. The training draws themselves (t, noise, caption dropout) do not need
     it -- they are keyed by step -- so a resume on a different number of processes is fine too."""
     path = os.path.join(latest, f"rng_rank{rank}.pt")
     if os.path.exists(path):
-        torch.set_rng_state(torch.load(path, weights_only=False)["torch"])
+        rng = read_torch_file(path, ("torch",))["torch"]
+        if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8):
+            raise ValueError(f"{path} holds no RNG state (a uint8 tensor under 'torch'); delete this latest/ "
+                             "folder to restart the stage")
+        torch.set_rng_state(rng)
+
+
+def read_json(path):
+    """A JSON object from `path`, or one line naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); restore it, or delete it and what it describes") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} should hold a JSON object, not {type(obj).__name__}")
+    return obj
+
+
+def refuse_to_overwrite(stage_dir, latest):
+    """A finished stage without latest/ (deleted to free disk) would be trained again from scratch over its own
+    result: refused. With latest/, the run continues it instead (e.g. with a larger --max-steps)."""
+    done = [n for n in ("model.safetensors", "ema.safetensors", "config.json")
+            if os.path.exists(os.path.join(stage_dir, n))]
+    if done and not latest:
+        raise SystemExit(f"{stage_dir} holds a finished stage ({', '.join(done)}) and no latest/ checkpoint to "
+                         "continue it from: a new run would overwrite it. Pick another --out, or move or delete "
+                         f"{stage_dir} yourself to train this stage again")
+
+
+def check_previous_stage(run_dir, k, cfg, preset_name, latest):
+    """Stage K starts from stage K-1's weights: refuse one trained as another network (another --preset)."""
+    path = os.path.join(run_dir, f"stage{k - 1}", "config.json")
+    if k == 1 or latest or not os.path.exists(path):
+        return
+    saved = read_json(path)
+    if saved.get("dit") != json.loads(json.dumps(cfg)):
+        raise SystemExit(f"{path}: stage {k - 1} trained another network (--preset {saved.get('preset')}, "
+                         f"{saved.get('dit')}) than this stage's (--preset {preset_name}, {cfg}); pass the "
+                         "--preset it was made with")
+
+
+def drop_log_rows_after(run_dir, rank, step, **stage):
+    """On a resume at `step`, forget the log rows of this stage past it: a kill after them lost those steps,
+    which the resumed run now takes (and logs) again. Other rows stay as they are."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if rank != 0 or not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+
+    def later(line):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:                # a line cut by a kill: not this stage's row either way
+            return False
+        return (isinstance(row, dict) and row.get("step", -1) > step and row.get("stage") == stage["stage"]
+                and row.get("autoencoder") == stage.get("autoencoder"))
+    kept = [line for line in lines if not later(line)]
+    if len(kept) < len(lines):
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+        atomic_save(write, path)
 
 
 def check_resume(args, latest, settings, rank):
@@ -766,8 +922,7 @@ def check_resume(args, latest, settings, rank):
     path = latest and os.path.join(latest, "settings.json")
     if not path or not os.path.exists(path):
         return
-    with open(path) as f:
-        saved = json.load(f)
+    saved = read_json(path)
     changed = {key: [saved[key], value] for key, value in settings.items() if key in saved and saved[key] != value}
     if not changed:
         return
@@ -881,8 +1036,14 @@ def prepare_encoders(run_dir, preset, args, rank):
     """
     path = os.path.join(run_dir, "encoders.json")
     if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+        return check_encoders_json(read_json(path), path, args.preset)
+    # Never made twice: stages or statistics trained on encoders that encoders.json no longer names would go on
+    # silently with new ones (another --seed makes other random encoders).
+    made = sorted(n for n in os.listdir(run_dir) if (n == "encoders" or n.startswith(("stage", "autoencoder_")))
+                  and os.path.isdir(os.path.join(run_dir, n)))
+    if made:
+        raise SystemExit(f"{run_dir} holds {', '.join(made)} but no encoders.json naming the encoders they were "
+                         "trained with: restore encoders.json, or pick another --out")
     if rank == 0:
         if preset["dino"] is None:
             missing = [flag for flag, v in (("--dino", args.dino), ("--gemma", args.gemma)) if not v]
@@ -892,7 +1053,8 @@ def prepare_encoders(run_dir, preset, args, rank):
             paths = dict(dino=os.path.abspath(args.dino), gemma=os.path.abspath(args.gemma),
                          stats=os.path.abspath(args.stats) if args.stats else None)
         else:
-            enc_dir = os.path.join(run_dir, "encoders")
+            # Made in a temporary folder and renamed: a kill half-way leaves no encoders/ (and no refusal above).
+            enc_dir = os.path.join(run_dir, f"encoders.tmp{os.getpid()}")
             gemma_dir = os.path.join(enc_dir, "gemma")
             os.makedirs(gemma_dir, exist_ok=True)
             torch.manual_seed(args.seed)
@@ -902,11 +1064,23 @@ def prepare_encoders(run_dir, preset, args, rank):
             gemma_cfg = dict(preset["gemma"], vocab_size=text.Tokenizer(tok_path).vocab_size)
             text.save_gemma2(text.Gemma2Encoder(**gemma_cfg), gemma_dir)
             dino.save_dinov3(dino.DINOv3(**preset["dino"]), os.path.join(enc_dir, "dino.safetensors"))
+            os.replace(enc_dir, os.path.join(run_dir, "encoders"))
             paths = dict(dino="encoders/dino.safetensors", gemma="encoders/gemma", stats=None)
-        atomic_json(paths, path)
+        atomic_json(dict(paths, preset=args.preset), path)     # the preset: the networks' sizes depend on it
     barrier()
-    with open(path) as f:
-        return json.load(f)
+    return check_encoders_json(read_json(path), path, args.preset)
+
+
+def check_encoders_json(paths, path, preset_name):
+    """encoders.json's contents, checked: file paths (stats may be null) and the --preset the run was made with
+    (files of an older train.py have none)."""
+    for key in ("dino", "gemma", "stats"):
+        if not isinstance(paths.get(key), str) and not (key == "stats" and paths.get(key) is None):
+            raise ValueError(f"{path}: '{key}' must be a file path, got {paths.get(key)!r}; restore the file")
+    if paths.setdefault("preset", preset_name) != preset_name:
+        raise SystemExit(f"{path}: this run folder was made with --preset {paths['preset']}, not {preset_name}; "
+                         f"pass --preset {paths['preset']}, or another --out for a {preset_name} model")
+    return paths
 
 
 def resolve(run_dir, p):
@@ -938,8 +1112,8 @@ def prepare_stats(run_dir, paths, dino_model, dataset, device, rank):
         return dino.LatentStats.load(resolve(run_dir, paths["stats"]))
     path = os.path.join(run_dir, "encoders", "latent_stats.pt")
     if rank == 0 and not os.path.exists(path):
-        by_bucket = {}
-        for i in range(min(len(dataset), 2048)):
+        by_bucket, first = {}, range(min(len(dataset), 2048))
+        for i in first:
             by_bucket.setdefault(dataset.bucket_of(i), []).append(i)
 
         def latents():
@@ -949,7 +1123,13 @@ def prepare_stats(run_dir, paths, dino_model, dataset, device, rank):
                     if batch["captions"]:
                         yield images_to_latents(dino_model, batch["images"].to(device))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_save(dino.LatentStats.from_latents(latents()).save, path)
+        try:
+            stats = dino.LatentStats.from_latents(latents())
+        except ValueError as err:                   # no latents at all: not one image could be read
+            raise ValueError(f"--data {getattr(dataset, 'source', '')}: not one of its first {len(first)} images "
+                             "could be read, so the latent statistics cannot be computed; the warnings above name "
+                             "the files") from err
+        atomic_save(stats.save, path)
         tqdm.write(f"computed latent statistics over {sum(map(len, by_bucket.values()))} images -> {path}")
     barrier()
     return dino.LatentStats.load(path)
@@ -958,8 +1138,10 @@ def prepare_stats(run_dir, paths, dino_model, dataset, device, rank):
 # ----- Feature cache (--cache-features) -----------------------------------------------------------------
 # The frozen encoders' outputs for a stage's data, computed once and read back every epoch (data.py
 # "Feature cache" writes and reads the files). The folder name carries a hash of everything the features
-# depend on -- the data's content included -- so another resolution, dataset, caption or encoder gets its own
-# folder instead of stale features.
+# depend on -- the data's content included -- so another resolution, dataset, caption, image or encoder gets
+# its own folder instead of stale features. An image replaced in place is told by its file's size and
+# modification time (`data.file_stamps`: one stat per file, where hashing the pixels would read the whole
+# dataset at every start); a copy that keeps both, byte for byte another picture, is the one case it misses.
 
 def data_hash(dataset):
     """A hash of what the data is: every item's image path, caption and system prompt (a JSONL or folder
@@ -976,10 +1158,11 @@ def open_feature_cache(args, run_dir, paths, dataset, res, patch, encode, device
     """This stage's FeatureCache under --cache-features, built first if it is missing or unfinished."""
     identity = dict(data=os.path.abspath(args.data) if os.path.exists(args.data) else args.data, seed=args.seed,
                     limit=args.data_limit, resolution=res, bucket_patch=patch, length=len(dataset),
-                    content=data_hash(dataset),
+                    content=data_hash(dataset), images=data.file_stamps(dataset),
                     dino=data.fingerprint(resolve(run_dir, paths["dino"])),
                     gemma=data.fingerprint(resolve(run_dir, paths["gemma"])),
                     gemma_dtype="bfloat16" if device.type == "cuda" else "float32")
+    identity = from_every_rank(identity, world)[0]   # rank 0's: file times may differ between nodes' copies
     key = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     folder = os.path.join(args.cache_features, f"{res}px-{key}")
     if not os.path.exists(os.path.join(folder, "index.json")):
@@ -1030,6 +1213,26 @@ def check_export_dest(run_dir, dest):
                                                               os.path.exists(os.path.join(dest, EXPORT_MARKER)))):
         raise SystemExit(f"--export {dest} exists and is not an earlier export (it has no {EXPORT_MARKER}); "
                          "nothing was touched: pick a new or empty folder")
+    if os.path.exists(os.path.join(dest, EXPORT_MARKER)):
+        theirs = foreign_files(dest)
+        if theirs:
+            raise SystemExit(f"--export {dest}: the earlier export there holds files it did not write "
+                             f"({', '.join(theirs[:5])}{', ...' if len(theirs) > 5 else ''}), which replacing it "
+                             "would delete; nothing was touched: move them out, or export to another folder")
+
+
+def foreign_files(export):
+    """Files and folders in an earlier export that its export.json does not list (the user's own)."""
+    listed = set(read_json(os.path.join(export, EXPORT_MARKER)).get("files", [])) | {EXPORT_MARKER}
+    ours = lambda rel: any(rel == f or rel.startswith(f + os.sep) or f.startswith(rel + os.sep) for f in listed)
+    found = []
+    for root, dirs, files in os.walk(export):
+        for name in sorted(dirs + files):
+            rel = os.path.relpath(os.path.join(root, name), export)
+            if not ours(rel):
+                found.append(rel + ("/" if name in dirs else ""))
+        dirs[:] = [d for d in dirs if ours(os.path.relpath(os.path.join(root, d), export))]
+    return found
 
 
 def export_for_sampling(run_dir, dest):
@@ -1037,7 +1240,8 @@ def export_for_sampling(run_dir, dest):
     the last DiT stage's EMA weights and config. Optimizer states, non-EMA weights and earlier stages stay.
 
     The copy is made in a temporary folder next to `dest` and renamed into place, so an earlier export (or
-    an empty folder) is replaced only by a complete one; check_export_dest refuses anything else."""
+    an empty folder) is replaced only by a complete one; check_export_dest refuses anything else, an earlier
+    export holding files of yours included."""
     parts = sample.find_parts(run_dir)
     if not parts["dit"] or not parts["decoder"]:
         raise SystemExit(f"{run_dir} has no finished DiT stage and decoder to export")
@@ -1064,18 +1268,31 @@ def export_for_sampling(run_dir, dest):
 # Two trainings in one folder would overwrite each other's checkpoints. Rank 0 holds an exclusive flock on
 # RUN_DIR/.lock for as long as it lives; the kernel drops it when the process ends, however it ends (kill -9
 # too), so a dead run never leaves the folder locked. Only rank 0 takes it: ranks on one machine would
-# otherwise lock each other out.
+# otherwise lock each other out. A flock belongs to the open file, which forked children (DataLoader workers)
+# share: every fork closes its copy at once, or workers orphaned by a SIGTERM would hold the folder after the run.
+_held_lock = None                        # the lock's file descriptor while this process holds one
+
+
+def _close_lock_in_child():
+    if _held_lock is not None:
+        os.close(_held_lock)
+
+
+os.register_at_fork(after_in_child=_close_lock_in_child)
+
 
 def lock_run_folder(run_dir, rank):
-    """The open lock file (keep it open: closing it releases the folder), or SystemExit on every rank if another
-    run holds the folder."""
+    """The lock file's descriptor (keep it open: closing it releases the folder; None on ranks > 0), or
+    SystemExit on every rank if another run holds the folder."""
+    global _held_lock
     handle = None
     if rank == 0:
-        handle = open(os.path.join(run_dir, ".lock"), "a")
+        handle = os.open(os.path.join(run_dir, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _held_lock = handle
         except BlockingIOError:
-            handle.close()
+            os.close(handle)
             handle = None
     refused = [rank == 0 and handle is None]
     if dist.is_initialized():
@@ -1084,6 +1301,12 @@ def lock_run_folder(run_dir, rank):
         raise SystemExit(f"--out {run_dir}: another train.py is running in this run folder (it holds "
                          f"{os.path.join(run_dir, '.lock')}); wait for it to end, or pick another --out")
     return handle
+
+
+def unlock_run_folder(handle):
+    global _held_lock
+    _held_lock = None
+    os.close(handle)
 
 
 # ----- Command line ------------------------------------------------------------------------------------
@@ -1183,9 +1406,12 @@ def main(argv=None):
     # other exception is a bug and keeps its traceback.
     except (ValueError, OSError) as err:
         raise SystemExit(f"train.py: {err}") from None
+    except KeyboardInterrupt:                     # Ctrl-C: latest/ holds the last checkpoint, intact
+        print("train.py: interrupted; resume with the same command", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     finally:
         if lock is not None:
-            lock.close()                          # releases the run folder
+            unlock_run_folder(lock)
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -302,7 +302,7 @@ def part_cli(ctx):
             raise RuntimeError("the run finished before it could be killed; nothing was resumed")
         if latest is None:
             raise RuntimeError("the run stopped before its first checkpoint:\n" + "\n".join(tail(log, 12)))
-        killed_at = torch.load(os.path.join(latest, "trainer.pt"), weights_only=False)["step"]
+        killed_at = torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)["step"]
         run_logged(cmd, os.path.join(ctx.work, "stage1_resumed.log"))      # the same command again
         # A restart from step 0 would end with the same weights too (every draw is keyed by the step): the
         # run must say it resumed.
