@@ -1382,6 +1382,9 @@ def main(argv=None):
     try:
         os.makedirs(args.out, exist_ok=True)
         lock = lock_run_folder(args.out, rank)
+        encoders = os.path.join(args.out, "encoders.json")
+        if os.path.exists(encoders):              # a folder of another --preset: refused before anything else
+            check_encoders_json(read_json(encoders), encoders, args.preset)
         if args.demo:
             for k, steps in enumerate(preset["ae_steps"], start=1):
                 if steps:

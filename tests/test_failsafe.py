@@ -4,6 +4,7 @@ Data loss (--export over a folder, sample files that share a name), hangs (an ep
 silent wrong results (a stale feature cache, 0 meaning "the default", a NaN guidance scale, a resume with
 other settings, files of the wrong kind found only after sampling) and tracebacks where one line would do
 (truncated files, impossible sizes, two runs in one folder). On the tiny preset, on the CPU."""
+import errno
 import fcntl
 import json
 import os
@@ -78,9 +79,9 @@ def test_export_never_deletes_the_run_or_a_foreign_folder_and_replaces_an_earlie
     export = tmp_path / "export"
     run(out, *again, "--export", str(export))
     assert (export / train.EXPORT_MARKER).exists()
-    (export / "stale.txt").write_text("from the earlier export")
+    (export / "stage1" / "config.json").write_text("{}")    # a file the export wrote itself
     run(out, *again, "--export", str(export))           # an earlier export is replaced, as a whole
-    assert not (export / "stale.txt").exists()
+    assert json.loads((export / "stage1" / "config.json").read_text())["stage"] == 1
     assert sample.find_parts(str(export))["dit"] == str(export / "stage1" / "ema.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "mine", "run"]      # no temporary left
 
@@ -306,3 +307,331 @@ def test_a_second_run_in_the_same_folder_fails_fast_and_a_killed_run_leaves_no_l
         first.wait()
     run(out, "--stage", "1", "--max-steps", "5")        # kill -9 released the folder
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 5
+
+
+
+# ----- Second round (issue 20): nothing run, nothing lost, nothing silent ----------------------------------
+
+class Payload:
+    """A pickle that creates a file when it is loaded: what a planted trainer.pt could do instead."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["trainer.pt", "rng_rank0.pt"])
+def test_a_planted_pickle_in_latest_never_runs(name, tiny_run, tmp_path):
+    out = copy_run(tiny_run, tmp_path / "run")
+    marker = tmp_path / "ran"
+    path = out / "stage1" / "latest" / name
+    state = torch.load(path, weights_only=True)
+    torch.save(dict(state, payload=Payload(str(marker))), path)
+    with pytest.raises(SystemExit) as e:
+        run(out, "--stage", "1", "--max-steps", "5")
+    assert "\n" not in one_line_exit(e, name, "run code")
+    assert not marker.exists()
+
+
+def test_every_file_is_read_without_running_code():
+    for name in ("train.py", "sample.py", "data.py", "dino.py", "text.py", "autoencoder.py", "model.py",
+                 "benchmarks/gpu_check.py"):
+        source = open(os.path.join(ROOT, name)).read()
+        assert "weights_only=False" not in source and "import pickle" not in source, name
+
+
+def test_a_finished_stage_without_latest_is_never_overwritten(tiny_run, tmp_path):
+    out = copy_run(tiny_run, tmp_path / "run")
+    for stage_dir, argv in ((out / "stage1", ["--stage", "1"]),
+                            (out / "autoencoder_P" / "stage1", ["--autoencoder", "P", "--stage", "1"])):
+        shutil.rmtree(stage_dir / "latest")             # to free disk
+        before = {p.name: p.read_bytes() for p in stage_dir.iterdir()}
+        with pytest.raises(SystemExit) as e:
+            run(out, *argv, "--max-steps", "3")
+        one_line_exit(e, str(stage_dir), "finished stage", "another --out")
+        assert {p.name: p.read_bytes() for p in stage_dir.iterdir()} == before
+
+
+def test_re_export_never_deletes_your_files_in_an_earlier_export(tiny_run, tmp_path):
+    out = copy_run(tiny_run, tmp_path / "run")
+    export = tmp_path / "export"
+    run(out, "--stage", "1", "--max-steps", "4", "--export", str(export))
+    (export / "notes.txt").write_text("mine")
+    (export / "my_samples").mkdir()
+    (export / "my_samples" / "a.png").write_bytes(b"png")
+    (export / "stage1" / "why.txt").write_text("also mine")
+    with pytest.raises(SystemExit) as e:
+        run(out, "--stage", "1", "--max-steps", "4", "--export", str(export))
+    one_line_exit(e, "notes.txt", "my_samples/", "why.txt", "did not write")
+    assert (export / "notes.txt").read_text() == "mine" and (export / "my_samples" / "a.png").read_bytes() == b"png"
+    assert (export / "stage1" / "why.txt").exists() and (export / "stage1" / "ema.safetensors").exists()
+
+
+@pytest.mark.parametrize("keep", ["encoders", "stage1"])
+def test_encoders_are_never_made_again_for_a_run_that_has_them(keep, tiny_run, tmp_path):
+    out = copy_run(tiny_run, tmp_path / "run")
+    os.remove(out / "encoders.json")
+    if keep == "stage1":                                # the encoders gone too, the stage trained on them kept
+        shutil.rmtree(out / "encoders")
+    dino_before = (tiny_run / "encoders" / "dino.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run(out, "--stage", "2", "--max-steps", "1", "--seed", "1")
+    one_line_exit(e, keep, "no encoders.json")
+    assert not (out / "encoders.json").exists()
+    if keep == "encoders":
+        assert (out / "encoders" / "dino.safetensors").read_bytes() == dino_before
+
+
+def test_feature_cache_sees_images_replaced_in_place(tiny_run, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    lines = [json.dumps(dict(path=f"{i}.png", prompt="a red square")) for i in range(4)]
+    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    cache = tmp_path / "cache"
+    for n, colour in enumerate(((200, 30, 30), (30, 30, 200))):     # same paths, same captions, other pixels
+        for i in range(4):
+            Image.new("RGB", (32, 32), colour).save(folder / f"{i}.png")
+            os.utime(folder / f"{i}.png", ns=(10**18 + n, 10**18 + n))
+        out = tmp_path / f"run{n}"
+        copy_encoders(tiny_run, out)
+        run(out, "--stage", "1", "--data", str(folder / "pairs.jsonl"), "--max-steps", "1",
+            "--global-batch-size", "4", "--cache-features", str(cache))
+    assert len(list(cache.iterdir())) == 2              # a new cache, not the stale latents
+
+
+def test_processes_with_different_data_refuse_to_train_together(tiny_run, tmp_path, monkeypatch):
+    out = copy_run(tiny_run, tmp_path / "run")
+    monkeypatch.setattr(train, "setup_distributed", lambda: (0, 2, torch.device("cpu")))   # 2 processes
+    monkeypatch.setattr(train.dist, "all_gather_object", lambda got, mine: got.__setitem__(
+        slice(None), [mine, mine + "-other-node" if isinstance(mine, str) else mine]))
+    with pytest.raises(SystemExit) as e:
+        run(out, "--stage", "1", "--max-steps", "5", "--data-limit", "64")
+    one_line_exit(e, "--data differs between the processes")
+
+
+@pytest.mark.parametrize("extra", [[], ["--global-batch-size", "4"]])
+def test_another_preset_in_a_run_folder_is_refused(extra, tiny_run, tmp_path):
+    out = copy_run(tiny_run, tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        run(out, "--stage", "1", "--max-steps", "5", "--preset", "demo", *extra)
+    one_line_exit(e, "--preset tiny", "encoders.json")
+
+
+def test_a_stage_folder_of_another_preset_is_one_line_naming_the_file(tiny_run, tmp_path):
+    out = copy_run(tiny_run, tmp_path / "run")
+    encoders = json.loads((out / "encoders.json").read_text())
+    encoders.pop("preset")                              # an encoders.json of an older train.py: no preset in it
+    (out / "encoders.json").write_text(json.dumps(encoders))
+    with pytest.raises(SystemExit) as e:
+        run(out, "--stage", "1", "--max-steps", "5", "--preset", "demo", "--global-batch-size", "4")
+    one_line_exit(e, "model.safetensors", "--preset")
+    shutil.rmtree(out / "stage1" / "latest")            # stage 2 of demo size from a tiny stage 1
+    shutil.copytree(tiny_run / "stage1" / "latest", out / "stage2" / "unused")
+    with pytest.raises(SystemExit) as e:
+        run(out, "--stage", "2", "--max-steps", "1", "--preset", "demo")
+    one_line_exit(e, "config.json", "--preset tiny")
+
+
+def test_bom_in_captions_and_jsonl_is_not_part_of_the_text(tmp_path):
+    import data
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes("\ufeffa red square\n".encode("utf-8"))
+    assert data.FolderDataset(str(tmp_path), 32, patch=8).records[0]["caption"] == "a red square"
+    (tmp_path / "pairs.jsonl").write_bytes(("\ufeff" + json.dumps(dict(path="a.png", prompt="x")) + "\n").encode())
+    assert data.JsonlDataset(str(tmp_path / "pairs.jsonl"), 32, patch=8).records[0]["caption"] == "x"
+
+
+def test_exif_orientation_is_applied_as_viewers_do(tmp_path):
+    import data
+    stored = Image.new("RGB", (128, 32), (255, 0, 0))  # stored landscape, left red, right blue
+    stored.paste((0, 0, 255), (64, 0, 128, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6                                    # "rotate 90 clockwise to display": a portrait photo
+    stored.save(tmp_path / "a.jpg", exif=exif, quality=95)
+    (tmp_path / "a.txt").write_text("portrait")
+    ds = data.FolderDataset(str(tmp_path), 64, patch=8)
+    height, width = ds.bucket_of(0)
+    assert height > width                               # a portrait bucket
+    image = ds[0]["image"]                              # [3, H, W]: displayed top is red, bottom blue
+    top, bottom = image[:, : height // 4].mean((1, 2)), image[:, -height // 4:].mean((1, 2))
+    assert top[0] > 0.5 > top[2] and bottom[2] > 0.5 > bottom[0]
+
+
+def test_the_log_does_not_repeat_steps_after_a_resume(tiny_run, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    copy_encoders(tiny_run, out)
+    real = train.save_latest
+
+    def killed_at_step_6(stage_dir, rank, state, rng_state):
+        if state["step"] == 6:
+            raise KeyboardInterrupt
+        real(stage_dir, rank, state, rng_state)
+    monkeypatch.setattr(train, "save_latest", killed_at_step_6)
+    with pytest.raises((SystemExit, KeyboardInterrupt)):
+        run(out, "--stage", "1", "--max-steps", "6", "--ckpt-every", "3")     # logs 5 and 6, checkpoint at 3
+    monkeypatch.setattr(train, "save_latest", real)
+    run(out, "--stage", "1", "--max-steps", "6", "--ckpt-every", "3")         # the same command again
+    steps = [row["step"] for row in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "step" in row]
+    assert steps == [5, 6]
+
+
+def test_skipped_images_counts_files_not_epochs(tiny_run, tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "ok.png")
+    lines = [json.dumps(dict(path=p, prompt="x", width=32, height=32)) for p in ("ok.png", "ok.png", "ok.png", "gone.png")]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    copy_encoders(tiny_run, out)
+    run(out, "--stage", "1", "--data", str(tmp_path / "pairs.jsonl"), "--max-steps", "5", "--global-batch-size", "4")
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 5 and rows[-1]["skipped_images"] == 1      # one file, missing in 5 epochs
+
+
+def test_a_named_pipe_in_the_data_never_blocks_start_up(tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("a red square")
+    os.mkfifo(tmp_path / "b.png")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(dict(path="a.png", prompt="x")) + "\n"
+                                          + json.dumps(dict(path="b.png", prompt="y")) + "\n")
+    code = ("import sys, data; print(len(data.FolderDataset(sys.argv[1], 64, patch=8)), "   # 64: headers are read
+            "len(data.JsonlDataset(sys.argv[1] + '/pairs.jsonl', 64, patch=8)))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.split() == ["1", "1"], proc.stderr
+    assert "b.png" in proc.stderr and "not a regular file" in proc.stderr
+
+
+def test_final_stage_files_are_written_atomically(tiny_run, tmp_path, monkeypatch):
+    out = copy_run(tiny_run, tmp_path / "run")
+    before = (out / "stage1" / "ema.safetensors").read_bytes()
+
+    def disk_full(model, path):
+        open(path, "wb").write(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(dit_lib, "save_nextdit", disk_full)
+    with pytest.raises(SystemExit) as e:
+        run(out, "--stage", "1", "--max-steps", "5")
+    one_line_exit(e, "model.safetensors", "No space left")
+    assert (out / "stage1" / "ema.safetensors").read_bytes() == before
+    assert sorted(os.listdir(out / "stage1")) == ["config.json", "ema.safetensors", "latest", "model.safetensors"]
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tiny_run, tmp_path, monkeypatch):
+    out = copy_run(tiny_run, tmp_path / "run")
+    before = (out / "stage1" / "latest" / "model.safetensors").read_bytes()
+
+    def disk_full(tensors, path, metadata=None):
+        open(path, "wb").write(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(train, "save_file", disk_full)
+    with pytest.raises(SystemExit) as e:
+        run(out, "--stage", "1", "--max-steps", "6", "--ckpt-every", "5")
+    one_line_exit(e, "latest.tmp", "No space left", "free disk space")
+    assert (out / "stage1" / "latest" / "model.safetensors").read_bytes() == before
+    assert not (out / "stage1" / "latest.tmp").exists()                  # the space is given back
+
+
+@pytest.mark.parametrize("name", ["trainer.pt", "model.safetensors"])
+def test_a_truncated_checkpoint_is_one_line_naming_the_file(name, tiny_run, tmp_path):
+    out = copy_run(tiny_run, tmp_path / "run")
+    path = out / "stage1" / "latest" / name
+    truncated(path, path)
+    with pytest.raises(SystemExit) as e:
+        run(out, "--stage", "1", "--max-steps", "5")
+    one_line_exit(e, str(path))
+
+
+@pytest.mark.parametrize("name,content", [
+    ("encoders.json", '{"dino": 5}'), ("encoders.json", "garbage"), ("stage1/latest/settings.json", "garbage"),
+    ("stage1/latest/rng_rank0.pt", "garbage"),
+])
+def test_garbage_run_files_are_one_line_naming_the_file(name, content, tiny_run, tmp_path):
+    out = copy_run(tiny_run, tmp_path / "run")
+    (out / name).write_text(content)
+    with pytest.raises(SystemExit) as e:
+        run(out, "--stage", "1", "--max-steps", "5")
+    one_line_exit(e, os.path.basename(name))
+
+
+def test_a_stage_config_with_wrong_types_is_one_line_naming_it(tiny_run, tmp_path, no_sampling):
+    out = copy_run(tiny_run, tmp_path / "run")
+    config = json.loads((out / "stage1" / "config.json").read_text())
+    config["sample"]["steps"] = "many"
+    (out / "stage1" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--prompt", "x", "--ckpt", str(out), "--out", str(tmp_path / "out")])
+    one_line_exit(e, "config.json", "steps")
+
+
+def test_a_folder_of_unreadable_images_says_so_and_where(tiny_run, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(3):
+        truncated_png = tmp_path / "full.png"
+        Image.new("RGB", (32, 32), (9 * i, 0, 0)).save(truncated_png)
+        truncated(truncated_png, folder / f"{i}.png")   # the header reads, the pixels do not
+        (folder / f"{i}.txt").write_text("x")
+    out = tmp_path / "run"
+    copy_encoders(tiny_run, out)
+    os.remove(out / "encoders" / "latent_stats.pt")
+    with pytest.raises(SystemExit) as e:
+        run(out, "--stage", "1", "--data", str(folder), "--max-steps", "1")
+    one_line_exit(e, str(folder), "not one of its first 3 images could be read")
+
+
+def train_command(out, *extra):
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--out", str(out), "--preset", "tiny", "--no-compile",
+            "--preview-every", "0", "--stage", "1", "--max-steps", "100000", "--ckpt-every", "100000", *extra]
+
+
+def wait_for_training(proc, out):
+    """Until the run has logged a step past the copied checkpoint's 4: its DataLoader workers are running."""
+    deadline = time.time() + 120
+    while not any(json.loads(line).get("step", 0) > 4 for line in (out / "log.jsonl").read_text().splitlines()):
+        assert proc.poll() is None and time.time() < deadline, "the run never trained"
+        time.sleep(0.2)
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(tiny_run, tmp_path):
+    out = copy_run(tiny_run, tmp_path / "run")
+    proc = subprocess.Popen(train_command(out, "--workers", "0"), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_training(proc, out)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted; resume with the same command" in err and "Traceback" not in err
+
+
+def test_sigterm_leaves_no_worker_holding_the_run_folder(tiny_run, tmp_path):
+    out = copy_run(tiny_run, tmp_path / "run")
+    proc = subprocess.Popen(train_command(out, "--workers", "2"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for_training(proc, out)
+        proc.send_signal(signal.SIGTERM)                # the main process only: its workers are orphaned
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    run(out, "--stage", "1", "--max-steps", "5")        # at once: not "another train.py is running"
+
+
+def test_a_killed_cache_build_leaves_no_temporary_files(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    copy_encoders(tiny_run, out)
+    cache = tmp_path / "cache"
+    args = ["--stage", "1", "--max-steps", "1", "--data-limit", "8", "--cache-features", str(cache)]
+    run(out, *args)
+    folder, = cache.iterdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                         # a pid no process has now: a build killed by kill -9
+    os.remove(folder / "index.json")
+    (folder / f"shard-00000.safetensors.tmp{dead.pid}").write_bytes(b"half a shard")
+    (folder / "index.json.tmp").write_text("{")
+    shutil.rmtree(out / "stage1")
+    run(out, *args)
+    assert sorted(os.listdir(folder)) == ["index.json", "shard-00000.safetensors"]
