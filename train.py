@@ -27,7 +27,7 @@ cache, torch.compile, export, the run folder's lock, the command line.
 The run folder is the unit of work; a stage can be killed at any moment and restarted with the same
 command, and it continues exactly where its last checkpoint left it:
 
-    RUN_DIR/encoders.json           which DINOv3 / Gemma-2 / statistics this run uses (paths)
+    RUN_DIR/encoders.json           which DINOv3 / Gemma-2 / statistics this run uses (paths), its --preset
     RUN_DIR/encoders/               small random frozen encoders made once for the small presets
     RUN_DIR/autoencoder_P/stage{K}/ decoder stages: model.safetensors (+ latest/ while running)
     RUN_DIR/stage{K}/               model.safetensors, ema.safetensors, config.json (+ latest/ while running)
