@@ -1044,6 +1044,7 @@ def prepare_encoders(run_dir, preset, args, rank):
     if made:
         raise SystemExit(f"{run_dir} holds {', '.join(made)} but no encoders.json naming the encoders they were "
                          "trained with: restore encoders.json, or pick another --out")
+    barrier()                                     # every rank has looked before rank 0 makes anything
     if rank == 0:
         if preset["dino"] is None:
             missing = [flag for flag, v in (("--dino", args.dino), ("--gemma", args.gemma)) if not v]
@@ -1054,6 +1055,8 @@ def prepare_encoders(run_dir, preset, args, rank):
                          stats=os.path.abspath(args.stats) if args.stats else None)
         else:
             # Made in a temporary folder and renamed: a kill half-way leaves no encoders/ (and no refusal above).
+            for stale in (n for n in os.listdir(run_dir) if n.startswith("encoders.tmp")):
+                remove_tree(os.path.join(run_dir, stale))        # what a killed earlier attempt left
             enc_dir = os.path.join(run_dir, f"encoders.tmp{os.getpid()}")
             gemma_dir = os.path.join(enc_dir, "gemma")
             os.makedirs(gemma_dir, exist_ok=True)
