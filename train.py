@@ -178,8 +178,6 @@ def train_dit(args, preset, rank, world, device):
     # into `accum` micro-batches: accumulating gradients over them equals one big batch.
     sampler = data.BucketBatchSampler(dataset, micro * accum, rank=rank, world_size=world, seed=args.seed + 100 * res)
     model, ema, step, trainer = start_dit(cfg, args, latest, sampler, rank, device)
-    if latest:
-        drop_log_rows_after(run_dir, rank, step, stage=k)
     wrapped = wrap_dit(model, ema, args.fsdp, world, device)
     optimizer = dit_optimizer(model, args.lr if args.lr is not None else preset.get("lr", LR), trainer, latest)
     use_compile = preset["compile"] if args.compile is None else args.compile
@@ -188,6 +186,8 @@ def train_dit(args, preset, rank, world, device):
     counts = dict(skipped=set(), new=set())
     batches = epoch_batches(make_loader(dataset, sampler, args.workers, device), sampler, counts)
     preview_every = args.preview_every if args.preview_every is not None else preset["preview_every"]
+    if latest:
+        drop_log_rows_after(run_dir, rank, step, stage=k)      # the steps after `step` are taken again
 
     bar = tqdm(total=max_steps, initial=step, desc=f"stage {k} @ {res}px", disable=rank != 0, dynamic_ncols=True)
     t0, seen = time.time(), 0
