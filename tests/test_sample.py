@@ -354,3 +354,35 @@ def test_cfg_trunc_guides_only_the_noisy_steps_and_is_recorded(tiny_run, tmp_pat
     assert len(calls) == 6 + 3                              # t = 0, 1/6, 2/6 guided; 3/6 .. 5/6 not
     (name,) = os.listdir(tmp_path / "half")
     assert json.loads(Image.open(tmp_path / "half" / name).text["svg_t2i"])["cfg_trunc"] == 0.5
+
+
+def test_system_enhance_rewrites_the_prompt_with_gemma_and_keeps_both_in_the_png(tiny_run, tmp_path):
+    """--system enhance: the whole Gemma-2 rewrites the prompt (text.enhance_prompt), the rewrite is encoded after
+    the 'align' system prompt, and the PNG records the user's prompt, the rewrite and system "enhance". An
+    encoder-only Gemma folder (the small presets') is refused in one line, before sampling."""
+    import shutil
+
+    import torch
+
+    import text
+    encoder = text.load_gemma2(str(tiny_run / "encoders" / "gemma"))
+    torch.manual_seed(0)
+    lm = text.Gemma2Encoder(**encoder.config, causal_lm=True)       # the same first layers, a random last one
+    lm.load_state_dict(encoder.state_dict(), strict=False)
+    folder = tmp_path / "gemma"
+    text.save_gemma2(lm.eval(), str(folder))
+    shutil.copy(tiny_run / "encoders" / "gemma" / "tokenizer.model", folder)
+    argv = ["--prompt", "a red circle", "--ckpt", str(tiny_run), "--steps", "2", "--system", "enhance"]
+    sample.main([*argv, "--gemma", str(folder), "--out", str(tmp_path / "out")])
+    (name,) = os.listdir(tmp_path / "out")
+    meta = json.loads(Image.open(tmp_path / "out" / name).text["svg_t2i"])
+    tokenizer = text.Tokenizer(str(folder))
+    expected = text.enhance_prompt(text.load_gemma2(str(folder), causal_lm=True), tokenizer, "a red circle")
+    assert (meta["prompt"], meta["system"], meta["enhanced_prompt"]) == ("a red circle", "enhance", expected)
+    assert name.startswith("a_red_circle_")                  # named by the user's prompt
+    pipe = sample.load_pipeline(str(tiny_run), device="cpu", gemma=str(folder))
+    image = pipe.generate([expected], steps=2, system="align", progress=False)[0]
+    assert np.abs(pixels(tmp_path / "out" / name) - np.asarray(image, dtype=int)).max() <= 1
+    with pytest.raises(SystemExit, match="hidden_states.-2. only"):
+        sample.main([*argv, "--out", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists() or not os.listdir(tmp_path / "refused")
