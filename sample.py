@@ -12,6 +12,13 @@ each prompt:
     python sample.py --prompt "a red circle in the top left"                  # the shipped demo model
     python sample.py --prompt "a corgi astronaut" --ckpt path/to/release --size 1024x1024
     python sample.py --prompts prompts.txt --ckpt runs/mine --n 4              # a grid per prompt
+    torchrun --nproc_per_node=8 sample.py --geneval evaluation_metadata.jsonl --ckpt release/ --out geneval/
+
+Prompts are generated --batch-size images at a time (each image as it would be alone, to float precision);
+under torchrun each process takes its share of the prompts and all write the same files one process would.
+Files appear whole or not at all (temporary name, then a link), a run stopped half-way finishes with the same
+command (--resume for --prompts; the GenEval and DPG-Bench layouts always resume), and `--system enhance` lets
+Gemma-2 rewrite each prompt first, as the official sampler's `--system_type enhance` (text.enhance_prompt).
 
 `--ckpt` takes a training run folder (the highest finished stage's EMA weights are used) or a folder of the
 released files (README "Using the released weights"): `consolidated.00-of-01.pth`, an Autoencoder-P
@@ -611,7 +618,8 @@ def parse_args(argv=None):
                    "model's, 4 for the release)")
     p.add_argument("--cfg-trunc", type=number(float, above=0), help="guidance only while t < this value (t = 0 is "
                    "noise, 1 data), the conditional velocity alone after it: the official cfg_trunc, a speed / "
-                   "quality knob (0.5: about a quarter fewer DiT passes). Default: guidance on every step")
+                   "quality knob: each step at t >= this value skips the unconditional DiT pass (how many steps that "
+                   "is depends on --shift, which puts most steps near noise). Default: guidance on every step")
     p.add_argument("--renorm", action=argparse.BooleanOptionalAction, default=flow.DEFAULT_RENORM,
                    help="CFG renorm, as the official sampler: clip the guided velocity's norm to the conditional "
                    "one's. --no-renorm lets it grow (over-saturated colours at high --cfg)")

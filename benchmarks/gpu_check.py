@@ -37,7 +37,7 @@ torch.compile unless --compile). tests/test_gpu_check.py runs it that way, so th
 
 For the shared device machine: one H200, torch 2.11 + CUDA 13, no diffusers unless its wheel travels with
 the checkout (64 MiB at most, so the diffusers part usually says `skipped`). Run it there as
-`python benchmarks/gpu_check.py --out $OUT/gpu_check.json` with a command limit of ~330 s: the JSON carries
+`python benchmarks/gpu_check.py --out $OUT/gpu_check.json` with a command limit of ~390 s: the JSON carries
 the end of every failing part's log. Scratch files (5 GB of Gemma-2 weights, images, run folders, each part's
 full log) go to --work, a fresh temporary folder by default, never into the checkout or $OUT.
 """
