@@ -710,8 +710,7 @@ def run_jobs(pipe, args, jobs, layout, rank, world, device, expected):
     alone, so N processes write what one does. `expected`: the settings every image gets, which files already
     there must have been made with."""
     resume = args.resume or layout != "prompts"
-    if args.cfg_trunc is not None:
-        expected = dict(expected, cfg_trunc=args.cfg_trunc)
+    expected = dict(expected, cfg_trunc=args.cfg_trunc)    # a file without the key was guided on every step: None
     written = []
 
     def write_grid(job):
@@ -752,7 +751,7 @@ def run_jobs(pipe, args, jobs, layout, rank, world, device, expected):
     bar = tqdm(total=len(jobs), initial=skipped, desc="prompts", disable=rank != 0 or len(jobs) == 1)
     if skipped and rank == 0:
         tqdm.write(f"{args.out}: {skipped} of {len(jobs)} prompts complete already, skipped"
-                   + ("" if iterations else "; nothing left to do"))
+                   + ("" if iterations else "; nothing left to do"), file=sys.stderr)
     enhanced = {}
     try:
         for b in range(iterations):
