@@ -12,6 +12,13 @@ each prompt:
     python sample.py --prompt "a red circle in the top left"                  # the shipped demo model
     python sample.py --prompt "a corgi astronaut" --ckpt path/to/release --size 1024x1024
     python sample.py --prompts prompts.txt --ckpt runs/mine --n 4              # a grid per prompt
+    torchrun --nproc_per_node=8 sample.py --geneval evaluation_metadata.jsonl --ckpt release/ --out geneval/
+
+Prompts are generated --batch-size images at a time (each image as it would be alone, to float precision);
+under torchrun each process takes its share of the prompts and all write the same files one process would.
+Files appear whole or not at all (temporary name, then a link), a run stopped half-way finishes with the same
+command (--resume for --prompts; the GenEval and DPG-Bench layouts always resume), and `--system enhance` lets
+Gemma-2 rewrite each prompt first, as the official sampler's `--system_type enhance` (text.enhance_prompt).
 
 `--ckpt` takes a training run folder (the highest finished stage's EMA weights are used) or a folder of the
 released files (README "Using the released weights"): `consolidated.00-of-01.pth`, an Autoencoder-P
@@ -27,8 +34,10 @@ import json
 import math
 import os
 import re
+import sys
 
 import torch
+import torch.distributed as dist
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
@@ -118,6 +127,16 @@ class Pipeline:
         # path runs once per batch and stays eager. A new size or caption length can cost another compilation.
         self.dit_passes = (torch.compile(dit.refine_image), torch.compile(dit)) if compile else (dit.refine_image, dit)
 
+    def load_enhancer(self):
+        """Replace the text encoder by the whole Gemma-2 causal LM (all layers, final norm, tied LM head), which
+        computes the same caption features and can also rewrite prompts (enhance). Needs a full checkpoint."""
+        self.gemma = text.load_gemma2(self.gemma_folder, dtype=self.gemma.embed_tokens.weight.dtype,
+                                      use_softcapping=self.gemma.use_softcapping, causal_lm=True).to(self.device).eval()
+
+    def enhance(self, prompt):
+        """The official `--system_type enhance` rewrite of one prompt (text.enhance_prompt)."""
+        return text.enhance_prompt(self.gemma, self.tokenizer, prompt)
+
     def settings(self, size=None, steps=None, cfg=None, solver=None, shift=None):
         """The sampler settings a generate call uses -- each argument, or this model's default where it is None
         -- checked, so that a bad value is refused before the first sampling step, not in the middle of it.
@@ -146,24 +165,33 @@ class Pipeline:
 
     @torch.no_grad()
     def generate(self, prompts, seed=0, size=None, steps=None, cfg=None, solver=None, shift=None,
-                 renorm=flow.DEFAULT_RENORM, system="base", progress=True):
-        """One image per prompt; image i uses noise seeded by `seed + i`, so a prompt's image does not depend on
-        what else is in the batch. `size` is (width, height) in pixels; None picks the model's default for it
-        and for steps, cfg, solver and shift (see settings). renorm=False: CFG without the renorm clip
-        (flow.cfg_velocity). Returns a list of PIL images, their settings in img.info["svg_t2i"]."""
+                 renorm=flow.DEFAULT_RENORM, system="base", progress=True, seeds=None, cfg_trunc=None):
+        """One image per prompt; image i uses noise seeded by `seeds[i]` (default `seed + i`), so an image does
+        not depend on what else is in the batch: a prompt generated alone or among others gives the same picture
+        to float precision (padding is masked; tests/test_sample.py measures it). `size` is (width, height) in
+        pixels; None picks the model's default for it and for steps, cfg, solver and shift (see settings).
+        renorm=False: CFG without the renorm clip (flow.cfg_velocity). cfg_trunc: guidance only while t < cfg_trunc
+        (guided_velocity). Returns a list of PIL images, their settings in img.info["svg_t2i"]."""
         width, height, steps, cfg, solver, shift = self.settings(size, steps, cfg, solver, shift)
         n = len(prompts)
+        seeds = [seed + i for i in range(n)] if seeds is None else list(seeds)
+        if len(seeds) != n:
+            raise ValueError(f"generate: {len(seeds)} seeds for {n} prompts")
 
-        # Text: every prompt and the empty prompt in one Gemma call; then the caption path of the DiT, once.
-        texts = [text.format_prompt(p, system) for p in prompts] + [""]
+        # Text: each distinct prompt and the empty prompt in one Gemma call (a batch of one prompt's n images runs
+        # Gemma once); then the caption path of the DiT, once.
+        distinct = list(dict.fromkeys(prompts))
+        texts = [text.format_prompt(p, system) for p in distinct] + [""]
         feats, mask = text.encode_prompts(self.gemma, self.tokenizer, texts, "", self.max_cap_len)
-        feats = feats.float()                                                       # [n + 1, L, D]
-        velocity = guided_velocity(self.dit, feats[:n], mask[:n], feats[n:].expand(n, -1, -1), mask[n:].expand(n, -1),
-                                   cfg, renorm=renorm, passes=self.dit_passes)
+        feats = feats.float()                                                       # [distinct + 1, L, D]
+        rows = torch.tensor([distinct.index(p) for p in prompts], device=feats.device)
+        velocity = guided_velocity(self.dit, feats[rows], mask[rows], feats[-1:].expand(n, -1, -1),
+                                   mask[-1:].expand(n, -1), cfg, renorm=renorm, passes=self.dit_passes,
+                                   cfg_trunc=cfg_trunc)
 
         # Noise, H first: [n, C, H/p, W/p]
         C, h, w = self.dit.config["in_channels"], height // self.pixels_per_latent, width // self.pixels_per_latent
-        noise = torch.cat([flow.seeded_noise(1, C, h, w, seed + i) for i in range(n)]).to(self.device)
+        noise = torch.cat([flow.seeded_noise(1, C, h, w, s) for s in seeds]).to(self.device)
 
         latents = flow.sample(velocity, noise, steps, solver=solver, shift=shift, progress=progress)
         # The DiT works in normalised latents; the decoder was trained on raw DINOv3 features.
@@ -173,15 +201,18 @@ class Pipeline:
         pixels = ((pixels + 1) / 2).clamp(0, 1).mul(255).byte().permute(0, 2, 3, 1).cpu().numpy()
         meta = dict(seed=None, steps=steps, cfg=cfg, solver=solver, shift=shift, renorm=renorm, system=system,
                     size=f"{width}x{height}", checkpoint=self.source)
+        if cfg_trunc is not None:
+            meta["cfg_trunc"] = cfg_trunc
         images = []
         for i, prompt in enumerate(prompts):
             img = Image.fromarray(pixels[i])
-            img.info["svg_t2i"] = json.dumps(dict(meta, prompt=prompt, seed=seed + i))
+            img.info["svg_t2i"] = json.dumps(dict(meta, prompt=prompt, seed=seeds[i]))
             images.append(img)
         return images
 
 
-def guided_velocity(dit, feats, mask, empty_feats, empty_mask, scale, renorm=flow.DEFAULT_RENORM, passes=None):
+def guided_velocity(dit, feats, mask, empty_feats, empty_mask, scale, renorm=flow.DEFAULT_RENORM, passes=None,
+                    cfg_trunc=None):
     """velocity(x, t) with classifier-free guidance: the function the ODE solver calls at every step.
 
     feats/mask [n, L, D] / [n, L] are the prompts' Gemma features, empty_* the empty prompt's, repeated n
@@ -192,7 +223,10 @@ def guided_velocity(dit, feats, mask, empty_feats, empty_mask, scale, renorm=flo
         caption. The empty prompt is one token, and padding it to the prompt's length would cost tokens and an
         attention mask; a single prompt has no padding at all, so attention runs unmasked (the faster kernel).
     `renorm`: clip the guided velocity's norm to the conditional one's (flow.cfg_velocity says why). `passes` =
-    (refine_image, forward) of the DiT, e.g. torch.compile'd ones (default: the DiT's own).
+    (refine_image, forward) of the DiT, e.g. torch.compile'd ones (default: the DiT's own). `cfg_trunc`: guide
+    only while t < cfg_trunc and take the conditional velocity alone after it -- the official `cfg_trunc`
+    (`forward_with_cfg` in svg_t2i/models/model_dino.py, default 100: always). With t = 0 noise, a value below 1
+    spends guidance on the noisy steps, where the layout is decided, and saves the unconditional pass on the rest.
 
     Precision: the DiT runs in its own dtype (bf16 on GPUs, as the official sampler), but the ODE solver's state
     -- x and the DPM-Solver++ history -- stays float32. Each of ~50 steps adds a small update to x, and bf16
@@ -216,7 +250,7 @@ def guided_velocity(dit, feats, mask, empty_feats, empty_mask, scale, renorm=flo
         x = x.to(dtype)
         img_tokens = refine_image(x, t, cap_lens)                               # [n, N, dim]
         v_cond = forward(x, t, feats, mask, cap_tokens=cap_tokens, img_tokens=img_tokens).float()
-        if scale == 1:
+        if scale == 1 or (cfg_trunc is not None and float(t[0]) >= cfg_trunc):   # t is a host-made grid value
             return v_cond
         v_uncond = forward(x, t, empty_feats, empty_mask, cap_tokens=empty_tokens, img_tokens=img_tokens).float()
         return flow.cfg_velocity(v_cond, v_uncond, scale, renorm=renorm)
@@ -263,8 +297,189 @@ def load_pipeline(ckpt=None, device=None, dit_model=None, dtype=None, compile=Fa
     gemma = text.load_gemma2(parts["gemma"], dtype=dtype).to(device).eval()
     tokenizer = text.Tokenizer(os.path.join(parts["gemma"], "tokenizer.model"))
     source = os.path.relpath(parts["dit"]) if parts.get("dit") else "in-memory"
-    return Pipeline(dit, autoencoder, stats, gemma, tokenizer, parts["sample"], parts["max_cap_len"], source,
+    pipe = Pipeline(dit, autoencoder, stats, gemma, tokenizer, parts["sample"], parts["max_cap_len"], source,
                     compile=compile)
+    pipe.gemma_folder = parts["gemma"]           # Pipeline.load_enhancer reads the whole model from it
+    return pipe
+
+
+# ----- Jobs: what to generate, and where it goes ----------------------------------------------------------
+# A job is one prompt: its n images (each with its own seed) and the files they end up in. Four layouts:
+#   --prompt / --prompts   OUT/<words>_<hash>_<seed>.png, and OUT/<words>_<hash>_grid.png when n > 1
+#   --geneval META.jsonl   OUT/<00000>/metadata.jsonl (the prompt's line), OUT/<00000>/samples/<0000>.png,
+#                          OUT/<00000>/grid.png when n > 1: what GenEval's evaluation/evaluate_images.py reads
+#   --dpg PROMPTS_DIR      OUT/<id>.png, one 2x2 grid of 4 images per <id>.txt: what ELLA's
+#                          dpg_bench/compute_dpg_bench.py reads (it crops the four quarters)
+# Seeds: image j of a --prompts prompt uses seed + j (every prompt the same noise, as before); in the benchmark
+# layouts image j of prompt i uses seed + i*n + j, as the official eval/generation/svg_generate.py seeds them.
+
+def read_text_file(path, what):
+    """The text of a UTF-8 file (a byte-order mark is dropped, as editors on Windows write one), or one error
+    naming the file."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: {what} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at position "
+                         f"{err.start}); save it as UTF-8") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: {what} is a folder, not a file") from None
+
+
+def read_prompts(path):
+    prompts = [line.strip() for line in read_text_file(path, "--prompts").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (one per line)")
+    return prompts
+
+
+def read_geneval(path):
+    """GenEval's evaluation_metadata.jsonl: one JSON object per line, each with a "prompt" (and "tag", "include",
+    ...; kept as they are, since metadata.jsonl hands them to the scorer)."""
+    entries = []
+    for number, line in enumerate(read_text_file(path, "--geneval").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not a JSON object ({err.msg}); GenEval's metadata has one per line") \
+                from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
+            raise ValueError(f'{path}:{number}: needs a "prompt" string, as GenEval\'s evaluation_metadata.jsonl has')
+        entries.append(entry)
+    if not entries:
+        raise ValueError(f"{path}: no prompts (one JSON object per line)")
+    return entries
+
+
+def read_dpg(folder):
+    """ELLA's DPG-Bench prompts: a folder of <id>.txt files, one prompt each -> [(id, prompt)] sorted by id."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"--dpg {folder}: not a folder; pass DPG-Bench's prompts folder (ELLA dpg_bench/prompts)")
+    items = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".txt") and not name.startswith("."):
+            prompt = " ".join(read_text_file(os.path.join(folder, name), "the prompt").split())
+            if not prompt:
+                raise ValueError(f"{os.path.join(folder, name)}: empty prompt")
+            items.append((name[:-len(".txt")], prompt))
+    if not items:
+        raise ValueError(f"--dpg {folder}: no <id>.txt prompt files in it")
+    return items
+
+
+def plan_jobs(args):
+    """-> (jobs, layout): every prompt of the run, in order, with its seeds and files (the same on every rank)."""
+    n, seed, out = args.n, args.seed, args.out
+    jobs = []
+    if args.geneval:
+        for i, entry in enumerate(read_geneval(args.geneval)):
+            folder = os.path.join(out, f"{i:05d}")
+            jobs.append(dict(prompt=entry["prompt"], seeds=[seed + i * n + j for j in range(n)],
+                             images=[os.path.join(folder, "samples", f"{j:04d}.png") for j in range(n)],
+                             grid=os.path.join(folder, "grid.png") if n > 1 else None,
+                             extra={os.path.join(folder, "metadata.jsonl"): json.dumps(entry) + "\n"}))
+        return jobs, "geneval"
+    if args.dpg:
+        for i, (name, prompt) in enumerate(read_dpg(args.dpg)):
+            jobs.append(dict(prompt=prompt, seeds=[seed + i * n + j for j in range(n)], images=[None] * n,
+                             grid=os.path.join(out, f"{name}.png"), extra={}))
+        return jobs, "dpg"
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    if args.resume:                              # a repeated prompt has the same files: generate it once
+        prompts = list(dict.fromkeys(prompts))
+    for prompt in prompts:
+        stem = os.path.join(out, file_stem(prompt))
+        jobs.append(dict(prompt=prompt, seeds=[seed + j for j in range(n)],
+                         images=[f"{stem}_{seed + j}.png" for j in range(n)],
+                         grid=f"{stem}_grid.png" if n > 1 else None, extra={}))
+    return jobs, "prompts"
+
+
+# ----- Resuming: which files are there already, and were they made with these settings ----------------------
+
+def png_settings(path):
+    """The svg_t2i settings of a PNG this script wrote (read from the header chunks, no pixels decoded)."""
+    try:
+        with Image.open(path) as img:
+            return json.loads(img.info["svg_t2i"])
+    except (OSError, KeyError, ValueError):
+        raise ValueError(f"{path} is there but was not written by sample.py (no readable svg_t2i settings); "
+                         "move it away or pass another --out") from None
+
+
+def check_existing(path, expected):
+    """A file already there is kept (never overwritten) and counted as done -- if it was made with the settings of
+    this run. Another model or other settings would silently mix two experiments in one folder: an error."""
+    found = png_settings(path)
+    for key, value in expected.items():
+        theirs = found.get(key)
+        same = theirs == value or (key == "checkpoint" and isinstance(theirs, str)
+                                   and os.path.realpath(theirs) == os.path.realpath(value))
+        if not same:
+            raise ValueError(f"{path} was made with {key} {theirs!r}, this run uses {value!r}; pass another --out, "
+                             "or the settings that folder was made with")
+
+
+def remove_stale_temporaries(path):
+    """A process killed while writing (kill -9, power loss) leaves its temporary file; the next run removes it."""
+    folder, name = os.path.split(path)
+    for stale in glob.glob(os.path.join(glob.escape(folder or "."), f".{glob.escape(name)}.tmp*")):
+        os.remove(stale)
+
+
+def resume_state(job, expected):
+    """For a job of a run that skips what is done: -> (todo, done): the image indices to generate and
+    {index: image} of those read back from disk because the grid still needs them. Checks every file found."""
+    meta = lambda j: dict(expected, prompt=job["prompt"], seed=job["seeds"][j])
+    for path in [*job["images"], job["grid"], *job["extra"]]:
+        if path:
+            remove_stale_temporaries(path)
+    for path, content in job["extra"].items():
+        if os.path.exists(path) and read_text_file(path, "metadata") != content:
+            raise ValueError(f"{path} holds another prompt's metadata than this run's; pass another --out")
+    have = {j for j, path in enumerate(job["images"]) if path and os.path.exists(path)}
+    for j in have:
+        check_existing(job["images"][j], meta(j))
+    grid_done = job["grid"] is None or os.path.exists(job["grid"])
+    if job["grid"] and grid_done:
+        check_existing(job["grid"], dict(meta(0), n=len(job["seeds"])))
+    if grid_done:
+        return [j for j, path in enumerate(job["images"]) if path and j not in have], {}
+    todo = [j for j in range(len(job["seeds"])) if j not in have]
+    done = {}
+    for j in have:
+        with Image.open(job["images"][j]) as img:
+            done[j] = img.convert("RGB")
+        done[j].info["svg_t2i"] = json.dumps(png_settings(job["images"][j]))
+    return todo, done
+
+
+# ----- Several processes (torchrun) ----------------------------------------------------------------------
+
+def setup_distributed(device):
+    """(rank, world, device) under torchrun (RANK / WORLD_SIZE set): NCCL on CUDA, one GPU per process, gloo on
+    the CPU -- as train.py's setup_distributed, repeated here because train.py imports this file."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
+def total_over_ranks(value, device, op=None):
+    """The sum (or max) of an int over the processes; the value itself in one process."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], device=device)                 # on the device: NCCL reduces CUDA tensors only
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return int(t.item())
 
 
 # ----- Files ---------------------------------------------------------------------------------------------
@@ -280,21 +495,49 @@ def make_grid(images, cols=None):
     return grid
 
 
-def save_png(img, path, meta):
-    """Write `img` to `path`, or, if that name is taken, to `stem-1.png`, `stem-2.png`, ... (as image tools number
-    their outputs): an existing file is never overwritten. Returns the path written."""
+def write_new_file(path, write, number=False):
+    """Write a file that appears whole or not at all, and never over an existing one. `write(f)` fills an open
+    binary file. The bytes go to a temporary name beside `path` (".NAME.tmpPID", which neither benchmark scorer
+    reads), are flushed to disk, then linked to the final name: the link fails if that name exists, so nothing is
+    overwritten even by a process that wrote the name a moment ago. number=True: a taken `stem.png` becomes
+    `stem-1.png`, `stem-2.png`, ... (as image tools number their outputs); otherwise a taken name is an error.
+    A full disk or a kill leaves no file under the final name. Returns the path written."""
+    folder, name = os.path.split(path)
+    os.makedirs(folder or ".", exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")
+    try:
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            raise OSError(f"{path}: could not be written ({err.strerror or err}); nothing was left under that name "
+                          "-- free some space and run the same command again") from None
+        stem, ext = os.path.splitext(path)
+        k = 0
+        while True:
+            candidate = path if k == 0 else f"{stem}-{k}{ext}"
+            try:
+                os.link(tmp, candidate)          # atomic, and fails if the name exists
+                return candidate
+            except FileExistsError:
+                if not number:
+                    raise OSError(f"{candidate} appeared while this run wrote it (is another sample.py writing to "
+                                  "the same --out?); it was left as it is") from None
+                k += 1
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_png(img, path, meta, number=True):
+    """Write `img` to `path` (atomically, never over an existing file: see write_new_file), with `meta` in a
+    svg_t2i text chunk. Returns the path written."""
     # A tEXt chunk travels with the file: anyone can reproduce the image from the PNG alone.
     info = PngImagePlugin.PngInfo()
     info.add_text("svg_t2i", meta)             # prompt, seed, steps, cfg, solver, shift, checkpoint
-    stem, k = path.removesuffix(".png"), 0
-    while True:
-        candidate = path if k == 0 else f"{stem}-{k}.png"
-        try:
-            with open(candidate, "xb") as f:   # "x": fails if the file exists, even one made a moment ago
-                img.save(f, format="PNG", pnginfo=info)
-            return candidate
-        except FileExistsError:
-            k += 1
+    return write_new_file(path, lambda f: img.save(f, format="PNG", pnginfo=info), number=number)
 
 
 def file_stem(prompt, limit=60):
@@ -338,15 +581,34 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Generate images from text prompts with SVG-T2I.",
-                                formatter_class=_HelpWithDefaults)
+def is_out_of_memory(err):
+    return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError) and (
+        "out of memory" in str(err) or "can't allocate memory" in str(err)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Generate images from text prompts with SVG-T2I.", formatter_class=_HelpWithDefaults,
+        epilog="Several GPUs: torchrun --nproc_per_node=N sample.py ... (each prompt on one process, the same "
+               "files as one process, one progress bar). Files appear whole or not at all (a temporary name, then "
+               "a rename). Stopped half-way, a --geneval / --dpg run, or a --prompts run with --resume, started "
+               "again with the same command skips every file already there and writes the rest.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
-    src.add_argument("--prompts", help="a text file with one prompt per line")
+    src.add_argument("--prompts", help="a UTF-8 text file with one prompt per line")
+    src.add_argument("--geneval", metavar="METADATA.jsonl", help="GenEval's evaluation_metadata.jsonl: writes "
+                     "OUT/<00000>/metadata.jsonl, OUT/<00000>/samples/<0000>.png (--n per prompt, default 4) and "
+                     "OUT/<00000>/grid.png, the layout GenEval's evaluate_images.py scores; resumes by itself")
+    src.add_argument("--dpg", metavar="PROMPTS_DIR", help="DPG-Bench's folder of <id>.txt prompts (ELLA "
+                     "dpg_bench/prompts): writes OUT/<id>.png, a 2x2 grid of 4 square images, the layout "
+                     "compute_dpg_bench.py scores; resumes by itself")
     p.add_argument("--ckpt", help="a training run folder or a folder of released files (default: the shipped demo)")
-    p.add_argument("--out", default="samples", help="output folder; a file name already there is never overwritten "
-                   "(the new image gets the next free name: NAME-1.png, NAME-2.png, ...)")
+    p.add_argument("--out", default="samples", help="output folder; a file already there is never overwritten: "
+                   "with --prompt/--prompts the new image gets the next free name (NAME-1.png, NAME-2.png, ...); "
+                   "with --resume, --geneval and --dpg a file already there counts as done (it must have been made "
+                   "with the same settings, else the run stops and says which)")
+    p.add_argument("--resume", action="store_true", help="with --prompt/--prompts: skip every image (and grid) "
+                   "whose file is there already, and write only the rest -- how a stopped run is finished")
     p.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT in pixels (default: the model's training size)")
     p.add_argument("--steps", type=number(int, minimum=1),
                    help="model evaluations, for every solver (default: the model's, 50 for the release); even "
@@ -354,17 +616,30 @@ def main(argv=None):
                    "midpoint (it counts grid points)")
     p.add_argument("--cfg", type=number(float), help="classifier-free guidance scale, 1 = no guidance (default: the "
                    "model's, 4 for the release)")
+    p.add_argument("--cfg-trunc", type=number(float, above=0), help="guidance only while t < this value (t = 0 is "
+                   "noise, 1 data), the conditional velocity alone after it: the official cfg_trunc, a speed / "
+                   "quality knob: each step at t >= this value skips the unconditional DiT pass (how many steps that "
+                   "is depends on --shift, which puts most steps near noise). Default: guidance on every step")
     p.add_argument("--renorm", action=argparse.BooleanOptionalAction, default=flow.DEFAULT_RENORM,
                    help="CFG renorm, as the official sampler: clip the guided velocity's norm to the conditional "
                    "one's. --no-renorm lets it grow (over-saturated colours at high --cfg)")
     p.add_argument("--solver", choices=sorted(flow.SOLVERS), help="ODE solver (default dpm: DPM-Solver++ 2M)")
     p.add_argument("--shift", type=number(float, above=0),
                    help="time shift of the step grid toward noise, > 0 (release: 10)")
-    p.add_argument("--seed", type=number(int, minimum=0), default=0, help="image j of a prompt uses seed + j")
-    p.add_argument("--n", type=number(int, minimum=1), default=1,
-                   help="images per prompt; more than one also writes a grid")
-    p.add_argument("--system", default="base", choices=sorted(text.SYSTEM_PROMPTS), help="system prompt prepended")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=number(int, minimum=0), default=0, help="image j of a prompt uses seed + j; in "
+                   "--geneval / --dpg image j of prompt i uses seed + i*n + j (as the official eval scripts)")
+    p.add_argument("--n", "--num-images", dest="n", type=number(int, minimum=1), help="images per prompt; more "
+                   "than one also writes a grid (default 1; 4 for --geneval; --dpg always 4). Under torchrun spell it "
+                   "--num-images: torchrun reads --n as an abbreviation of its own --nnodes / --nproc-per-node")
+    p.add_argument("--batch-size", type=number(int, minimum=1), default=4, help="images generated at once, "
+                   "from one prompt or several; each image is the one it would be alone (to float precision). "
+                   "Lower it when memory runs out")
+    p.add_argument("--system", default="base", choices=sorted([*text.SYSTEM_PROMPTS, "enhance"]),
+                   help="system prompt prepended. enhance: Gemma-2 first rewrites the prompt into a more detailed "
+                   "one (greedy, at most 196 new tokens, the official instruction and clean-up), which is then "
+                   "encoded after the 'align' system prompt; the PNG keeps both. Needs the whole Gemma-2 "
+                   "(google/gemma-2-2b), not the small presets' encoder-only folders")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available; under torchrun one GPU per process)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="precision of the DiT, decoder and Gemma-2 "
                    "(default: bfloat16 on CUDA, as the official sampler; float32 on CPU, where bf16 matrix products "
                    "are fast only with bf16 units such as AMX). The ODE solver's state is float32 either way")
@@ -375,41 +650,139 @@ def main(argv=None):
     p.add_argument("--gemma", help="override: Gemma-2 folder")
     p.add_argument("--stats", help="override: latent statistics .pt")
     args = p.parse_args(argv)
+    if args.dpg and args.n not in (None, 4):
+        p.error(f"argument --n: DPG-Bench scores a 2x2 grid of 4 images per prompt; --dpg takes --n 4 (got {args.n})")
+    if args.resume and (args.geneval or args.dpg):
+        p.error("argument --resume: --geneval and --dpg always resume (their file names are fixed); drop --resume")
+    args.n = args.n or (4 if args.geneval or args.dpg else 1)
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    layout, what = None, f"{args.batch_size} image(s) at once"
     # Everything that can be wrong with the flags and files is found here, before the first sampling step. Such
     # an error (ValueError, OSError) ends in one line; any other exception is a bug and keeps its traceback.
     try:
-        if args.prompt is not None:
-            prompts = [args.prompt]
-        else:
-            with open(args.prompts) as f:
-                prompts = [line.strip() for line in f if line.strip()]
-            if not prompts:
-                raise ValueError(f"{args.prompts}: no prompts (one per line)")
-        # One pipeline for all prompts: the encoders and weights load once. Images of a prompt share its text
-        # features; each image's noise is seeded by --seed + j, so a result never depends on what else ran.
-        pipe = load_pipeline(args.ckpt, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+        jobs, layout = plan_jobs(args)           # the prompt files are read before gigabytes of weights
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        rank, world, device = setup_distributed(device)
+        # One pipeline for all prompts: the encoders and weights load once. Each image's noise is seeded by its
+        # own seed, so a result never depends on what else ran, in its batch or on another process.
+        pipe = load_pipeline(args.ckpt, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None,
                              compile=args.compile, dit=args.dit, decoder=args.decoder, gemma=args.gemma,
                              stats=args.stats)
-        pipe.settings(args.size, args.steps, args.cfg, args.solver, args.shift)
-        os.makedirs(args.out, exist_ok=True)
-    except (ValueError, OSError) as err:
-        raise SystemExit(f"sample.py: {err}")
+        width, height, steps, cfg, solver, shift = pipe.settings(args.size, args.steps, args.cfg, args.solver,
+                                                                 args.shift)
+        what = f"{args.batch_size} image(s) of {width}x{height} at once on {device}"
+        if layout == "dpg" and width != height:
+            raise ValueError(f"--size {width}x{height}: DPG-Bench crops its grid into square quarters; pass a square "
+                             f"size, e.g. {width}x{width}")
+        if args.system == "enhance":
+            pipe.load_enhancer()
+        written = run_jobs(pipe, args, jobs, layout, rank, world, device,
+                           dict(steps=steps, cfg=cfg, solver=solver, shift=shift, renorm=args.renorm,
+                                system=args.system, size=f"{width}x{height}", checkpoint=pipe.source))
+    except KeyboardInterrupt:
+        again = "the same command" + (" with --resume" if layout == "prompts" and not args.resume else "")
+        print(f"sample.py: interrupted; every file written is complete, none is half-written -- run {again} to "
+              "write the rest", file=sys.stderr)
+        raise SystemExit(130)
+    except (ValueError, OSError, RuntimeError) as err:
+        if is_out_of_memory(err):
+            raise SystemExit(f"sample.py: out of memory generating {what}: lower --batch-size (now "
+                             f"{args.batch_size}) or --size") from None
+        if isinstance(err, RuntimeError):
+            raise
+        raise SystemExit(f"sample.py: {err}") from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if layout == "prompts":
+        print("\n".join(written))
+    elif rank == 0:
+        print(f"{args.out}: {len(jobs)} prompts in {'GenEval' if layout == 'geneval' else 'DPG-Bench'}'s layout")
+
+
+def run_jobs(pipe, args, jobs, layout, rank, world, device, expected):
+    """Generate this process's share of `jobs`, --batch-size images at a time, writing each file as soon as it is
+    complete. -> the paths written. Each prompt is generated by one process; files are named by prompt and seed
+    alone, so N processes write what one does. `expected`: the settings every image gets, which files already
+    there must have been made with."""
+    resume = args.resume or layout != "prompts"
+    expected = dict(expected, cfg_trunc=args.cfg_trunc)    # a file without the key was guided on every step: None
     written = []
-    for prompt in tqdm(prompts, desc="prompts", disable=len(prompts) == 1):
-        # n copies of the prompt in one batch: the caption path runs once for all of them
-        images = pipe.generate([prompt] * args.n, seed=args.seed, size=args.size, steps=args.steps, cfg=args.cfg,
-                               solver=args.solver, shift=args.shift, renorm=args.renorm, system=args.system,
-                               progress=True)
-        # Names carry the prompt's hash and the seed; save_png never overwrites, it numbers a taken name.
-        for img in images:
-            meta = json.loads(img.info["svg_t2i"])
-            written.append(save_png(img, os.path.join(args.out, f"{file_stem(prompt)}_{meta['seed']}.png"),
-                                    img.info["svg_t2i"]))
-        if args.n > 1:                          # the grid's metadata names the first seed and the count
-            written.append(save_png(make_grid(images), os.path.join(args.out, f"{file_stem(prompt)}_grid.png"),
-                                    json.dumps(dict(meta, seed=args.seed, n=args.n))))
-    print("\n".join(written))
+
+    def write_grid(job):
+        images = [job["ready"][j] for j in range(len(job["seeds"]))]
+        meta = dict(json.loads(images[0].info["svg_t2i"]), seed=job["seeds"][0], n=len(images))  # first seed, count
+        written.append(save_png(make_grid(images, cols=None if layout == "prompts" else 2), job["grid"],
+                                json.dumps(meta), number=not resume))
+        job["ready"] = {}                        # on disk now: memory stays flat over a long run
+
+    # Batches are made inside groups of B // n consecutive prompts (at least one), and the groups are dealt out
+    # round robin: which images share a batch then does not depend on the number of processes, so N processes
+    # write the very same bytes as one. What is left to do is (job, image index) pairs. metadata.jsonl comes
+    # first (a folder the scorer reads always has it); a job whose images are all on disk but whose grid is not
+    # gets its grid now, from the files.
+    batch, per_group = args.batch_size, max(1, args.batch_size // args.n)
+    groups = [jobs[k:k + per_group] for k in range(0, len(jobs), per_group)]
+    batches, finished = [], 0
+    for group in groups[rank::world]:
+        todo = []
+        for job in group:
+            left, job["ready"] = resume_state(job, expected) if resume else (list(range(len(job["seeds"]))), {})
+            for path, content in job["extra"].items():
+                if not os.path.exists(path):
+                    written.append(write_new_file(path, lambda f, c=content: f.write(c.encode())))
+            job["grid_left"] = job["grid"] is not None and (not resume or not os.path.exists(job["grid"]))
+            if not left and job["grid_left"]:
+                write_grid(job)
+            finished += not left
+            job["left"] = len(left)
+            todo += [(job, j) for j in left]
+        batches += [todo[k:k + batch] for k in range(0, len(todo), batch)]
+
+    # One progress bar, on rank 0, over every prompt of the run. After each batch every process adds the prompts
+    # it finished (one all-reduce, nothing next to a batch of sampling); all iterate as often as the busiest one,
+    # so that the collectives pair up.
+    skipped = total_over_ranks(finished, device)
+    iterations = total_over_ranks(len(batches), device, op=dist.ReduceOp.MAX)
+    bar = tqdm(total=len(jobs), initial=skipped, desc="prompts", disable=rank != 0 or len(jobs) == 1)
+    if skipped and rank == 0:
+        tqdm.write(f"{args.out}: {skipped} of {len(jobs)} prompts complete already, skipped"
+                   + ("" if iterations else "; nothing left to do"), file=sys.stderr)
+    enhanced = {}
+    try:
+        for b in range(iterations):
+            chunk, completed = (batches[b] if b < len(batches) else []), 0
+            if args.system == "enhance":         # once per prompt (greedy decoding: the same text every time)
+                for job, _ in chunk:
+                    if job["prompt"] not in enhanced:
+                        enhanced[job["prompt"]] = pipe.enhance(job["prompt"])
+            encoded = [enhanced.get(job["prompt"], job["prompt"]) for job, _ in chunk]
+            images = pipe.generate(encoded, size=args.size, steps=args.steps, cfg=args.cfg, solver=args.solver,
+                                   shift=args.shift, renorm=args.renorm,
+                                   system="align" if args.system == "enhance" else args.system,
+                                   progress=rank == 0 and len(jobs) == 1, seeds=[job["seeds"][j] for job, j in chunk],
+                                   cfg_trunc=args.cfg_trunc) if chunk else []
+            for (job, j), img, prompt in zip(chunk, images, encoded):
+                if args.system == "enhance":     # the user's prompt stays "prompt"; what was encoded goes beside it
+                    img.info["svg_t2i"] = json.dumps(dict(json.loads(img.info["svg_t2i"]), prompt=job["prompt"],
+                                                          system="enhance", enhanced_prompt=prompt))
+                if job["images"][j]:
+                    written.append(save_png(img, job["images"][j], img.info["svg_t2i"], number=not resume))
+                if job["grid_left"]:
+                    job["ready"][j] = img
+                job["left"] -= 1
+                if job["left"] == 0:
+                    if job["grid_left"]:
+                        write_grid(job)
+                    completed += 1
+            bar.update(total_over_ranks(completed, device))
+    finally:
+        bar.close()
+    return written
 
 
 if __name__ == "__main__":

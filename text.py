@@ -190,6 +190,7 @@ GEMMA2_CONFIGS = {
         query_pre_attn_scalar=256,     # attention scale 256^-0.5, not head_dim-derived in general
         sliding_window=4096,           # on even (0-based) layers; a no-op for prompts <= 512 tokens
         attn_logit_softcapping=50.0,   # the config's value; applied only with use_softcapping=True
+        final_logit_softcapping=30.0,  # on the LM head's logits: generation only (enhance_prompt)
     ),
 }
 
@@ -256,13 +257,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(num_attention_heads * head_dim, hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, allowed):
-        """x [B, L, hidden]; allowed [B, 1, L, L] bool (True = query may attend to key) -> [B, L, hidden]."""
+    def forward(self, x, cos, sin, allowed, cache=None):
+        """x [B, L, hidden]; allowed [B, 1, L, L_keys] bool (True = query may attend to key) -> [B, L, hidden].
+
+        cache: None, or a dict {"k", "v"} of this layer's earlier keys and values (empty at first), which x's own
+        are appended to (generation: each new token attends to every earlier one without recomputing them)."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)     # [B, nh, L, D]
         k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, L, D]
         v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, L, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:                                                           # keys so far + these
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v                                               # [B, nkv, L_keys, D]
         # GQA: key/value head j serves query heads j*g .. j*g+g-1 (repeat_interleave == transformers'
         # repeat_kv). Prompts are short (<= 512 tokens), so the copies cost little.
         group = self.n_heads // self.n_kv_heads
@@ -272,7 +280,7 @@ class Attention(nn.Module):
         else:
             # SDPA has no soft-capping hook, so this path spells attention out: scores are squashed into
             # (-cap, cap) by cap * tanh(s / cap) BEFORE masking; softmax in fp32 as the reference does.
-            scores = (q @ k.transpose(-1, -2)) * self.scale                             # [B, nh, L, L]
+            scores = (q @ k.transpose(-1, -2)) * self.scale                             # [B, nh, L, L_keys]
             scores = self.softcap * torch.tanh(scores / self.softcap)
             scores = scores.masked_fill(~allowed, float("-inf"))
             out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v   # [B, nh, L, D]
@@ -316,8 +324,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(H, cfg["intermediate_size"])
         self.post_feedforward_layernorm = RMSNorm(H, eps)
 
-    def forward(self, x, cos, sin, allowed):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, allowed))
+    def forward(self, x, cos, sin, allowed, cache=None):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, allowed, cache))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
@@ -334,7 +342,7 @@ class Gemma2Encoder(nn.Module):
     def __init__(self, vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
                  num_key_value_heads, head_dim, rms_norm_eps=1e-6, rope_theta=10000.0,
                  query_pre_attn_scalar=None, sliding_window=None, attn_logit_softcapping=None,
-                 use_softcapping=False):
+                 final_logit_softcapping=30.0, use_softcapping=False, causal_lm=False):
         super().__init__()
         if num_hidden_layers < 2:
             raise ValueError(f"num_hidden_layers is the full model's depth and must be >= 2 (one layer is "
@@ -347,15 +355,22 @@ class Gemma2Encoder(nn.Module):
             num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
             num_key_value_heads=num_key_value_heads, head_dim=head_dim, rms_norm_eps=rms_norm_eps,
             rope_theta=rope_theta, query_pre_attn_scalar=query_pre_attn_scalar or head_dim,
-            sliding_window=sliding_window, attn_logit_softcapping=attn_logit_softcapping)
-        self.use_softcapping = use_softcapping
+            sliding_window=sliding_window, attn_logit_softcapping=attn_logit_softcapping,
+            final_logit_softcapping=final_logit_softcapping)
+        self.use_softcapping, self.causal_lm = use_softcapping, causal_lm
         softcap = attn_logit_softcapping if use_softcapping else None
         self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
         # Layer i uses the sliding window when i is even (transformers' layer_types; gemma_pytorch
         # [LOCAL_SLIDING, GLOBAL] * 13).
+        # causal_lm=True (prompt enhancement, `generate`): the whole model -- every layer and the final norm; the
+        # LM head is the embedding itself (tied, as the checkpoint's tie_word_embeddings says). forward still
+        # stops after num_hidden_layers - 1 layers, so the same object also encodes captions.
+        self.feature_layers = num_hidden_layers - 1
         self.layers = nn.ModuleList(
             DecoderLayer(self.config, softcap, sliding=(i % 2 == 0 and sliding_window is not None))
-            for i in range(num_hidden_layers - 1))
+            for i in range(num_hidden_layers if causal_lm else num_hidden_layers - 1))
+        if causal_lm:
+            self.norm = RMSNorm(hidden_size, rms_norm_eps)
 
     def forward(self, input_ids, attention_mask=None):
         """input_ids [B, L] long, attention_mask [B, L] (1 = token, 0 = right padding) -> [B, L, hidden].
@@ -398,9 +413,57 @@ class Gemma2Encoder(nn.Module):
             in_window = pos[None, :] > pos[:, None] - cfg["sliding_window"]
             allowed_sliding = allowed_full & in_window
 
-        for layer in self.layers:
+        for layer in self.layers[:self.feature_layers]:
             x = layer(x, cos, sin, allowed_sliding if layer.sliding else allowed_full)
         return x                                                                       # [B, L, H]
+
+    # ----- Gemma-2 as a language model: greedy generation (causal_lm=True only) ------------------------------
+    def _step(self, ids, start, cache, cos, sin):
+        """Run ids [1, T] at positions start .. start+T-1 through every layer, keys and values of the earlier
+        positions taken from `cache` (one dict per layer, extended in place) -> next-token logits [vocab]."""
+        T, cfg = ids.shape[1], self.config
+        x = self.embed_tokens(ids)
+        x = x * torch.tensor(cfg["hidden_size"] ** 0.5, dtype=x.dtype)                  # [1, T, H]
+        q_pos = torch.arange(start, start + T, device=x.device)
+        k_pos = torch.arange(start + T, device=x.device)
+        allowed_full = k_pos[None, :] <= q_pos[:, None]                                # [T, keys] causal
+        allowed_sliding = allowed_full
+        if cfg["sliding_window"] is not None:                                           # the last W keys only
+            allowed_sliding = allowed_full & (k_pos[None, :] > q_pos[:, None] - cfg["sliding_window"])
+        cos, sin = cos[start:start + T], sin[start:start + T]
+        for layer, layer_cache in zip(self.layers, cache):
+            x = layer(x, cos, sin, (allowed_sliding if layer.sliding else allowed_full)[None, None], layer_cache)
+        # Final norm, then the tied LM head: logits = norm(x) . E^T, squashed by the final soft-cap,
+        # cap * tanh(logits / cap) (30 for Gemma-2; transformers' Gemma2ForCausalLM applies it in every attention
+        # implementation, unlike the attention soft-cap).
+        logits = self.norm(x[0, -1]) @ self.embed_tokens.weight.T                     # [vocab]
+        cap = cfg["final_logit_softcapping"]
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, eos_id=EOS_ID):
+        """Greedy decoding of one sequence: input_ids (a list of ints, BOS first) -> the new token ids, at most
+        `max_new_tokens`, ending with `eos_id` if it came. What transformers' `generate(do_sample=False,
+        eos_token_id=eos_id)` returns after the prompt: each step appends the highest-scoring token (the first of
+        equal ones, as torch.argmax), and stops after the end token. A KV cache keeps each step to one token."""
+        if not self.causal_lm:
+            raise ValueError("generate needs the whole Gemma-2: build it with causal_lm=True (load_gemma2(..., "
+                             "causal_lm=True)); the encoder stops at hidden_states[-2]")
+        device = self.embed_tokens.weight.device
+        total = len(input_ids) + max_new_tokens
+        cos, sin = rope_cos_sin(total, self.config["head_dim"], self.config["rope_theta"],
+                                self.embed_tokens.weight.dtype, device)                # [total, D]
+        cache = [{} for _ in self.layers]
+        ids, start, new = torch.tensor([input_ids], device=device), 0, []
+        while len(new) < max_new_tokens:
+            logits = self._step(ids, start, cache, cos, sin)
+            token = int(logits.float().argmax())
+            new.append(token)
+            if token == eos_id:
+                break
+            start += ids.shape[1]
+            ids = torch.tensor([[token]], device=device)
+        return new
 
 
 # ----- Prompts to features -------------------------------------------------------------------------------
@@ -426,6 +489,73 @@ def encode_prompts(encoder, tokenizer, prompts, system_prompt, max_length):
     device = encoder.embed_tokens.weight.device
     feats = encoder(input_ids.to(device), attention_mask.to(device))
     return feats, attention_mask.bool().to(device)
+
+
+# ----- Prompt enhancement (the official `--system_type enhance`) --------------------------------------------
+# KlingTeam/SVG-T2I `svg_t2i/sample_svg_t2i.py`, generate_enhanced_prompt: Gemma-2 itself, run as the causal
+# language model it is, rewrites the user's prompt into a more detailed one before it is encoded (after the
+# 'align' system prompt). The instruction is quoted exactly; the model reads it after BOS, decodes greedily for
+# at most 196 new tokens, stops at <eos>, and the answer is cleaned up by clean_enhanced_prompt.
+ENHANCE_INSTRUCTION = (
+    "You are an assistant that rewrites image generation prompts.\n"
+    "Given a user prompt, rewrite it into a more detailed and concrete visual description.\n"
+    "You MUST strictly preserve:\n"
+    "- the main subject(s) and their roles;\n"
+    "- the number of each entity (do not change counts like 'one', 'two', 'three');\n"
+    "- explicit attributes (e.g. colors, sizes, poses) that appear in the user prompt;\n"
+    "- explicit spatial relationships (left/right, front/behind, on top of, in the background, etc.);\n"
+    "- explicit style or format constraints (e.g. '3D render', 'line art', 'pixel art', 'photograph').\n"
+    "You may only add a few plausible visual details (textures, lighting, background context) "
+    "that do NOT contradict any part of the original prompt.\n"
+    "Avoid repeating the same subject or action multiple times; keep the description concise.\n"
+    "Do not remove or alter any constraints given in the user prompt.\n"
+    "Do NOT mention the words 'User Prompt' or 'Enhanced Prompt' in your answer.\n"
+    "Output only the enhanced description as one or two sentences.\n\n"
+    "User prompt: {prompt}\n"
+    "Enhanced description:"
+)
+ENHANCE_MAX_NEW_TOKENS = 196
+
+
+def decode_generated(tokenizer, ids):
+    """New token ids -> text, special tokens dropped (transformers' decode(skip_special_tokens=True)): the control
+    pieces (<pad>, <eos>, <bos>), <unk> and Gemma's two turn markers."""
+    sp = tokenizer.sp
+    turn_markers = {"<start_of_turn>", "<end_of_turn>"}
+    kept = [i for i in ids if not (sp.is_control(i) or sp.is_unknown(i) or sp.id_to_piece(i) in turn_markers)]
+    return sp.decode(kept)
+
+
+def clean_enhanced_prompt(answer, prompt):
+    """The official clean-up of the model's answer (same rules, our code): its first non-empty line; a leading
+    label such as "Enhanced description:" cut off; comma-separated clauses de-duplicated (case-insensitively) and
+    at most 4 kept; at most 256 characters, cut at a space; the user's prompt if nothing is left."""
+    text = answer.strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "\n" in text and lines:
+        text = lines[0]
+    if ":" in text[:40]:
+        label, rest = text.split(":", 1)
+        if any(word in label.lower() for word in ("enhanced", "description", "prompt")):
+            text = rest.strip()
+    clauses, seen = [], set()
+    for clause in (c.strip() for c in text.split(",")):
+        if clause and clause.lower() not in seen and len(clauses) < 4:
+            seen.add(clause.lower())
+            clauses.append(clause)
+    if clauses:
+        text = ", ".join(clauses)
+    if len(text) > 256:
+        cut = text[:256]
+        text = cut.rsplit(" ", 1)[0] if " " in cut else cut
+    return text.strip() or prompt
+
+
+def enhance_prompt(model, tokenizer, prompt, max_new_tokens=ENHANCE_MAX_NEW_TOKENS):
+    """The user's prompt -> Gemma-2's more detailed rewrite of it (model: load_gemma2(..., causal_lm=True))."""
+    ids = [BOS_ID] + tokenizer.sp.encode(ENHANCE_INSTRUCTION.format(prompt=prompt))   # as transformers tokenises
+    new = model.generate(ids, max_new_tokens, eos_id=EOS_ID)
+    return clean_enhanced_prompt(decode_generated(tokenizer, new), prompt)
 
 
 def pad_features(feats_list, multiple=8):
@@ -482,6 +612,9 @@ def _read_config(folder):
     if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
         raise ValueError(f"{path}: RoPE scaling {rope} is not supported (Gemma-2 uses plain RoPE)")
     config["rope_theta"] = rope["rope_theta"]
+    if hf.get("tie_word_embeddings", True) is False:
+        raise ValueError(f"{path}: tie_word_embeddings is false; Gemma-2's LM head is its embedding, and only "
+                         "that is supported")
     # Newer configs spell out the layer pattern; this file builds the released one (sliding on even layers).
     layer_types = hf.get("layer_types")
     released = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(hf["num_hidden_layers"])]
@@ -520,25 +653,31 @@ def _open(path):
                          "corrupt — download it again") from None
 
 
-def load_gemma2(folder, dtype=torch.float32, device="cpu", use_softcapping=False) -> Gemma2Encoder:
+def load_gemma2(folder, dtype=torch.float32, device="cpu", use_softcapping=False, causal_lm=False) -> Gemma2Encoder:
     """Build the encoder from a HF Gemma-2 folder and load its weights, strictly.
 
     Every tensor the encoder builds must be in the checkpoint with the right shape; the last layer and
     the final norm (not built) and a tied lm_head are skipped; anything else is an error. Weights are
     cast to `dtype` (fp32 for CPU, bf16 as SVG-T2I runs it on GPU) one tensor at a time, so peak memory
     stays near the final model size — the model is first built on the meta device (no allocation).
+    causal_lm=True loads the whole model (the last layer and the final norm too) for `generate`; the LM head
+    is the embedding matrix (the released google/gemma-2-2b stores no lm_head: tie_word_embeddings).
     """
     cfg = _read_config(folder)
     with torch.device("meta"):
-        encoder = Gemma2Encoder(**cfg, use_softcapping=use_softcapping)
+        encoder = Gemma2Encoder(**cfg, use_softcapping=use_softcapping, causal_lm=causal_lm)
     expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
     last = cfg["num_hidden_layers"] - 1
-    skipped = (f"layers.{last}.", "norm.", "lm_head.")
+    skipped = ("lm_head.",) if causal_lm else (f"layers.{last}.", "norm.", "lm_head.")
 
     files = _weight_files(folder)
     prefixed = {k[len("model."):] if k.startswith("model.") else k: k for k in files}
     unexpected = [k for k in prefixed if k not in expected and not k.startswith(skipped)]
     missing = [k for k in expected if k not in prefixed]
+    if causal_lm and missing and all(k.startswith((f"layers.{last}.", "norm.")) for k in missing):
+        raise ValueError(f"{folder} holds Gemma-2 up to hidden_states[-2] only (no layer {last}, no final norm: "
+                         "an encoder folder, as train.py writes for the small presets); generating text needs the "
+                         "whole model, e.g. google/gemma-2-2b (--gemma)")
     if missing or unexpected:
         raise KeyError(f"{folder}: checkpoint does not match the Gemma-2 config in config.json. "
                        f"Missing keys: {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
@@ -568,7 +707,7 @@ def save_gemma2(encoder: Gemma2Encoder, folder, max_shard_size=None):
 
     config.json states the FULL depth (built layers + 1) so the folder describes a whole Gemma-2 whose
     last layer and final norm are absent; transformers would initialise those and warn, which is harmless
-    for hidden_states[-2]. Keys get the `model.` prefix of the released files. With `max_shard_size` (in
+    for hidden_states[-2]. A causal_lm model is written whole. Keys get the `model.` prefix of the released files. With `max_shard_size` (in
     bytes) the tensors are split into model-0000i-of-0000n.safetensors files plus an index.
     """
     os.makedirs(folder, exist_ok=True)
@@ -576,7 +715,7 @@ def save_gemma2(encoder: Gemma2Encoder, folder, max_shard_size=None):
     dtype = next(encoder.parameters()).dtype
     hf_config = {
         "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", **cfg,
-        "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": 30.0,
+        "hidden_activation": "gelu_pytorch_tanh",
         "max_position_embeddings": 8192, "attention_bias": False, "attention_dropout": 0.0,
         "pad_token_id": PAD_ID, "eos_token_id": EOS_ID, "bos_token_id": BOS_ID, "tie_word_embeddings": True,
         "torch_dtype": str(dtype).replace("torch.", ""),

@@ -224,13 +224,16 @@ def main(argv=None):
     ap.add_argument("--out", default="eval_shapes.json", help="where to write the JSON of results")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the sampler's)")
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the sampler's)")
+    ap.add_argument("--cfg-trunc", type=float, default=None, help="guidance only while t < this (sample.py "
+                    "--cfg-trunc; default: every step)")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N prompts (quick checks)")
     ap.add_argument("--batch-size", type=int, default=30, help="prompts per generate() call")
     args = ap.parse_args(argv)
 
     import sample  # only here: the classifier above must work without the generator
     pipe = sample.load_pipeline(args.ckpt)
-    options = {k: v for k, v in (("steps", args.steps), ("cfg", args.cfg)) if v is not None}
+    options = {k: v for k, v in (("steps", args.steps), ("cfg", args.cfg), ("cfg_trunc", args.cfg_trunc))
+               if v is not None}
     prompts = EVAL_PROMPTS[:args.limit] if args.limit else EVAL_PROMPTS
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
 

@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py --out results.json          # about 5 minutes on one H200
     python benchmarks/gpu_check.py --parts train_loop,sample_1024 --timeout-scale 2 --out rerun.json
 
-Six parts, each in its own process with its own time limit (PARTS at the bottom; 300 s together, 25 s more
+Seven parts, each in its own process with its own time limit (PARTS at the bottom; 360 s together, 25 s more
 when diffusers is installed), so a hang or a slow compile costs one part, never the whole run:
 
   cli          The command line as a user types it, tiny preset, built-in shapes data: `train.py --autoencoder
@@ -22,6 +22,8 @@ when diffusers is installed), so a hang or a slow compile costs one part, never 
   sample_1024  sample.py's pipeline on a folder in the released layout: 1024 px, 50 DPM-Solver++ steps, CFG 4,
                shift 10, random 2B DiT, Autoencoder-P decoder and a 2-layer Gemma-2 (it runs once per
                image); seconds per image in bf16, and how far the image is from a float32 run's.
+  sample_batch The same pipeline, 4 prompts at 1024 px (10 steps) one at a time and as one batch
+               (sample.py --batch-size 1 vs 4): images/s of each, the speed-up, the largest pixel difference.
   diffusers    Only where diffusers is importable: the 2B forward + backward against diffusers'
                `Lumina2Transformer2DModel` holding the same weights (eager, caption lengths 64-128).
 
@@ -35,7 +37,7 @@ torch.compile unless --compile). tests/test_gpu_check.py runs it that way, so th
 
 For the shared device machine: one H200, torch 2.11 + CUDA 13, no diffusers unless its wheel travels with
 the checkout (64 MiB at most, so the diffusers part usually says `skipped`). Run it there as
-`python benchmarks/gpu_check.py --out $OUT/gpu_check.json` with a command limit of ~330 s: the JSON carries
+`python benchmarks/gpu_check.py --out $OUT/gpu_check.json` with a command limit of ~390 s: the JSON carries
 the end of every failing part's log. Scratch files (5 GB of Gemma-2 weights, images, run folders, each part's
 full log) go to --work, a fresh temporary folder by default, never into the checkout or $OUT.
 """
@@ -489,6 +491,43 @@ def part_sample_1024(ctx):
                    mean_abs_pixel_difference=float(np.abs(low - high).mean()))
 
 
+# ----- Part 4b: what batching buys in sampling -------------------------------------------------------------
+
+def part_sample_batch(ctx):
+    """sample.py's pipeline at 1024 px, 4 prompts generated one at a time and then as one batch of 4
+    (--batch-size 1 vs 4): images/s of each and their ratio, and how far the batched images are from the
+    one-at-a-time ones (float precision, not bit-exact: other kernels for other shapes)."""
+    size, device, s = ctx.size, ctx.device, ctx.size["sample"]
+    steps = 10 if size is FULL else 2             # the ratio, not the absolute time, is the figure here
+    cfg = dit_config(size)
+    folder = os.path.join(ctx.work, "release_batch")
+    write_encoders(folder, size, device, gemma_layers=s["gemma_layers"], gemma_name="gemma-2-2b")
+    decoder = ae_lib.Decoder(z_channels=cfg["in_channels"], **s["decoder"])
+    torch.save({"state_dict": {f"decoder.{k}": v for k, v in decoder.state_dict().items()}},
+               os.path.join(folder, "svg_autoencoder_P_stage3.ckpt"))
+    with torch.device(device):
+        dit = reference.randomize_(dit_lib.NextDiT(**cfg), seed=0).eval()
+    pipe = sample.load_pipeline(folder, device=device, dit_model=dit, dtype=size["dtype"])
+    prompts = [PROMPT, "a red circle", "a blue square in the top right and an orange triangle", "a green triangle"]
+    options = dict(size=(s["res"], s["res"]), steps=steps, cfg=s["cfg"], shift=s["shift"], solver="dpm",
+                   progress=False)
+    pipe.generate(prompts[:1], **dict(options, steps=2))                           # warm-up
+    ctx.rec.update(resolution=s["res"], steps=steps, images=len(prompts), dtype=str(size["dtype"]))
+    results = {}
+    for batch in (1, 4):
+        sync(device)
+        start = time.perf_counter()
+        images = []
+        for k in range(0, len(prompts), batch):
+            images += pipe.generate(prompts[k:k + batch], seeds=list(range(k, k + batch)), **options)
+        sync(device)
+        seconds = time.perf_counter() - start
+        results[batch] = [np.asarray(img, dtype=np.int64) for img in images]
+        ctx.rec.update(**{f"batch_{batch}": dict(seconds=seconds, images_per_second=len(prompts) / seconds)})
+    ctx.rec.update(speedup_batch_4=ctx.rec["batch_1"]["seconds"] / ctx.rec["batch_4"]["seconds"],
+                   max_pixel_difference=int(max(np.abs(a - b).max() for a, b in zip(results[1], results[4]))))
+
+
 # ----- Part 5: against diffusers -------------------------------------------------------------------------
 
 def part_diffusers(ctx):
@@ -532,6 +571,7 @@ PARTS = {  # name: (function, seconds allowed on the GPU machine)
     "train_loop": (part_train_loop, 100),
     "step_1024": (part_step_1024, 40),
     "sample_1024": (part_sample_1024, 40),
+    "sample_batch": (part_sample_batch, 60),
     "diffusers": (part_diffusers, 25),
 }
 

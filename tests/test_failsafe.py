@@ -635,3 +635,64 @@ def test_a_killed_cache_build_leaves_no_temporary_files(tiny_run, tmp_path):
     shutil.rmtree(out / "stage1")
     run(out, *args)
     assert sorted(os.listdir(folder)) == ["index.json", "shard-00000.safetensors"]
+
+
+# =========================================================================================================
+# sample.py
+# =========================================================================================================
+
+def test_a_prompts_file_with_a_byte_order_mark_keeps_it_out_of_the_first_prompt(tiny_run, tmp_path, capsys):
+    (tmp_path / "p.txt").write_bytes("\ufeffa red circle in the top left\na blue square\n".encode("utf-8"))
+    sample.main(["--prompts", str(tmp_path / "p.txt"), "--ckpt", str(tiny_run), "--steps", "1", "--out",
+                 str(tmp_path / "out")])
+    first = capsys.readouterr().out.split()[0]
+    assert os.path.basename(first).startswith("a_red_circle_in_the_top_left_95963a_")   # the plain prompt's name
+    assert json.loads(Image.open(first).text["svg_t2i"])["prompt"] == "a red circle in the top left"
+
+
+def test_a_latin_1_prompts_file_is_one_line_naming_the_file(tiny_run, tmp_path, no_sampling):
+    (tmp_path / "prompts.txt").write_bytes("un cercle rouge en haut à gauche\n".encode("latin-1"))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--prompts", str(tmp_path / "prompts.txt"), "--ckpt", str(tiny_run), "--out", str(tmp_path / "o")])
+    one_line_exit(e, str(tmp_path / "prompts.txt"), "UTF-8")
+
+
+def test_a_full_disk_leaves_no_truncated_png_under_its_final_name(tiny_run, tmp_path, monkeypatch):
+    save = Image.Image.save
+
+    def disk_full_half_way(img, fp, *args, **kwargs):
+        fp.write(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)        # part of the file, then the disk is full
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", disk_full_half_way)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--prompt", "a red circle", "--ckpt", str(tiny_run), "--steps", "1", "--out", str(tmp_path / "o")])
+    message = one_line_exit(e, "No space left on device", "a_red_circle_")
+    assert "\n" not in message
+    assert os.listdir(tmp_path / "o") == []                  # neither the PNG nor its temporary file
+    monkeypatch.setattr(Image.Image, "save", save)
+
+
+def test_out_of_memory_says_what_to_lower(tiny_run, tmp_path, monkeypatch):
+    """--n 20000 ran every image of a prompt in one batch and died in a traceback; now images go --batch-size at a
+    time, and running out of memory anyway is one line naming the flags to lower."""
+    sizes = []
+
+    def out_of_memory(velocity, noise, *args, **kwargs):
+        sizes.append(len(noise))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(flow, "sample", out_of_memory)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--prompt", "a red circle", "--ckpt", str(tiny_run), "--n", "20000", "--out", str(tmp_path / "o")])
+    one_line_exit(e, "out of memory", "--batch-size", "--size")
+    assert sizes == [4]                                      # the default batch, not 20000 images at once
+
+
+def test_ctrl_c_is_one_line_saying_how_to_finish(tiny_run, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(flow, "sample", interrupted)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--prompt", "a red circle", "--ckpt", str(tiny_run), "--out", str(tmp_path / "o")])
+    assert e.value.code == 130                               # the shell's code for Ctrl-C
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted" in err[0] and "--resume" in err[0] and "Traceback" not in err[0]

@@ -50,6 +50,10 @@ def test_every_part_runs_green_at_the_tiny_size(tmp_path):
     if "relative_difference" in sampling:                               # once sample.py takes a dtype
         assert 0 <= sampling["relative_difference"] < 1
 
+    batching = results["parts"]["sample_batch"]
+    assert batching["speedup_batch_4"] > 0 and batching["max_pixel_difference"] <= 1
+    assert batching["batch_4"]["images_per_second"] > 0
+
     ref = results["parts"]["diffusers"]
     if ref["status"] == "ok":
         assert ref["rel_err"] < 1e-4 and ref["ratio"] > 0

@@ -299,3 +299,93 @@ def test_bad_input_messages(tmp_path, tokenizer_path):
         text.Tokenizer(str(tmp_path / "llama_like.model"))
     with pytest.raises(ValueError, match="at least"):
         text.train_tokenizer(CAPTIONS, str(tmp_path / "small.model"), 100)
+
+
+# ----- Gemma-2 as a language model: prompt enhancement --------------------------------------------------
+def hf_causal_lm(tmp_path, seed=1, **overrides):
+    """transformers' Gemma2ForCausalLM at the tiny size, every parameter random (the LM head is the embedding:
+    tied, as google/gemma-2-2b), saved where load_gemma2 reads it."""
+    tr = pytest.importorskip("transformers")
+    cfg = tr.Gemma2Config(**{**TINY, **overrides}, pad_token_id=0, final_logit_softcapping=3.0,
+                          attn_implementation="eager")
+    torch.manual_seed(0)
+    hf = randomize_(tr.Gemma2ForCausalLM(cfg), seed=seed).eval()
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+def hf_greedy(hf, ids, max_new_tokens):
+    """The official call (sample_svg_t2i.py, generate_enhanced_prompt): greedy, stop at <eos>."""
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=text.EOS_ID,
+                          pad_token_id=text.EOS_ID)
+    return out[0, len(ids):].tolist()
+
+
+def test_greedy_generation_gives_transformers_tokens(tmp_path):
+    """All layers, the final norm, the tied head with the final logit soft-cap, sliding-window layers (window 5
+    here, 40 tokens long), the KV cache: the same tokens as Gemma2ForCausalLM.generate(do_sample=False). Without
+    attention soft-capping, as the official sampler's transformers (4.57.3, SDPA) ran it, and with it (eager)."""
+    hf = hf_causal_lm(tmp_path)
+    ours = text.load_gemma2(str(tmp_path), causal_lm=True)
+    ours_capped = text.load_gemma2(str(tmp_path), causal_lm=True, use_softcapping=True)
+    assert len(ours.layers) == TINY["num_hidden_layers"]
+    prompts = [[text.BOS_ID] + torch.randint(4, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (9, 3)]
+    for ids in prompts:
+        capped = hf_greedy(hf, ids, 30)
+        assert ours_capped.generate(ids, 30) == capped
+        for layer in hf.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        plain = hf_greedy(hf, ids, 30)
+        for layer in hf.model.layers:
+            layer.self_attn.attn_logit_softcapping = TINY["attn_logit_softcapping"]
+        assert ours.generate(ids, 30) == plain and plain != capped    # the soft-cap changes the tokens here
+    # The same object still encodes captions: its forward stops at hidden_states[-2].
+    encoder = text.load_gemma2(str(tmp_path))
+    batch, mask = padded_batch([16, 9, 3])
+    with torch.no_grad():
+        assert torch.equal(ours(batch, mask), encoder(batch, mask))
+
+
+def test_generation_stops_at_eos_as_transformers_does(tmp_path):
+    hf = hf_causal_lm(tmp_path)
+    ids = [text.BOS_ID] + list(range(10, 19))
+    free = hf_greedy(hf, ids, 30)
+    late = next(t for k, t in enumerate(free) if k >= 4 and t not in free[:k])
+    with torch.no_grad():                                   # <eos> now outscores that token where it would come
+        hf.model.embed_tokens.weight[text.EOS_ID] = 1.5 * hf.model.embed_tokens.weight[late]
+    hf.save_pretrained(tmp_path)
+    stopped = hf_greedy(hf, ids, 30)
+    assert stopped[-1] == text.EOS_ID and len(stopped) < 30
+    for layer in hf.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    assert text.load_gemma2(str(tmp_path), causal_lm=True, use_softcapping=True).generate(ids, 30) == stopped
+
+
+def test_enhanced_prompt_clean_up_follows_the_official_rules():
+    clean = text.clean_enhanced_prompt
+    assert clean("  Enhanced description: a red circle, glossy\nsecond line", "p") == "a red circle, glossy"
+    assert clean("\n\nA bright red circle\nmore", "p") == "A bright red circle"
+    assert clean("Note: keep this", "p") == "Note: keep this"            # not a label word: kept
+    assert clean("a, b, A, c, d, e", "p") == "a, b, c, d"                # de-duplicated, at most 4 clauses
+    long = " ".join(["word"] * 80)
+    assert clean(long, "p") == " ".join(["word"] * 51)                   # <= 256 characters, cut at a space
+    assert clean("   ", "the prompt") == clean("Prompt:", "the prompt") == "the prompt"
+
+
+def test_enhance_prompt_runs_the_instruction_and_an_encoder_folder_is_refused(tmp_path, tokenizer_path):
+    folder = tmp_path / "lm"
+    hf_causal_lm(folder, vocab_size=text.Tokenizer(tokenizer_path).vocab_size)
+    tokenizer = text.Tokenizer(tokenizer_path)
+    lm = text.load_gemma2(str(folder), causal_lm=True)
+    ids = [text.BOS_ID] + tokenizer.sp.encode(text.ENHANCE_INSTRUCTION.format(prompt="a red circle"))
+    assert text.ENHANCE_INSTRUCTION.format(prompt="a red circle").endswith("User prompt: a red circle\n"
+                                                                           "Enhanced description:")
+    expected = text.clean_enhanced_prompt(text.decode_generated(tokenizer, lm.generate(ids, 12)), "a red circle")
+    assert text.enhance_prompt(lm, tokenizer, "a red circle", max_new_tokens=12) == expected
+    text.save_gemma2(text.load_gemma2(str(folder)), str(tmp_path / "encoder"))   # hidden_states[-2] only
+    with pytest.raises(ValueError, match="hidden_states.-2. only.*whole model"):
+        text.load_gemma2(str(tmp_path / "encoder"), causal_lm=True)
