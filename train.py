@@ -984,6 +984,8 @@ def data_hash(dataset):
         items = [[os.path.abspath(r["path"]), r["caption"], r["system"]] for r in dataset.records]
     else:
         items = dict(length=dataset.length, clean=dataset.clean, two_object_prob=dataset.two_object_prob)
+        if dataset.star_fraction:                # shapes:star; absent otherwise, so older hashes stay valid
+            items["star_fraction"] = dataset.star_fraction
     return hashlib.sha1(json.dumps(items).encode()).hexdigest()[:16]
 
 
@@ -1220,11 +1222,13 @@ def same_encoders(run_a, run_b):
 
 
 def source_state(path, lora=None):
-    """{key: fp32 tensor} and config of a DiT file (released .pth or ours), an adapter merged in if given."""
+    """{key: fp32 tensor} of a DiT file (released .pth or ours), an adapter merged in if given, and its stored
+    config (ours; None for a .pth, whose config is inferred from shapes and so says nothing the shapes do not)."""
     src = dit_lib.load_nextdit(path)
     if lora:
         dit_lib.apply_lora(src, lora)
-    return {k: v.float() for k, v in src.state_dict().items()}, src.config
+    stored = src.config if dit_lib._resolve_checkpoint(path).endswith(".safetensors") else None
+    return {k: v.float() for k, v in src.state_dict().items()}, stored
 
 
 def load_source_weights(model, args, latest, rank):
@@ -1248,7 +1252,8 @@ def load_source_weights(model, args, latest, rank):
     unexpected = [k for k in state if k not in expected]
     misshapen = [f"{k}: source {tuple(state[k].shape)} vs model {expected[k]}"
                  for k in expected if k in state and tuple(state[k].shape) != expected[k]]
-    differ = {k: [config.get(k), v] for k, v in model.config.items() if k != "axes_lens" and config.get(k) != v}
+    differ = {k: [config.get(k), v] for k, v in model.config.items()
+              if config is not None and k != "axes_lens" and config.get(k) != v}
     if missing or unexpected or misshapen or differ:
         report = (f"--init-from {source['weights']} does not match this run's NextDiT (preset {args.preset!r}):\n"
                   f"  config (source vs model): {differ}\n"
@@ -1390,7 +1395,8 @@ def parse_args(argv=None):
     p.add_argument("--autoencoder", choices=("P", "R"), help="train the pixel decoder (P) or decoder + residual ViT (R) "
                    "instead of the DiT")
     p.add_argument("--data", default="shapes", help="a JSONL file of {path, prompt}, an image folder with .txt "
-                   "captions, or 'shapes' / 'shapes:clean' (the built-in procedural dataset)")
+                   "captions, or 'shapes' / 'shapes:clean' (the built-in procedural dataset) / 'shapes:star' (with stars, for "
+                   "fine-tuning: README 'Fine-tuning')")
     p.add_argument("--out", required=True, help="the run folder; every stage of one model lives in the same one")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="model sizes and resolution ladder")
     p.add_argument("--max-steps", type=positive, help="optimizer steps for this stage (default: the stage table)")
