@@ -296,7 +296,8 @@ def start_dit(cfg, args, latest, sampler, rank, device):
     k, run_dir = args.stage, args.out
     with seeded(args.seed, "dit", k):            # initialised on the CPU, the same in every process
         model = dit_lib.NextDiT(**cfg).to(device)
-        ema = dit_lib.NextDiT(**cfg).to(device).requires_grad_(False)
+        ema = dit_lib.NextDiT(**cfg).to(device).requires_grad_(False) if not args.lora else \
+            lora_ema_shell(cfg)                  # --lora: the EMA will share the model's base (attach_adapters)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     # `norm_final` is in the official model (KlingTeam/SVG-T2I `svg_t2i/models/model_dino.py` builds it, its
@@ -1282,14 +1283,27 @@ def attach_adapters(model, ema, args, rank, device):
             names = dit_lib.attach_lora(module, args.lora, args.lora_alpha, targets)
     ema.requires_grad_(False)
     for name, p in model.named_parameters():
+        parent, _, leaf = name.rpartition(".")
         if not p.requires_grad:
             if device.type == "cuda":
                 p.data = p.data.to(torch.bfloat16)
-            parent, _, leaf = name.rpartition(".")
             ema.get_submodule(parent)._parameters[leaf] = p      # shared: the EMA's base is the model's
+        elif ema.get_parameter(name).is_meta:                    # the EMA was a shell: its adapters start as copies
+            ema.get_submodule(parent)._parameters[leaf] = nn_parameter(p)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log0(rank, f"--lora {args.lora}: adapters on {len(names)} Linear layers ({','.join(targets)}), {n:,} trainable "
                f"parameters, alpha {model.lora['alpha']:g}; the base is frozen")
+
+
+def lora_ema_shell(cfg):
+    """The EMA of a LoRA stage before attach_adapters: a NextDiT without storage (meta), so that the base is
+    never held twice, not even at start-up (the 2B's fp32 copy alone would be 10 GB)."""
+    with torch.device("meta"):
+        return dit_lib.NextDiT(**cfg).requires_grad_(False)
+
+
+def nn_parameter(p):
+    return torch.nn.Parameter(p.detach().clone(), requires_grad=False)
 
 
 def trained_state(module):

@@ -50,6 +50,10 @@ def test_every_part_runs_green_at_the_tiny_size(tmp_path):
     if "relative_difference" in sampling:                               # once sample.py takes a dtype
         assert 0 <= sampling["relative_difference"] < 1
 
+    lora = results["parts"]["lora_1024"]
+    assert lora["seconds_per_step"] > 0 and lora["base_shared_with_ema"] and lora["grad_checkpointing"]
+    assert 0 < lora["trainable_parameters"] < 0.1 * lora["frozen_base_gib"] * 2 ** 30 / 4
+
     ref = results["parts"]["diffusers"]
     if ref["status"] == "ok":
         assert ref["rel_err"] < 1e-4 and ref["ratio"] > 0
