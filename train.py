@@ -18,6 +18,7 @@ curated set; stage K > 1 starts from stage K-1's final weights with a fresh opti
     torchrun --nproc_per_node=8 train.py --stage 1 --data pairs.jsonl --out runs/svg --preset 2B \
              --dino dinov3_vits16plus.pth --gemma gemma-2-2b/ --stats latent_stats.pt
     python train.py --demo --out runs/demo          # every stage of the CPU demo, one after another
+    python train.py --stage 4 --init-from assets/demo --lora 8 --data shapes:star --out runs/star   # fine-tune
 
 Reading order: the stage table; `train_dit`, the loop, then the steps it names in the order it calls them;
 `train_autoencoder` alike. Past the banner below them stands the machinery a first reading can skip: processes
@@ -30,7 +31,8 @@ command, and it continues exactly where its last checkpoint left it:
     RUN_DIR/encoders.json           which DINOv3 / Gemma-2 / statistics this run uses (paths)
     RUN_DIR/encoders/               small random frozen encoders made once for the small presets
     RUN_DIR/autoencoder_P/stage{K}/ decoder stages: model.safetensors (+ latest/ while running)
-    RUN_DIR/stage{K}/               model.safetensors, ema.safetensors, config.json (+ latest/ while running)
+    RUN_DIR/stage{K}/               model.safetensors, ema.safetensors, config.json (+ latest/ while running);
+                                    a --lora stage: adapter.safetensors, adapter_model.safetensors, config.json
     RUN_DIR/log.jsonl               one JSON line of metrics per log interval
     RUN_DIR/previews/               sample grids of fixed prompts, made every so often
 """
