@@ -425,6 +425,12 @@ PALETTE = {  # name -> RGB; far apart from each other and from the white backgro
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle")  # triangle = upright, apex at the top middle of its box
+# A shape the demo never saw, for the fine-tuning exercise (README "Fine-tuning"; `--data shapes:star`). Kept out
+# of SHAPES on purpose: the shipped scenes draw their shape from SHAPES, and its vocabulary (all_captions) made
+# the demo's tokenizer, so adding to it would change every scene and caption the demo was trained on.
+NEW_SHAPES = ("star",)      # five-pointed, one point up, its bounding box centred in the object's box
+STAR_INNER = math.cos(math.radians(72)) / math.cos(math.radians(36))   # inner / outer radius of a regular star
+STAR_FRACTION = 0.5         # shapes:star: half the scenes a lone star, half the old clean scenes (no forgetting)
 POSITIONS = {  # name -> (cx, cy) as fractions of width and height
     "top left": (0.28, 0.28),
     "top right": (0.72, 0.28),
@@ -479,9 +485,24 @@ def render_shapes(objects, size):
             draw.rectangle((x0, y0, x1, y1), fill=color)
         elif obj["shape"] == "triangle":  # fills exactly half of its box
             draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=color)
+        elif obj["shape"] == "star":      # fills ~0.34 of its own bounding box (area 1.12 R², box 1.90 R x 1.81 R)
+            draw.polygon(star_points(cx, cy, half), fill=color)
         else:
-            raise ValueError(f"render_shapes: unknown shape {obj['shape']!r}; expected one of {SHAPES}")
+            raise ValueError(f"render_shapes: unknown shape {obj['shape']!r}; expected one of {SHAPES + NEW_SHAPES}")
     return canvas.resize((size, size), resample=Image.BOX)
+
+
+def star_points(cx, cy, half):
+    """The 10 vertices of a five-pointed star whose outer radius R is `half` and whose bounding box (width
+    2R·sin 72°, height R·(1 + cos 36°)) is centred on (cx, cy): points at angles 90° + k·72°, notches between."""
+    top = cy - half * (1 + math.cos(math.radians(36))) / 2           # the bounding box's top = the top point
+    centre_y = top + half
+    points = []
+    for k in range(10):
+        radius = half if k % 2 == 0 else half * STAR_INNER
+        angle = math.radians(-90 + 36 * k)                            # image y points down: -90° is up
+        points.append((cx + radius * math.cos(angle), centre_y + radius * math.sin(angle)))
+    return points
 
 
 def _article(color):
@@ -500,7 +521,7 @@ def caption_for(objects):
 
 _WORD_TO_POSITION = {w: p for p, words in POSITION_WORDS.items() for w in words}
 _PHRASE_RE = re.compile(r"(?:an?|one) ({c}) ({s}) (?:{p}) the ({w})".format(
-    c="|".join(PALETTE), s="|".join(SHAPES), p="|".join(PREPOSITIONS),
+    c="|".join(PALETTE), s="|".join(SHAPES + NEW_SHAPES), p="|".join(PREPOSITIONS),
     w="|".join(sorted(_WORD_TO_POSITION, key=len, reverse=True))))
 
 
@@ -555,15 +576,21 @@ class ShapesDataset(torch.utils.data.Dataset):
     Images are square (resolution × resolution), so there is one bucket. System prompt key: 'base'.
     """
 
-    def __init__(self, resolution, seed=0, length=100_000, clean=False, two_object_prob=0.5):
+    def __init__(self, resolution, seed=0, length=100_000, clean=False, two_object_prob=0.5, star_fraction=0.0):
         if seed < 0:
             raise ValueError(f"ShapesDataset: seed must be >= 0, got {seed}")
         self.resolution, self.seed, self.length = resolution, seed, length
         self.clean, self.two_object_prob = clean, two_object_prob
+        self.star_fraction = star_fraction        # shapes:star (the fine-tuning exercise); 0 for the demo's data
         self.skipped = 0  # nothing can be unreadable here; kept for the common interface
 
     def scene(self, i):
         """Item i's objects (with cx, cy, side) and caption, without rendering."""
+        if self.star_fraction:
+            # Its own stream, so that with star_fraction = 0 not one draw of the scenes below changes.
+            star_rng = np.random.default_rng([self.seed, int(i), 1])
+            if star_rng.random() < self.star_fraction:
+                return self.star_scene(star_rng)
         rng = np.random.default_rng([self.seed, int(i)])  # independent stream per (seed, index)
         # Every draw below happens in the same order whether or not clean=True: the clean subset is the same
         # scenes with the jitter, size and paraphrase switched off, not a different sample.
@@ -594,6 +621,19 @@ class ShapesDataset(torch.utils.data.Dataset):
                 a["side"], b["side"] = a["side"] * factor, b["side"] * factor
         return objects, " and ".join(phrases)
 
+    def star_scene(self, rng):
+        """A lone star: one of 8 colours x 5 positions, drawn like a clean object (exact position, side 35%)
+        or, outside the clean subset, with the usual jitter, size and paraphrases."""
+        pos = list(POSITIONS)[rng.integers(len(POSITIONS))]
+        obj = dict(color=list(PALETTE)[rng.integers(len(PALETTE))], shape="star", position=pos)
+        jitter, side = rng.uniform(-JITTER, JITTER, size=2), rng.uniform(*SINGLE_SIDE)
+        paraphrase = rng.random() < PARAPHRASE_PROB
+        prep, word = PREPOSITIONS[rng.integers(2)], POSITION_WORDS[pos][rng.integers(2)]
+        if self.clean:
+            jitter, side, paraphrase = (0.0, 0.0), CLEAN_SIDE[1], False
+        obj.update(cx=POSITIONS[pos][0] + jitter[0], cy=POSITIONS[pos][1] + jitter[1], side=side)
+        return [obj], _phrase(obj, prep, word) if paraphrase else _phrase(obj)
+
     def __len__(self):
         return self.length
 
@@ -615,11 +655,13 @@ def open_dataset(spec, resolution, seed=0, patch=16, max_ratio=4.0, limit=None, 
         raise ValueError(f"--data-limit must be at least 1, got {limit}")
     if spec in ("shapes", "shapes:clean"):
         return ShapesDataset(resolution, seed=seed, clean=spec.endswith(":clean"), length=limit or 100_000)
+    if spec == "shapes:star":   # fine-tuning: half lone stars, half the clean scenes the demo knows (both clean)
+        return ShapesDataset(resolution, seed=seed, clean=True, length=limit or 100_000, star_fraction=STAR_FRACTION)
     if os.path.isdir(spec):
         return FolderDataset(spec, resolution, patch, max_ratio, limit=limit, square=square)
     if os.path.isfile(spec) and spec.lower().endswith((".jsonl", ".json")):
         return JsonlDataset(spec, resolution, patch, max_ratio, limit=limit, square=square)
-    raise ValueError(f"--data {spec!r}: expected 'shapes', 'shapes:clean', an existing .jsonl/.json file, "
+    raise ValueError(f"--data {spec!r}: expected 'shapes', 'shapes:clean', 'shapes:star', an existing .jsonl/.json file, "
                      f"or an existing folder of images with same-stem .txt captions")
 
 

@@ -34,7 +34,8 @@ scale from c (its docstring says why each, against DiT's block). Padding is hand
 a sample's output never depends on its batch mates or on what its padding holds.
 
 Sections: presets · norm · timestep embedding · RoPE · attention · FFN · block · final layer · NextDiT
-(its forward is the place to start) · checkpoint loading (skip on a first reading).
+(its forward is the place to start) · LoRA adapters (fine-tuning) · checkpoint loading (skip on a
+first reading).
 """
 import json
 import math
@@ -549,6 +550,166 @@ class NextDiT(nn.Module):
                 joint = blk(joint, key_mask, freqs, c)                   # [B, L + N, dim]
         out = self.final_layer(joint[:, L:], c)                          # image rows only: [B, N, p·p·C]
         return self.unpatchify(out, H, W)                                # [B, C, H, W]
+
+
+# ----- LoRA adapters ----------------------------------------------------------------------------------
+# Fine-tuning with low-rank adapters (Hu et al., "LoRA", arXiv 2106.09685): every targeted Linear keeps its
+# frozen weight W [out, in] and learns a low-rank update on top of it,
+#
+#     y = x W^T + (alpha / r) · (x A^T) B^T          A [r, in], B [out, r], r << in, out
+#
+# B starts at zero, so at step 0 the adapted model *is* the base model, bit for bit (x A^T B^T = 0 exactly),
+# and A starts kaiming-uniform as an nn.Linear would (a = sqrt(5)). Only A and B train: for the 2B model at
+# r = 8 over the default targets that is 10.9 M numbers (43 MB in fp32) instead of 2.6 B, so there are no
+# gradients and no AdamW moments for the base, which can also be stored in bf16 (train.py does so on CUDA).
+# The update can be folded into the weight afterwards, W' = W + (alpha / r) · B A (merge_lora), and the
+# merged model costs nothing extra at sampling time.
+#
+# The wrapper keeps the base's parameters under their own names (`.weight`, `.bias`), so the state dict of an
+# adapted model is the released layout plus `<name>.lora_A` / `<name>.lora_B`; an adapter file holds those
+# alone. The official code has no LoRA (its README points users with less memory to it); the default targets
+# are the attention's fused qkv and output projections and the SwiGLU's w1, w2, w3 in every block (joint
+# blocks, noise refiner and context refiner) -- the usual choice for DiTs; the adaLN modulation, embedders and
+# final layer stay frozen.
+
+LORA_TARGETS = ("qkv", "out", "w1", "w2", "w3")     # matched against the end of a Linear's module name
+LORA_FORMAT = "nextdit-lora"
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear (its very `weight` and `bias` Parameters) plus a trainable rank-r update in float32."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight                    # the same Parameter object: same key, same storage
+        self.bias = base.bias                        # None for every Linear the default targets name
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=torch.float32))
+        if device.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):                            # x [..., in] -> [..., out]
+        # Under autocast (CUDA) both products run in bf16; otherwise the adapter runs in its own float32.
+        h = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.dtype)
+        update = F.linear(F.linear(h, self.lora_A), self.lora_B)          # [..., out]; exactly 0 while B is 0
+        return F.linear(x, self.weight, self.bias) + (update * self.scale).to(x.dtype)
+
+    def merged_weight(self):
+        """W + (alpha / r) · B A in float32: the Linear this adapter is equivalent to."""
+        return self.weight.float() + self.scale * (self.lora_B @ self.lora_A)
+
+
+def lora_modules(model):
+    """{module name: LoRALinear} of an adapted model (empty for a plain one)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def attach_lora(model, rank, alpha=None, targets=LORA_TARGETS):
+    """Wrap every nn.Linear whose name ends in one of `targets` ("qkv" matches layers.3.attention.qkv) in a
+    LoRALinear, in place; freeze everything else. alpha defaults to rank (scale 1). -> the wrapped names."""
+    if rank < 1:
+        raise ValueError(f"--lora {rank}: the rank must be at least 1")
+    if lora_modules(model):
+        raise ValueError("attach_lora: the model has adapters already; merge them first (merge_lora)")
+    alpha = float(rank if alpha is None else alpha)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+             and any(n == t or n.endswith("." + t) for t in targets)]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        raise ValueError(f"--lora-targets: {unmatched} match no Linear of the model; the default targets are "
+                         f"{','.join(LORA_TARGETS)} (the end of a module name, e.g. adaLN_modulation.1)")
+    model.requires_grad_(False)                      # the base is frozen; only A and B will train
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, LoRALinear(model.get_submodule(name), rank, alpha))
+    model.lora = dict(rank=rank, alpha=alpha, targets=list(targets))
+    return names
+
+
+def lora_state(model):
+    """{"<name>.lora_A": [r, in], "<name>.lora_B": [out, r]} of an adapted model, float32, detached."""
+    return {f"{name}.{part}": getattr(m, part).detach().float()
+            for name, m in lora_modules(model).items() for part in ("lora_A", "lora_B")}
+
+
+def load_lora_state(model, state, where):
+    """Put adapter tensors into an adapted model: every adapter key present, nothing else, shapes equal."""
+    expected = {k: tuple(v.shape) for k, v in lora_state(model).items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshapen = [f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
+                 for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or misshapen:
+        raise ValueError(f"{where}: the adapter does not fit this model (rank, targets or base differ):\n"
+                         f"  missing: {missing[:6]}\n  unexpected: {unexpected[:6]}\n  wrong shapes: {misshapen[:6]}")
+    modules = lora_modules(model)
+    with torch.no_grad():
+        for key, value in state.items():
+            name, part = key.rsplit(".", 1)
+            getattr(modules[name], part).copy_(value)
+
+
+def merge_lora(model):
+    """A plain NextDiT (float32, CPU) whose weights are the adapted model's with every update folded in."""
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, m in lora_modules(model).items():
+        state[f"{name}.weight"] = m.merged_weight().detach().cpu()
+    with torch.device("meta"):
+        plain = NextDiT(**model.config)
+    plain.load_state_dict(state, strict=True, assign=True)
+    return plain
+
+
+def save_lora(model, path, **meta):
+    """Write the adapter alone as safetensors; rank, alpha, targets, the DiT config and `meta` (base path and
+    fingerprint, ...) as JSON metadata, so sample.py can check that it fits before applying it."""
+    from safetensors.torch import save_file
+    info = dict(model.lora, config=model.config, **meta)
+    save_file({k: v.contiguous().cpu() for k, v in lora_state(model).items()}, path,
+              metadata={"format": LORA_FORMAT, "lora": json.dumps(info)})
+
+
+def read_lora(path):
+    """-> ({key: tensor}, metadata dict) of an adapter file written by save_lora."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(path)
+    except Exception as e:  # noqa: BLE001 - truncated, not safetensors, ...: name the file
+        raise ValueError(f"--lora {path}: could not read it ({type(e).__name__}: {e}); copy it again") from e
+    if meta.get("format") != LORA_FORMAT:
+        raise ValueError(f"--lora {path}: not an adapter file (written by train.py --lora: its metadata says "
+                         f"format={LORA_FORMAT})")
+    return state, json.loads(meta["lora"])
+
+
+def apply_lora(model, path, scale=1.0):
+    """Fold the adapter in `path` into a plain NextDiT, in place: W += scale · (alpha / r) · B A for every
+    adapted Linear (scale 0 = the base, 1 = the trained adapter). -> the adapter's metadata."""
+    state, info = read_lora(path)
+    with torch.device("meta"):
+        shaped = NextDiT(**model.config)
+    attach_lora(shaped, info["rank"], info["alpha"], info["targets"])
+    expected = {k: tuple(v.shape) for k, v in shaped.named_parameters() if ".lora_" in k}
+    problems = sorted(set(expected) ^ set(state)) + [k for k in expected if k in state and
+                                                      tuple(state[k].shape) != expected[k]]
+    if problems:
+        raise ValueError(f"--lora {path}: does not fit this DiT (made for {info.get('config')}); keys or shapes "
+                         f"that differ: {problems[:6]}")
+    factor = scale * info["alpha"] / info["rank"]
+    with torch.no_grad():
+        for key in expected:
+            if key.endswith(".lora_A"):
+                name = key[:-len(".lora_A")]
+                weight = model.get_submodule(name).weight
+                update = state[f"{name}.lora_B"].float() @ state[key].float()          # [out, in]
+                weight.copy_((weight.float() + factor * update.to(weight.device)).to(weight.dtype))
+    return info
 
 
 # ======================================================================================================

@@ -67,7 +67,10 @@ def _find_run_parts(folder):
     with open(os.path.join(folder, "encoders.json")) as f:
         enc = json.load(f)
     resolve = lambda p: p if p is None or os.path.isabs(p) else os.path.join(folder, p)
-    dit_path = _highest(os.path.join(folder, "stage{k}", "ema.safetensors"))
+    # A finished stage holds ema.safetensors, or for a LoRA stage (train.py --lora) adapter.safetensors.
+    dit_path = max([p for p in (_highest(os.path.join(folder, "stage{k}", name))
+                                for name in ("ema.safetensors", "adapter.safetensors")) if p],
+                   key=lambda p: int(re.findall(r"stage(\d+)", p)[-1]), default=None)
     # The stage's config.json carries the sampler defaults the model was meant for (steps, cfg, shift,
     # size) and its caption limit; a stage still running has no ema.safetensors yet and is skipped.
     stage_cfg = {}
@@ -75,9 +78,21 @@ def _find_run_parts(folder):
         with open(os.path.join(os.path.dirname(dit_path), "config.json")) as f:
             stage_cfg = flow.check_stage_config(json.load(f), f.name)
     stats = resolve(enc.get("stats")) or os.path.join(folder, "encoders", "latent_stats.pt")
-    return dict(dit=dit_path, decoder=_highest(os.path.join(folder, "autoencoder_P", "stage{k}", "model.safetensors")),
-                dino=resolve(enc["dino"]), gemma=resolve(enc["gemma"]), stats=stats,
-                sample=stage_cfg.get("sample", {}), max_cap_len=stage_cfg.get("max_cap_len", text.MAX_LENGTH_SAMPLE))
+    parts = dict(dit=dit_path, decoder=_highest(os.path.join(folder, "autoencoder_P", "stage{k}", "model.safetensors")),
+                 dino=resolve(enc["dino"]), gemma=resolve(enc["gemma"]), stats=stats,
+                 sample=stage_cfg.get("sample", {}), max_cap_len=stage_cfg.get("max_cap_len", text.MAX_LENGTH_SAMPLE))
+    if dit_path and dit_path.endswith("adapter.safetensors"):
+        parts.update(_lora_parts(os.path.dirname(dit_path), folder, stage_cfg))
+    return parts
+
+
+def _lora_parts(stage_dir, run_folder, stage_cfg):
+    """A LoRA stage: its base DiT (config.json's `lora.base`, relative to the run folder, else the absolute
+    path it was trained from) and its adapter, which load_pipeline applies to it."""
+    lora = stage_cfg["lora"]
+    base = next((p for p in (os.path.join(run_folder, lora["base"]), lora["base_abs"]) if os.path.exists(p)),
+                lora["base_abs"])
+    return dict(dit=base, lora=os.path.join(stage_dir, lora["adapter"]), lora_base_fingerprint=lora["base_fingerprint"])
 
 
 def _find_released_parts(folder):
@@ -104,7 +119,10 @@ def find_parts(ckpt):
         return _find_run_parts(ckpt)
     if os.path.exists(os.path.join(os.path.dirname(ckpt.rstrip("/")), "encoders.json")):   # RUN_DIR/stageK
         parts = _find_run_parts(os.path.dirname(ckpt.rstrip("/")))
-        parts["dit"] = os.path.join(ckpt, "ema.safetensors")
+        parts.update(dit=os.path.join(ckpt, "ema.safetensors"), lora=None)
+        if os.path.exists(os.path.join(ckpt, "adapter.safetensors")):                    # a LoRA stage folder
+            with open(os.path.join(ckpt, "config.json")) as f:
+                parts.update(_lora_parts(ckpt, os.path.dirname(ckpt.rstrip("/")), json.load(f)))
         return parts
     return _find_released_parts(ckpt)
 
@@ -257,7 +275,8 @@ def guided_velocity(dit, feats, mask, empty_feats, empty_mask, scale, renorm=flo
     return velocity
 
 
-def load_pipeline(ckpt=None, device=None, dit_model=None, dtype=None, compile=False, **overrides):
+def load_pipeline(ckpt=None, device=None, dit_model=None, dtype=None, compile=False, lora=None, lora_scale=1.0,
+                  **overrides):
     """Build a Pipeline from a run folder, a folder of released files, or (ckpt=None) the shipped demo.
 
     `dit_model` may be a NextDiT already in memory (train.py previews its EMA weights this way); it is moved and
@@ -265,7 +284,8 @@ def load_pipeline(ckpt=None, device=None, dit_model=None, dtype=None, compile=Fa
     official sampler, which casts the DiT to bf16; torch.float32 on CPUs, where bf16 matrix products are
     fast only with bf16 units such as AMX and far slower without); the sampler's own state stays float32 either way (guided_velocity). `compile`: torch.compile the
     DiT's per-step passes. Keyword overrides (dit, decoder, gemma, stats: file paths) replace individual files.
-    Raises FileNotFoundError naming the missing piece."""
+    `lora`: an adapter file (train.py --lora) folded into the DiT with weight `lora_scale`; a LoRA run folder
+    names its own (applied unless `dit_model` is given). Raises FileNotFoundError naming the missing piece."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     # Find every piece first and fail before loading gigabytes if one is missing.
@@ -280,6 +300,10 @@ def load_pipeline(ckpt=None, device=None, dit_model=None, dtype=None, compile=Fa
         if not parts.get(piece) or not os.path.exists(parts[piece]):
             raise FileNotFoundError(f"{ckpt or DEFAULT_CKPT}: no {piece} found ({hint})")
     dit = dit_model if dit_model is not None else dit_lib.load_nextdit(parts["dit"], map_location="cpu")
+    adapter = lora or (parts.get("lora") if dit_model is None else None)
+    if adapter:                  # folded in (model.apply_lora) in float32, before any cast: then sampling costs as before
+        _check_lora_base(adapter, parts, explicit=lora is not None)
+        dit_lib.apply_lora(dit, adapter, lora_scale)
     dit = dit.to(device, dtype).eval()
     encoder = dino.load_dinov3(parts["dino"]) if parts.get("dino") else None
     # Sampling decodes the DiT's DINOv3 latents alone, which is what Autoencoder-P does (R also needs residual
@@ -482,6 +506,21 @@ def total_over_ranks(value, device, op=None):
     return int(t.item())
 
 
+def _check_lora_base(adapter, parts, explicit):
+    """An adapter is trained on one base: a LoRA run's base that changed since (another fingerprint) is an error;
+    an adapter passed with --lora on another base is applied, with a warning (that may be what is wanted)."""
+    import data                  # data.fingerprint: file names, sizes, first and last MiB
+    if not parts.get("dit") or not os.path.exists(parts["dit"]):
+        return
+    expected = parts.get("lora_base_fingerprint") if not explicit else \
+        dit_lib.read_lora(adapter)[1].get("base_fingerprint")
+    if expected and data.fingerprint(parts["dit"]) != expected:
+        msg = f"{adapter} was trained on a base with fingerprint {expected}, and {parts['dit']} is another file"
+        if not explicit:
+            raise ValueError(msg + "; put the base back (or pass --dit BASE) or train the adapter again")
+        tqdm.write(f"warning: {msg}; applying it anyway (--lora)")
+
+
 # ----- Files ---------------------------------------------------------------------------------------------
 
 def make_grid(images, cols=None):
@@ -649,6 +688,10 @@ def parse_args(argv=None):
     p.add_argument("--decoder", help="override: autoencoder .ckpt / .safetensors")
     p.add_argument("--gemma", help="override: Gemma-2 folder")
     p.add_argument("--stats", help="override: latent statistics .pt")
+    p.add_argument("--lora", metavar="FILE", help="an adapter (train.py --lora: stage{K}/adapter.safetensors) to fold "
+                   "into the DiT; a LoRA run folder passed as --ckpt applies its own without this flag")
+    p.add_argument("--lora-scale", type=number(float), default=1.0, metavar="S", help="weight of the adapter's "
+                   "update: 0 = the base, 1 = as trained")
     args = p.parse_args(argv)
     if args.dpg and args.n not in (None, 4):
         p.error(f"argument --n: DPG-Bench scores a 2x2 grid of 4 images per prompt; --dpg takes --n 4 (got {args.n})")
@@ -671,7 +714,7 @@ def main(argv=None):
         # own seed, so a result never depends on what else ran, in its batch or on another process.
         pipe = load_pipeline(args.ckpt, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None,
                              compile=args.compile, dit=args.dit, decoder=args.decoder, gemma=args.gemma,
-                             stats=args.stats)
+                             stats=args.stats, lora=args.lora, lora_scale=args.lora_scale)
         width, height, steps, cfg, solver, shift = pipe.settings(args.size, args.steps, args.cfg, args.solver,
                                                                  args.shift)
         what = f"{args.batch_size} image(s) of {width}x{height} at once on {device}"

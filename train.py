@@ -18,6 +18,7 @@ curated set; stage K > 1 starts from stage K-1's final weights with a fresh opti
     torchrun --nproc_per_node=8 train.py --stage 1 --data pairs.jsonl --out runs/svg --preset 2B \
              --dino dinov3_vits16plus.pth --gemma gemma-2-2b/ --stats latent_stats.pt
     python train.py --demo --out runs/demo          # every stage of the CPU demo, one after another
+    python train.py --stage 4 --init-from assets/demo --lora 8 --data shapes:star --out runs/star   # fine-tune
 
 Reading order: the stage table; `train_dit`, the loop, then the steps it names in the order it calls them;
 `train_autoencoder` alike. Past the banner below them stands the machinery a first reading can skip: processes
@@ -30,7 +31,8 @@ command, and it continues exactly where its last checkpoint left it:
     RUN_DIR/encoders.json           which DINOv3 / Gemma-2 / statistics this run uses (paths), its --preset
     RUN_DIR/encoders/               small random frozen encoders made once for the small presets
     RUN_DIR/autoencoder_P/stage{K}/ decoder stages: model.safetensors (+ latest/ while running)
-    RUN_DIR/stage{K}/               model.safetensors, ema.safetensors, config.json (+ latest/ while running)
+    RUN_DIR/stage{K}/               model.safetensors, ema.safetensors, config.json (+ latest/ while running);
+                                    a --lora stage: adapter.safetensors, adapter_model.safetensors, config.json
     RUN_DIR/log.jsonl               one JSON line of metrics per log interval
     RUN_DIR/previews/               sample grids of fixed prompts, made every so often
 """
@@ -38,9 +40,11 @@ command, and it continues exactly where its last checkpoint left it:
 import argparse
 import contextlib
 import fcntl
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -102,6 +106,7 @@ _RELEASED = dict(
     ema_decay=0.9999,                            # a 10k-step horizon (the official 0.95 is ~20 steps)
     compile=True,                                # torch.compile the DiT (--no-compile / --compile override)
     sample=flow.RELEASE_SAMPLER,                 # what config.json tells sample.py: the official sampler
+    finetune=dict(lora_lr=1e-4),                 # --init-from / --lora: steps from the table; LoRA's usual rate
     preview_every=5000, log_every=10,
 )
 
@@ -130,6 +135,8 @@ PRESETS = {
         residual=dict(embed_dim=64, depth=2, num_heads=4, img_size=128),
         max_cap_len=64, ema_decay=0.998, compile=False,     # on 2 CPU cores compiling costs more than it saves
         sample=dict(steps=20, cfg=3.0, solver="dpm", shift=3.0),   # CFG 3: squarer squares than 4 (README)
+        # --init-from / --lora (README "Fine-tuning", the star exercise): a short stage; LoRA at a higher rate.
+        finetune=dict(steps=600, lr=5e-4, lora_lr=2e-3),
         preview_every=500, log_every=10,
     ),
     # Seconds per stage: what the tests train.
@@ -163,12 +170,13 @@ PREVIEW_PROMPTS = ["a red circle in the top left", "a blue square in the center"
 def train_dit(args, preset, rank, world, device):
     """DiT stage `args.stage` in the run folder `args.out`: start (from the seeded initialisation, from stage
     K-1's result, or resumed from this stage's latest/), take the optimizer steps, write the result."""
+    args = finetune_args(args, preset, rank)         # --init-from / --lora: their defaults, files and checks
     k, run_dir = args.stage, args.out
     stage_dir, res = os.path.join(run_dir, f"stage{k}"), preset["dit_res"][k - 1]
     max_steps, global_batch, micro, accum = dit_batch_plan(args, preset, world)
     # A resumed stage must go on as it began: the seed and global batch are checked before any heavy work, the
     # data once it is open.
-    latest, settings = find_latest(stage_dir), dict(seed=args.seed, global_batch=global_batch)
+    latest, settings = find_latest(stage_dir), dict(seed=args.seed, global_batch=global_batch, **finetune_settings(args))
     refuse_to_overwrite(stage_dir, latest)
     check_resume(args, latest, settings, rank)
     frozen, cfg, patch, dataset = open_dit_data(args, preset, res, latest, settings, rank, world, device)
@@ -223,9 +231,10 @@ def train_dit(args, preset, rank, world, device):
         if preview_every and (step % preview_every == 0 or step == max_steps):
             write_preview(run_dir, ema, cfg, args.fsdp, k, step, res, rank, device)
     bar.close()
-    finish_dit(stage_dir, model, ema, cfg, rank, config=dict(
+    (finish_lora if args.lora else finish_dit)(stage_dir, model, ema, cfg, rank, config=dict(
         stage=k, resolution=res, steps=step, global_batch=global_batch, preset=args.preset, dit=cfg,
-        sample=dict(preset["sample"], size=res), max_cap_len=preset["max_cap_len"], data=args.data, seed=args.seed))
+        sample=dict(preset["sample"], size=res), max_cap_len=preset["max_cap_len"], data=args.data, seed=args.seed,
+        **finetune_config(args)))
 
 
 def dit_batch_plan(args, preset, world):
@@ -296,19 +305,25 @@ def start_dit(cfg, args, latest, sampler, rank, device):
     k, run_dir = args.stage, args.out
     with seeded(args.seed, "dit", k):            # initialised on the CPU, the same in every process
         model = dit_lib.NextDiT(**cfg).to(device)
-        ema = dit_lib.NextDiT(**cfg).to(device).requires_grad_(False)
+        ema = dit_lib.NextDiT(**cfg).to(device).requires_grad_(False) if not args.lora else \
+            lora_ema_shell(cfg)                  # --lora: the EMA will share the model's base (attach_adapters)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     # `norm_final` is in the official model (KlingTeam/SVG-T2I `svg_t2i/models/model_dino.py` builds it, its
     # forward never calls it), kept so the released weights load key for key. No gradient ever reaches it, and
     # DDP would wait for one: freeze it.
     model.norm_final.requires_grad_(False)
+    # --init-from: the source's weights (for --lora also on a resume: latest/ holds the adapters alone, so the
+    # frozen base they sit on is loaded first); --lora: adapters attached, the base frozen.
+    loaded = load_source_weights(model, args, latest, rank)
+    if args.lora:
+        attach_adapters(model, ema, args, rank, device)
     if latest:
         trainer = load_latest(latest, rank, model=model, ema=ema)     # weights, EMA, RNG; returns the rest
         sampler.load_state_dict(trainer["sampler"])
         log0(rank, f"stage {k}: resuming from {latest} at step {trainer['step']}")
         return model, ema, trainer["step"], trainer
-    if k > 1:
+    if k > 1 and not loaded:
         prev = os.path.join(run_dir, f"stage{k - 1}", "model.safetensors")
         if not os.path.exists(prev):
             raise SystemExit(f"stage {k} starts from stage {k - 1}'s weights, but {prev} does not exist: "
@@ -403,7 +418,8 @@ def clip_gradients(model):
 def update_ema(ema, model, decay, step):
     decay = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().float(), 1 - decay)   # under FSDP both are DTensor shards cut alike: no gathers
+        if p.requires_grad:                      # a frozen weight equals its EMA already (--lora: the whole base)
+            e.lerp_(p.detach().float(), 1 - decay)   # under FSDP both are DTensor shards cut alike: no gathers
 
 
 def dit_log_row(stage, step, loss_sum, grad_norm, images_per_s, counts, compiles, world):
@@ -419,7 +435,7 @@ def save_dit_checkpoint(stage_dir, rank, model, ema, optimizer, sampler, step, s
     """latest/ of a DiT stage. Weights, EMA and AdamW state are gathered whole (collectives under FSDP: every
     rank calls this); with them the sampler's position, the step, the settings and every rank's RNG state."""
     save_latest(stage_dir, rank, dict(
-        weights=dict(model=full_state(model), ema=full_state(ema)),
+        weights=dict(model=trained_state(model), ema=trained_state(ema)),    # --lora: the adapters alone
         optimizer=full_optimizer_state(model, optimizer), sampler=sampler.state_dict(), step=step,
         settings=settings), dict(torch=torch.get_rng_state()))
 
@@ -430,6 +446,8 @@ def write_preview(run_dir, ema, cfg, fsdp, stage, step, res, rank, device):
         ema = plain_nextdit(cfg, full_state(ema))
     if rank != 0:
         return
+    if dit_lib.lora_modules(ema):    # --lora: sample the merged copy; casting in place would touch the shared base
+        ema = dit_lib.merge_lora(ema)
     try:
         # float32: the EMA itself is handed over, and load_pipeline casts in place (bf16 would round it for good)
         pipe = sample.load_pipeline(run_dir, device=device, dit_model=ema, dtype=torch.float32)
@@ -836,7 +854,11 @@ def load_weights(module, path):
     """module.load_state_dict from a safetensors file, with one line naming the file if it is truncated or
     holds another model's weights (a folder of another --preset)."""
     try:
-        module.load_state_dict(load_file(path))
+        state = load_file(path)
+        if dit_lib.lora_modules(module):          # a --lora stage's latest/ holds the adapters alone
+            dit_lib.load_lora_state(module, state, path)
+        else:
+            module.load_state_dict(state)
     except (OSError, SafetensorError, RuntimeError) as err:
         raise ValueError(f"{path} does not load into this {type(module).__name__} ({type(err).__name__}: "
                          f"{first_line(err)}): it is truncated, or from another --preset; delete this latest/ "
@@ -1154,6 +1176,8 @@ def data_hash(dataset):
         items = [[os.path.abspath(r["path"]), r["caption"], r["system"]] for r in dataset.records]
     else:
         items = dict(length=dataset.length, clean=dataset.clean, two_object_prob=dataset.two_object_prob)
+        if dataset.star_fraction:                # shapes:star; absent otherwise, so older hashes stay valid
+            items["star_fraction"] = dataset.star_fraction
     return hashlib.sha1(json.dumps(items).encode()).hexdigest()[:16]
 
 
@@ -1267,6 +1291,290 @@ def export_for_sampling(run_dir, dest):
     tqdm.write(f"exported {run_dir} -> {dest}")
 
 
+# ----- Fine-tuning: --init-from and --lora ------------------------------------------------------------------
+# A stage can start from weights made elsewhere (the official `--init_from`, KlingTeam/SVG-T2I
+# `svg_t2i/train_svg_t2i.py`, which loads `consolidated.00-of-01.pth` into the model and its EMA and starts a
+# fresh optimizer): the released DiT (a folder holding consolidated.00-of-01.pth, or the file), a run folder or
+# stage folder of this project, or an export such as assets/demo. Model and EMA both start from the source's
+# EMA weights where it has them (a run's stage{K}/ema.safetensors; the release has one set of weights). The new
+# run folder gets what sampling needs: the source's encoders.json and encoders/ (the demo's random encoders
+# and latent statistics) and its decoder, copied (or, for a released .ckpt, converted) into autoencoder_P/.
+# Unlike the official loader, which drops keys whose shapes differ without a word, a source that does not fit
+# is refused with the list of keys, unless --partial-load asks for what fits.
+#
+# --lora R trains adapters on a frozen base (model.py "LoRA adapters"): the base is the --init-from source
+# or, without it, stage K-1 of this run. The EMA shares the model's frozen base tensors (one copy in memory)
+# and averages the adapters; latest/ holds the adapters, their EMA and AdamW's state for them, nothing else;
+# the stage writes stage{K}/adapter.safetensors (EMA adapters: what sample.py applies), adapter_model.safetensors
+# (the trained ones) and config.json naming its base with a fingerprint. --fsdp is refused with --lora: the
+# adapted 2B model fits one GPU (README "Fine-tuning"), and sharding a base shared by two modules is not done.
+
+def finetune_args(args, preset, rank):
+    """args with the fine-tuning defaults filled in and the --init-from source resolved (args.init_source),
+    the source's sampling files imported into the run folder. Unchanged when neither flag is given."""
+    args = argparse.Namespace(**vars(args), init_source=None)
+    if not (args.init_from or args.lora):
+        return args
+    if args.lora and args.fsdp:
+        raise SystemExit("--lora with --fsdp is not supported: the frozen base (bf16) and the adapters fit one GPU "
+                         "(2B at 1024 px with --grad-checkpointing: README 'Fine-tuning'); use DDP (no --fsdp)")
+    if args.lora and not args.init_from and args.stage == 1:
+        raise SystemExit("--lora trains adapters on a base model: pass --init-from PATH, or run it as stage K > 1 "
+                         "of a run folder whose stage K-1 is finished")
+    # A fine-tune is short: the preset's `finetune` entry gives its steps and learning rates (LoRA's is higher:
+    # its updates start from B = 0 and live in a small subspace).
+    defaults = preset.get("finetune", {})
+    if args.max_steps is None:
+        args.max_steps = defaults.get("steps")
+    if args.lr is None:
+        args.lr = defaults.get("lora_lr" if args.lora else "lr")
+    if args.init_from:
+        args.init_source = resolve_init_source(args.init_from)
+        if args.lora and args.init_source.get("lora"):
+            raise SystemExit(f"--init-from {args.init_from} is itself a LoRA stage; merge it first "
+                             "(`train.py --stage K --out RUN --export DIR` writes merged weights) and start from DIR")
+        import_sampling_files(args, rank)
+    return args
+
+
+def finetune_settings(args):
+    """What a resumed fine-tuning stage must share with the run that wrote its latest/ (check_resume)."""
+    out = dict(lora=dict(rank=args.lora, alpha=args.lora_alpha, targets=list(lora_targets(args))) if args.lora
+               else None)                       # a LoRA latest/ holds adapters only: no resume without --lora
+    if args.init_from:
+        out["init_from"] = data.fingerprint(args.init_source["weights"])
+    return out
+
+
+def finetune_config(args):
+    """What a fine-tuning stage's config.json adds: where it started; for --lora the base (finish_lora)."""
+    if args.init_source is None:
+        return {}
+    out = dict(init_from=args.init_from or args.init_source["weights"], init_weights=args.init_source["what"])
+    return dict(out, lora_base=args.init_source["weights"]) if args.lora else out
+
+
+def lora_targets(args):
+    return tuple(t.strip() for t in (args.lora_targets or ",".join(dit_lib.LORA_TARGETS)).split(",") if t.strip())
+
+
+def resolve_init_source(path):
+    """--init-from PATH -> {weights, lora (an adapter on them, or None), run (a folder with encoders.json, or
+    None), parts (sample.find_parts of a folder), what (for the log)}."""
+    if os.path.isfile(path):
+        stage_dir = os.path.dirname(os.path.abspath(path))
+        run = os.path.dirname(stage_dir) if os.path.exists(os.path.join(os.path.dirname(stage_dir), "encoders.json")) \
+            else None
+        parts = sample.find_parts(run) if run else {}
+        return dict(weights=path, lora=None, run=run, parts=parts, what=f"the weights in {path}")
+    if not os.path.isdir(path):
+        raise SystemExit(f"--init-from {path} does not exist: pass a folder holding consolidated.00-of-01.pth, that "
+                         "file, a run or stage folder of this project, or an export such as assets/demo")
+    parts = sample.find_parts(path)
+    if not parts.get("dit") or not os.path.exists(parts["dit"]):
+        raise SystemExit(f"--init-from {path}: no DiT weights there (consolidated.00-of-01.pth, or a finished "
+                         "stage{K}/ema.safetensors)")
+    run = path if os.path.exists(os.path.join(path, "encoders.json")) else \
+        os.path.dirname(path.rstrip("/")) if os.path.exists(os.path.join(os.path.dirname(path.rstrip("/")),
+                                                                         "encoders.json")) else None
+    ema = os.path.basename(parts["dit"]).startswith("ema")
+    what = (f"the EMA weights {parts['dit']}" if ema else f"the weights {parts['dit']}") + \
+        (f" with the adapter {parts['lora']} merged" if parts.get("lora") else "")
+    return dict(weights=parts["dit"], lora=parts.get("lora"), run=run, parts=parts, what=what)
+
+
+def import_sampling_files(args, rank):
+    """Make the new run folder complete for sampling and training: the source run's encoders.json and encoders/
+    (copied once; a run folder that has encoders already must have the same ones), and its decoder (copied, a
+    released .ckpt converted to our safetensors). A released source also lends its Gemma-2 folder and latent
+    statistics to --gemma / --stats when those are not given."""
+    source, run_dir = args.init_source, args.out
+    parts = source["parts"]
+    if source["run"] is None:                          # the release: its files fill the flags the user left out
+        args.gemma = args.gemma or parts.get("gemma")
+        args.stats = args.stats or parts.get("stats")
+    if rank == 0:
+        mine = os.path.join(run_dir, "encoders.json")
+        if source["run"] is not None:
+            theirs = os.path.join(source["run"], "encoders.json")
+            if not os.path.exists(mine):
+                enc = os.path.join(source["run"], "encoders")
+                if os.path.isdir(enc) and not os.path.exists(os.path.join(run_dir, "encoders")):
+                    shutil.copytree(enc, os.path.join(run_dir, "encoders"))
+                shutil.copy(theirs, mine + ".tmp")
+                os.replace(mine + ".tmp", mine)
+            elif same_encoders(source["run"], run_dir) is False:
+                raise SystemExit(f"--init-from {args.init_from}: its encoders ({theirs}) differ from this run folder's "
+                                 f"({mine}); a DiT only works with the encoders it was trained on: pick another --out")
+        has_decoder = glob_first(os.path.join(run_dir, "autoencoder_P", "stage*", "model.safetensors"))
+        if parts.get("decoder") and os.path.exists(parts["decoder"]) and not has_decoder:
+            found = [int(n) for n in re.findall(r"stage(\d+)", parts["decoder"])]
+            target = os.path.join(run_dir, "autoencoder_P", f"stage{found[-1] if found else 1}", "model.safetensors")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if parts["decoder"].endswith(".safetensors"):
+                atomic_save(lambda tmp: shutil.copy(parts["decoder"], tmp), target)
+            else:
+                decoder = ae_lib.load_autoencoder(parts["decoder"], kind="P")
+                atomic_save(lambda tmp: ae_lib.save_autoencoder(decoder, tmp + ".safetensors") or
+                            os.replace(tmp + ".safetensors", tmp), target)
+            log0(rank, f"--init-from: decoder {parts['decoder']} -> {target}")
+    barrier()
+
+
+def glob_first(pattern):
+    return next(iter(sorted(glob.glob(pattern))), None)
+
+
+def same_encoders(run_a, run_b):
+    """True/False: do two run folders use the same DINOv3 and Gemma-2 files (by fingerprint)?"""
+    prints = []
+    for run in (run_a, run_b):
+        with open(os.path.join(run, "encoders.json")) as f:
+            paths = json.load(f)
+        prints.append([data.fingerprint(resolve(run, paths[k])) for k in ("dino", "gemma")])
+    return prints[0] == prints[1]
+
+
+def source_state(path, lora=None):
+    """{key: fp32 tensor} of a DiT file (released .pth or ours), an adapter merged in if given, and its stored
+    config (ours; None for a .pth, whose config is inferred from shapes and so says nothing the shapes do not)."""
+    src = dit_lib.load_nextdit(path)
+    if lora:
+        dit_lib.apply_lora(src, lora)
+    stored = src.config if dit_lib._resolve_checkpoint(path).endswith(".safetensors") else None
+    return {k: v.float() for k, v in src.state_dict().items()}, stored
+
+
+def load_source_weights(model, args, latest, rank):
+    """Load the --init-from source into `model` (a plain NextDiT): at the start of a stage, and for --lora also
+    on a resume (the base under the adapters). --lora without --init-from: stage K-1's weights are the base.
+    Every key that does not fit is reported; anything missing, unexpected or of another shape (or another
+    architecture in the config) is refused unless --partial-load. -> True if weights were loaded."""
+    source = args.init_source
+    if source is None and args.lora and args.stage > 1:
+        prev = os.path.join(args.out, f"stage{args.stage - 1}", "model.safetensors")
+        if not os.path.exists(prev):
+            raise SystemExit(f"--lora at stage {args.stage} needs a base: {prev} does not exist; run stage "
+                             f"{args.stage - 1} first, or pass --init-from PATH")
+        source = dict(weights=prev, lora=None, what=f"stage {args.stage - 1}'s weights {prev}")
+        args.init_source = source
+    if source is None or (latest and not args.lora):
+        return False
+    state, config = source_state(source["weights"], source.get("lora"))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshapen = [f"{k}: source {tuple(state[k].shape)} vs model {expected[k]}"
+                 for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    differ = {k: [config.get(k), v] for k, v in model.config.items()
+              if config is not None and k != "axes_lens" and config.get(k) != v}
+    if missing or unexpected or misshapen or differ:
+        report = (f"--init-from {source['weights']} does not match this run's NextDiT (preset {args.preset!r}):\n"
+                  f"  config (source vs model): {differ}\n"
+                  f"  missing keys ({len(missing)}): {missing[:8]}{' ...' if len(missing) > 8 else ''}\n"
+                  f"  unexpected keys ({len(unexpected)}): {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}\n"
+                  f"  wrong shapes ({len(misshapen)}): {misshapen[:8]}{' ...' if len(misshapen) > 8 else ''}")
+        if not args.partial_load:
+            raise ValueError(report + "\npass the --preset the source was trained with, or --partial-load to load "
+                                      "the keys that fit and keep the fresh initialisation for the rest")
+        log0(rank, report + "\n--partial-load: the rest keeps its fresh initialisation")
+        bad = {k.split(":")[0] for k in misshapen}
+        state = {k: v for k, v in state.items() if k in expected and k not in bad}
+    model.load_state_dict(state, strict=not args.partial_load)
+    log0(rank, f"stage {args.stage}: initialised from {source['what']} ({len(state)} tensors); the EMA starts "
+               "from the same weights" + (" (the frozen base of the adapters)" if args.lora else ""))
+    return True
+
+
+def attach_adapters(model, ema, args, rank, device):
+    """--lora: the same seeded adapters on model and EMA (B = 0, so both still are the base), the base frozen
+    (bf16 on CUDA: no gradient or optimizer state ever touches it, and autocast computes in bf16 anyway), and
+    the EMA's base replaced by the model's own tensors, so the 2B base is held once."""
+    targets = lora_targets(args)
+    for module in (model, ema):
+        with seeded(args.seed, "lora", args.stage):        # the same A on every rank and in both copies
+            names = dit_lib.attach_lora(module, args.lora, args.lora_alpha, targets)
+    ema.requires_grad_(False)
+    for name, p in model.named_parameters():
+        parent, _, leaf = name.rpartition(".")
+        if not p.requires_grad:
+            if device.type == "cuda":
+                p.data = p.data.to(torch.bfloat16)
+            ema.get_submodule(parent)._parameters[leaf] = p      # shared: the EMA's base is the model's
+        elif ema.get_parameter(name).is_meta:                    # the EMA was a shell: its adapters start as copies
+            ema.get_submodule(parent)._parameters[leaf] = nn_parameter(p)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log0(rank, f"--lora {args.lora}: adapters on {len(names)} Linear layers ({','.join(targets)}), {n:,} trainable "
+               f"parameters, alpha {model.lora['alpha']:g}; the base is frozen")
+
+
+def lora_ema_shell(cfg):
+    """The EMA of a LoRA stage before attach_adapters: a NextDiT without storage (meta), so that the base is
+    never held twice, not even at start-up (the 2B's fp32 copy alone would be 10 GB)."""
+    with torch.device("meta"):
+        return dit_lib.NextDiT(**cfg).requires_grad_(False)
+
+
+def nn_parameter(p):
+    return torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+
+
+def trained_state(module):
+    """What latest/ keeps of a model: everything (fp32), or with --lora the adapters alone."""
+    return dit_lib.lora_state(module) if dit_lib.lora_modules(module) else full_state(module)
+
+
+def finish_lora(stage_dir, model, ema, cfg, rank, config):
+    """A LoRA stage's result: adapter.safetensors (the EMA adapters, what sample.py applies), adapter_model.
+    safetensors (the trained ones), config.json (the stage's, plus `lora`: rank, alpha, targets, the base as a
+    path relative to the run folder and absolute, and its fingerprint). Written to temporary names, then renamed."""
+    if rank == 0:
+        args_base = config.pop("lora_base")
+        run_dir = os.path.dirname(os.path.abspath(stage_dir))
+        base = dict(base=os.path.relpath(os.path.abspath(args_base), run_dir), base_abs=os.path.abspath(args_base),
+                    base_fingerprint=data.fingerprint(args_base))
+        for module, name in ((ema, "adapter.safetensors"), (model, "adapter_model.safetensors")):
+            atomic_save(lambda tmp: dit_lib.save_lora(module, tmp, **base), os.path.join(stage_dir, name))
+        atomic_json(dict(config, lora=dict(ema.lora, adapter="adapter.safetensors", **base)),
+                    os.path.join(stage_dir, "config.json"))
+        size = os.path.getsize(os.path.join(stage_dir, "adapter.safetensors"))
+        log0(rank, f"stage {config['stage']} done: {stage_dir}/adapter.safetensors ({size / 2 ** 20:.2f} MiB) on "
+                   f"the base {args_base}")
+    barrier()
+
+
+def export_merged(run_dir, dest):
+    """--export of a run whose last stage is a LoRA stage: the same files as export_for_sampling, with the
+    adapter folded into its base (model.merge, float32) as that stage's ema.safetensors. The result samples
+    like the run itself (merged = applied, to float rounding) and needs neither the adapter nor the base."""
+    parts = sample.find_parts(run_dir)
+    check_export_dest(run_dir, dest)
+    dit = dit_lib.load_nextdit(parts["dit"])
+    dit_lib.apply_lora(dit, parts["lora"])
+    dest = dest.rstrip("/")
+    tmp, old = f"{dest}.tmp{os.getpid()}", f"{dest}.old{os.getpid()}"
+    remove_tree(tmp)
+    stage = os.path.relpath(os.path.dirname(parts["lora"]), run_dir)
+    copied = [os.path.join(run_dir, "encoders.json"), os.path.join(run_dir, "encoders"), parts["decoder"]]
+    for src in copied:
+        target = os.path.join(tmp, os.path.relpath(src, run_dir))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, target)
+    os.makedirs(os.path.join(tmp, stage), exist_ok=True)
+    dit_lib.save_nextdit(dit, os.path.join(tmp, stage, "ema.safetensors"))
+    with open(os.path.join(os.path.dirname(parts["lora"]), "config.json")) as f:
+        config = json.load(f)
+    config["merged_lora"] = config.pop("lora")
+    atomic_json(config, os.path.join(tmp, stage, "config.json"))
+    atomic_json(dict(run=run_dir, merged=parts["lora"], files=[os.path.relpath(s, run_dir) for s in copied]),
+                os.path.join(tmp, EXPORT_MARKER))
+    if os.path.exists(dest):
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    remove_tree(old)
+    tqdm.write(f"exported {run_dir} -> {dest} (adapter {parts['lora']} merged into {parts['dit']})")
+
+
 # ----- One run per run folder ----------------------------------------------------------------------------
 # Two trainings in one folder would overwrite each other's checkpoints. Rank 0 holds an exclusive flock on
 # RUN_DIR/.lock for as long as it lives; the kernel drops it when the process ends, however it ends (kill -9
@@ -1324,7 +1632,8 @@ def parse_args(argv=None):
     p.add_argument("--autoencoder", choices=("P", "R"), help="train the pixel decoder (P) or decoder + residual ViT (R) "
                    "instead of the DiT")
     p.add_argument("--data", default="shapes", help="a JSONL file of {path, prompt}, an image folder with .txt "
-                   "captions, or 'shapes' / 'shapes:clean' (the built-in procedural dataset)")
+                   "captions, or 'shapes' / 'shapes:clean' (the built-in procedural dataset) / 'shapes:star' (with stars, for "
+                   "fine-tuning: README 'Fine-tuning')")
     p.add_argument("--out", required=True, help="the run folder; every stage of one model lives in the same one")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="model sizes and resolution ladder")
     p.add_argument("--max-steps", type=positive, help="optimizer steps for this stage (default: the stage table)")
@@ -1360,6 +1669,22 @@ def parse_args(argv=None):
     p.add_argument("--vgg", help="torchvision vgg16 .pth for LPIPS")
     p.add_argument("--demo", action="store_true", help="walk every stage of the preset: autoencoder P stages, then "
                    "DiT 1..4 (stage 4 on shapes:clean when --data is shapes)")
+    p.add_argument("--init-from", metavar="PATH", help="DiT stages: start from these weights instead of the seeded "
+                   "initialisation or stage K-1 (model and EMA from the source's EMA weights): the released DiT (a "
+                   "folder with consolidated.00-of-01.pth, or the file), a run or stage folder of this project, or an "
+                   "export such as assets/demo; its encoders and decoder are copied into --out. A resume continues "
+                   "from latest/ as usual")
+    p.add_argument("--partial-load", action="store_true", help="with --init-from: load the keys whose names and "
+                   "shapes fit and keep the fresh initialisation for the rest (reported), instead of refusing a "
+                   "source of another architecture")
+    p.add_argument("--lora", type=positive, metavar="RANK", help="DiT stages: freeze the base (the --init-from "
+                   "source, else stage K-1) and train rank-RANK adapters (LoRA); the stage writes "
+                   "stage{K}/adapter.safetensors. Not with --fsdp")
+    p.add_argument("--lora-alpha", type=sample.number(float, above=0), help="LoRA scale numerator: the update is "
+                   "(alpha / rank) * B A (default: alpha = rank, scale 1)")
+    p.add_argument("--lora-targets", metavar="NAMES", help="comma-separated ends of the Linear module names to "
+                   f"adapt (default: {','.join(dit_lib.LORA_TARGETS)}: attention qkv and out, SwiGLU w1 w2 w3 of "
+                   "every joint and refiner block)")
     p.add_argument("--export", metavar="DIR", help="after training, copy the files sample.py needs to DIR "
                    "(`--demo --export assets/demo` rebuilds the shipped demo). DIR must be new, empty or an "
                    "earlier export (it holds export.json); an earlier export is replaced only once the new one "
@@ -1371,6 +1696,8 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.demo and args.stage is None:
         raise SystemExit("pass --stage K (1-4), or --demo to walk every stage")
+    if (args.init_from or args.lora) and (args.demo or args.autoencoder):
+        raise SystemExit("--init-from and --lora start one DiT stage: pass --stage K, not --demo or --autoencoder")
     if args.export:                               # refused now, not after hours of training
         check_export_dest(args.out, args.export)
     preset = PRESETS[args.preset]
@@ -1402,8 +1729,8 @@ def main(argv=None):
             train_autoencoder(args, preset, rank, world, device)
         else:
             train_dit(args, preset, rank, world, device)
-        if args.export and rank == 0:
-            export_for_sampling(args.out, args.export)
+        if args.export and rank == 0:    # a LoRA stage last: its adapter merged into the base
+            (export_merged if sample.find_parts(args.out).get("lora") else export_for_sampling)(args.out, args.export)
         # Leave together: a rank that tears down its gloo threads while a peer is still finishing its last
         # collective can abort at exit ("terminate called without an active exception", seen once in CI).
         barrier()

@@ -14,7 +14,9 @@ The classifier, step by step:
   4. coverage ("alpha") of every pixel = how far it sits between background and object colour, so the
      anti-aliased edges count by fraction; position = nearest named position to the coverage centroid;
   5. shape = area / (width × height), where width and height are measured from the coverage profiles:
-     a square fills its box (1.0), a circle π/4 ≈ 0.79, an upright triangle 0.5.
+     a square fills its box (1.0), a circle π/4 ≈ 0.79, an upright triangle 0.5 -- unless the object is far
+     from convex: a five-pointed star (the fine-tuning exercise's new shape, README "Fine-tuning") covers
+     0.47 of its convex hull, the three others ≥ 0.9, so "solidity" (area / hull area) < 0.7 reads as a star.
 It is checked on rendered ground truth by tests/test_eval_shapes.py.
 
 Scoring (GenEval's two-object and colour-attribution questions, in miniature): a one-object prompt is right
@@ -22,8 +24,8 @@ when the largest object found has its colour, shape and position. A two-object p
 (the object found at each named place: its colour, its shape, and whether the place is occupied) and per
 image (`all`: both objects right in all three). Every number is reported with its range over the seeds.
 
-Usage:  python benchmarks/eval_shapes.py [--ckpt RUN_DIR] [--seeds 0,1,2,3] [--out eval_shapes.json]
-                                         [--steps N] [--cfg S] [--limit N]
+Usage:  python benchmarks/eval_shapes.py [--ckpt RUN_DIR[,RUN_DIR...]] [--prompts old|star|all] [--seeds 0,1,2,3]
+                                         [--out eval_shapes.json] [--steps N] [--cfg S] [--limit N]
 """
 import argparse
 import json
@@ -34,7 +36,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
-from data import PAIR_POSITIONS, PALETTE, POSITIONS, SHAPES, caption_for, parse_caption  # noqa: E402
+from data import NEW_SHAPES, PAIR_POSITIONS, PALETTE, POSITIONS, SHAPES, caption_for, parse_caption  # noqa: E402
 
 # Thresholds. The nearest palette colour is at least ~240 RGB units from white, so a quarter of that marks
 # foreground; shape fills split halfway between the ideal values 0.5, π/4 and 1.
@@ -43,6 +45,7 @@ CORE_FRACTION = 0.8          # a pixel belongs to the solid core at >= 80% of th
 MIN_AREA_FRACTION = 0.004    # smaller components are noise
 TRIANGLE_MAX_FILL = (0.5 + np.pi / 4) / 2   # 0.64
 SQUARE_MIN_FILL = (np.pi / 4 + 1.0) / 2     # 0.89
+STAR_MAX_SOLIDITY = 0.7      # area / convex-hull area: a regular star 0.47, circles, squares, triangles >= 0.9
 
 
 # ----- Connected components ---------------------------------------------------------------------------------
@@ -84,6 +87,28 @@ def connected_components(mask):
 
 # ----- The classifier ---------------------------------------------------------------------------------------
 
+def convex_hull_area(mask):
+    """Area in pixels of the convex hull of a bool mask's pixels (each pixel a unit square): Andrew's monotone
+    chain over the pixel corners, then the shoelace formula."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return 0.0
+    corners = np.unique(np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)]), axis=0)
+    points = [tuple(p) for p in corners.tolist()]          # sorted by x, then y (np.unique sorts rows)
+
+    def half(pts):
+        hull = []
+        for p in pts:
+            while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1]) -
+                                      (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])) <= 0:
+                hull.pop()
+            hull.append(p)
+        return hull[:-1]
+    hull = np.array(half(points) + half(points[::-1]), dtype=np.float64)
+    x, y = hull[:, 0], hull[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
 def _nearest(value, table):
     """Key of `table` whose value is nearest (Euclidean) to `value`."""
     return min(table, key=lambda k: float(np.sum((np.asarray(table[k], float) - value) ** 2)))
@@ -121,11 +146,14 @@ def classify_image(image):
         # that column (row) the object spans; their sum is the object's width (height) to sub-pixel accuracy.
         width, height = alpha.max(axis=0).sum(), alpha.max(axis=1).sum()
         fill = area / max(width * height, 1e-6)
-        shape = "triangle" if fill < TRIANGLE_MAX_FILL else "square" if fill > SQUARE_MIN_FILL else "circle"
+        solidity = float((alpha >= 0.5).sum()) / max(convex_hull_area(alpha >= 0.5), 1.0)
+        shape = "star" if solidity < STAR_MAX_SOLIDITY else "triangle" if fill < TRIANGLE_MAX_FILL else \
+            "square" if fill > SQUARE_MIN_FILL else "circle"
         cx, cy = (alpha * xs).sum() / area / W, (alpha * ys).sum() / area / H
         found.append(dict(color=_nearest(color_rgb, PALETTE), shape=shape,
                           position=_nearest(np.array([cx, cy]), POSITIONS),
-                          cx=float(cx), cy=float(cy), fill=float(fill), area=float(area / (H * W))))
+                          cx=float(cx), cy=float(cy), fill=float(fill), solidity=solidity,
+                          area=float(area / (H * W))))
     return sorted(found, key=lambda o: -o["area"])
 
 
@@ -174,6 +202,8 @@ def _eval_prompts():
 
 
 EVAL_PROMPTS = _eval_prompts()
+# The fine-tuning exercise's new concept: a lone star in every colour and position (8 x 5 = 40).
+STAR_PROMPTS = [caption_for([dict(color=c, shape=s, position=p)]) for s in NEW_SHAPES for c in PALETTE for p in POSITIONS]
 
 
 # ----- Generate and report ----------------------------------------------------------------------------------
@@ -185,8 +215,11 @@ def summarize(records):
     """Per-prompt records -> {group: {n, color, shape, position, all, count}}: colour, shape and position are
     fractions of asked objects (two per pair prompt), `all` and `count` fractions of images (a pair counts
     only when both objects are right)."""
-    groups = {"single": [r for r in records if r["n_objects"] == 1],
-              "two": [r for r in records if r["n_objects"] == 2]}
+    is_new = lambda r: any(shape in r.get("prompt", "").split() for shape in NEW_SHAPES)
+    groups = {"single": [r for r in records if r["n_objects"] == 1 and not is_new(r)],
+              "two": [r for r in records if r["n_objects"] == 2 and not is_new(r)]}
+    if any(map(is_new, records)):                # the fine-tuning exercise's stars, a group of their own
+        groups["star"] = [r for r in records if is_new(r)]
     out = {}
     for g, rs in groups.items():
         objects = [o for r in rs for o in r["score"]["objects"]]
@@ -200,7 +233,7 @@ def summarize_seeds(records, seeds):
     """-> (per-seed summaries {seed: summary}, spread {group: {key: (mean, min, max) over the seeds}})."""
     per_seed = {seed: summarize([r for r in records if r["seed"] == seed]) for seed in seeds}
     spread = {}
-    for g in ("single", "two"):
+    for g in per_seed[seeds[0]]:
         spread[g] = {}
         for k in OBJECT_KEYS + IMAGE_KEYS:
             values = [per_seed[seed][g][k] for seed in seeds]
@@ -213,13 +246,46 @@ def print_table(summary, spread):
     keys = OBJECT_KEYS + IMAGE_KEYS
     print(f"{'':8s}{'n':>6s}" + "".join(f"{k:>20s}" for k in keys))
     for g, s in summary.items():
+        if not s["n"]:
+            continue
         cells = [f"{s[k]:.3f} [{spread[g][k][1]:.2f}-{spread[g][k][2]:.2f}]" for k in keys]
         print(f"{g:8s}{s['n']:6d}" + "".join(f"{c:>20s}" for c in cells))
 
 
+def evaluate(pipe, prompts, seeds, options, batch_size):
+    """Generate every prompt with every seed and read each image back -> per-image records."""
+    records = []
+    for seed in seeds:
+        for b in range(0, len(prompts), batch_size):
+            batch = prompts[b:b + batch_size]
+            # generate() seeds image j with seed + j: prompt number i of the list gets seed·1000 + i, so no
+            # two prompts share their noise, and the result does not depend on --batch-size.
+            images = pipe.generate(batch, seed=seed * 1000 + b, progress=False, **options)
+            for prompt, image in zip(batch, images):
+                asked, found = parse_caption(prompt), classify_image(image)
+                records.append(dict(prompt=prompt, seed=seed, n_objects=len(asked), found=found,
+                                    score=score(asked, found)))
+    return records
+
+
+def print_side_by_side(results):
+    """One column per checkpoint: `all` and shape for each group, mean over the seeds."""
+    names = [r["ckpt"] or "demo" for r in results]
+    print("side by side (mean over seeds): " + " | ".join(f"[{i}] {n}" for i, n in enumerate(names)))
+    groups = [g for g in ("single", "two", "star") if any(g in r["summary"] for r in results)]
+    print(f"{'':18s}" + "".join(f"{'[' + str(i) + ']':>10s}" for i in range(len(results))))
+    for g in groups:
+        for k in ("all", "shape", "color", "position"):
+            cells = [r["summary"].get(g, {}).get(k, float("nan")) for r in results]
+            print(f"{g + ' ' + k:18s}" + "".join(f"{c:10.3f}" for c in cells))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Prompt adherence of a shapes model (colour, shape, position).")
-    ap.add_argument("--ckpt", default=None, help="run folder or checkpoint; default: sample.py's default")
+    ap.add_argument("--ckpt", default=None, help="run folder or checkpoint, or several separated by commas (a "
+                    "side-by-side table at the end); default: sample.py's default, the shipped demo")
+    ap.add_argument("--prompts", choices=("old", "star", "all"), default="all", help="the demo's world (120 single "
+                    "objects, 48 pairs), the fine-tuning exercise's 40 stars, or both")
     ap.add_argument("--seeds", default="0,1,2,3", help="comma-separated seeds; every prompt runs with each")
     ap.add_argument("--out", default="eval_shapes.json", help="where to write the JSON of results")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the sampler's)")
@@ -231,35 +297,30 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import sample  # only here: the classifier above must work without the generator
-    pipe = sample.load_pipeline(args.ckpt)
     options = {k: v for k, v in (("steps", args.steps), ("cfg", args.cfg), ("cfg_trunc", args.cfg_trunc))
                if v is not None}
-    prompts = EVAL_PROMPTS[:args.limit] if args.limit else EVAL_PROMPTS
+    prompts = dict(old=EVAL_PROMPTS, star=STAR_PROMPTS, all=EVAL_PROMPTS + STAR_PROMPTS)[args.prompts]
+    prompts = prompts[:args.limit] if args.limit else prompts
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-
-    records, start = [], time.time()
-    for seed in seeds:
-        for b in range(0, len(prompts), args.batch_size):
-            batch = prompts[b:b + args.batch_size]
-            # generate() seeds image j with seed + j: prompt number i of the list gets seed·1000 + i, so no
-            # two prompts share their noise, and the result does not depend on --batch-size.
-            images = pipe.generate(batch, seed=seed * 1000 + b, progress=False, **options)
-            for prompt, image in zip(batch, images):
-                asked, found = parse_caption(prompt), classify_image(image)
-                records.append(dict(prompt=prompt, seed=seed, n_objects=len(asked), found=found,
-                                    score=score(asked, found)))
-    summary = summarize(records)
-    per_seed, spread = summarize_seeds(records, seeds)
-    print("one object: colour, shape, position of the largest object found; two objects: colour, shape,\n"
-          "position per asked object (the object found at its named place), `all` = every object right;\n"
-          f"[min-max] over the {len(seeds)} seeds")
-    print_table(summary, spread)
-    print(f"{len(records)} images in {time.time() - start:.0f} s")
+    results = []
+    for ckpt in (args.ckpt.split(",") if args.ckpt else [None]):
+        start = time.time()
+        records = evaluate(sample.load_pipeline(ckpt), prompts, seeds, options, args.batch_size)
+        summary = summarize(records)
+        per_seed, spread = summarize_seeds(records, seeds)
+        print(f"{ckpt or 'the shipped demo'}: one object: colour, shape, position of the largest object found; two "
+              "objects: colour, shape,\nposition per asked object (the object found at its named place), `all` = "
+              f"every object right;\n[min-max] over the {len(seeds)} seeds")
+        print_table(summary, spread)
+        print(f"{len(records)} images in {time.time() - start:.0f} s")
+        results.append(dict(ckpt=ckpt, seeds=seeds, options=options, summary=summary, per_seed=per_seed,
+                            spread=spread, records=records))
+    if len(results) > 1:
+        print_side_by_side(results)
     with open(args.out, "w") as f:
-        json.dump(dict(ckpt=args.ckpt, seeds=seeds, options=options, summary=summary, per_seed=per_seed,
-                       spread=spread, records=records), f, indent=1)
+        json.dump(results[0] if len(results) == 1 else dict(runs=results), f, indent=1)
     print(f"wrote {args.out}")
-    return summary
+    return results[0]["summary"] if len(results) == 1 else [r["summary"] for r in results]
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The one prepared script for a CUDA machine: does the GPU path work, and how fast is it.
 
-    python benchmarks/gpu_check.py --out results.json          # about 5 minutes on one H200
+    python benchmarks/gpu_check.py --out results.json          # about 7 minutes on one H200
     python benchmarks/gpu_check.py --parts train_loop,sample_1024 --timeout-scale 2 --out rerun.json
 
-Seven parts, each in its own process with its own time limit (PARTS at the bottom; 360 s together, 25 s more
+Eight parts, each in its own process with its own time limit (PARTS at the bottom; 420 s together, 25 s more
 when diffusers is installed), so a hang or a slow compile costs one part, never the whole run:
 
   cli          The command line as a user types it, tiny preset, built-in shapes data: `train.py --autoencoder
@@ -26,6 +26,8 @@ when diffusers is installed), so a hang or a slow compile costs one part, never 
                (sample.py --batch-size 1 vs 4): images/s of each, the speed-up, the largest pixel difference.
   diffusers    Only where diffusers is importable: the 2B forward + backward against diffusers'
                `Lumina2Transformer2DModel` holding the same weights (eager, caption lengths 64-128).
+  lora_1024    train.py --lora 8's step on the 2B model at 1024 px, batch 1, --grad-checkpointing: the base
+               frozen in bf16 and shared with the EMA, adapters in fp32; s/step and peak memory (goal <= 24 GB).
 
 Out comes one JSON (--out), written before the first part and again after each: per part a status (ok,
 failed, timeout, skipped), its figures -- a part that runs out of time keeps what it had measured -- and,
@@ -37,7 +39,7 @@ torch.compile unless --compile). tests/test_gpu_check.py runs it that way, so th
 
 For the shared device machine: one H200, torch 2.11 + CUDA 13, no diffusers unless its wheel travels with
 the checkout (64 MiB at most, so the diffusers part usually says `skipped`). Run it there as
-`python benchmarks/gpu_check.py --out $OUT/gpu_check.json` with a command limit of ~390 s: the JSON carries
+`python benchmarks/gpu_check.py --out $OUT/gpu_check.json` with a command limit of ~450 s: the JSON carries
 the end of every failing part's log. Scratch files (5 GB of Gemma-2 weights, images, run folders, each part's
 full log) go to --work, a fresh temporary folder by default, never into the checkout or $OUT.
 """
@@ -563,6 +565,56 @@ def part_diffusers(ctx):
                    ratio=seconds["ours"] / seconds["diffusers"])
 
 
+# ----- Part 6: a LoRA fine-tuning step of the 2B model at 1024 px -------------------------------------------------
+
+def part_lora_1024(ctx, rank=8, steps=3):
+    """train.py --lora's step at the stage-3/4 size (1024 px = 4,096 image tokens, batch 1, 128 caption tokens)
+    with --grad-checkpointing: the base frozen in bf16 with the EMA sharing it (train.attach_adapters), rank-8
+    adapters on the default targets in fp32, AdamW over them alone, bf16 autocast. Peak memory is
+    torch.cuda.max_memory_allocated over the steps (the goal: <= 24 GB), against the README's formula."""
+    size, device = ctx.size, ctx.device
+    cfg = dit_config(size)
+    spec = dict(size["step_1024"], batch=1)
+    with torch.device(device):                       # random weights: a step costs the same whatever they are
+        model = dit_lib.NextDiT(**cfg).train()
+    ema = train.lora_ema_shell(cfg)                  # as train.py: the EMA shares the base, held once
+    model.set_grad_checkpointing(True)
+    args = argparse.Namespace(lora=rank, lora_alpha=None, lora_targets=None, seed=0, stage=4)
+    train.attach_adapters(model, ema, args, 0, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=train.BETAS, eps=train.ADAM_EPS, weight_decay=0.0)
+    latent = spec["res"] // size["encoder_patch"]
+    B, L = spec["batch"], spec["cap_len"]
+    x1 = torch.randn(B, cfg["in_channels"], latent, latent, device=device)
+    x0, t = torch.randn_like(x1), torch.rand(B, device=device)
+    feats = torch.randn(B, L, cfg["cap_feat_dim"], device=device)
+    mask = torch.ones(B, L, dtype=torch.bool, device=device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        resident = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    ctx.rec.update(config=size["dit"], resolution=spec["res"], batch=B, caption_tokens=L, rank=rank,
+                   grad_checkpointing=True, trainable_parameters=sum(p.numel() for p in params),
+                   frozen_base_gib=frozen / 2 ** 30, base_dtype=str(next(
+                       p for p in model.parameters() if not p.requires_grad).dtype).replace("torch.", ""),
+                   resident_before_steps_gib=resident / 2 ** 30 if device.type == "cuda" else None)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(device):
+            v = model(flow.interpolate(x0, x1, t), t, feats, mask)
+        flow.training_loss(v.float(), x0, x1).mean().backward()
+        train.clip_gradients(model)
+        opt.step()
+        train.update_ema(ema, model, 0.9999, 1)
+    seconds = timed(step, device, runs=steps, warmup=1)
+    shared = all(ema.get_parameter(name) is p for name, p in model.named_parameters() if not p.requires_grad)
+    ctx.rec.update(seconds_per_step=seconds, base_shared_with_ema=shared,
+                   peak_memory_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
+                   goal_gib=24)
+
+
 # ----- Orchestration: each part in its own process, with a time limit -----------------------------------------
 
 PARTS = {  # name: (function, seconds allowed on the GPU machine)
@@ -573,6 +625,7 @@ PARTS = {  # name: (function, seconds allowed on the GPU machine)
     "sample_1024": (part_sample_1024, 40),
     "sample_batch": (part_sample_batch, 60),
     "diffusers": (part_diffusers, 25),
+    "lora_1024": (part_lora_1024, 60),
 }
 
 

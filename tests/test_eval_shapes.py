@@ -161,3 +161,20 @@ def test_main_end_to_end_with_a_perfect_generator(monkeypatch, tmp_path):
     saved = json.loads(out.read_text())
     assert saved["summary"]["two"]["all"] == 1.0 and len(saved["records"]) == 250
     assert saved["spread"]["two"]["all"] == [1.0, 1.0, 1.0] and set(saved["per_seed"]) == {"0", "1"}
+
+
+def test_the_classifier_reads_rendered_stars_and_still_every_old_shape():
+    # The fine-tuning exercise's new shape: every colour x position, clean and with the training jitter and sizes.
+    for prompt in eval_shapes.STAR_PROMPTS:
+        objects = data.parse_caption(prompt)
+        for resolution in (64, 128):
+            found = eval_shapes.classify_image(data.render_shapes(objects, resolution))
+            assert eval_shapes.score(objects, found)["all"], (prompt, resolution, found)
+    stars = data.ShapesDataset(128, seed=777, star_fraction=1.0)
+    for i in range(60):
+        objects, caption = stars.scene(i)
+        found = eval_shapes.classify_image(data.render_shapes(objects, 128))
+        assert eval_shapes.score(data.parse_caption(caption), found)["all"], (caption, found)
+    records = [dict(prompt=p, n_objects=1, score=dict(objects=[dict(color=True, shape=True, position=True)], all=True,
+                                                      count=True)) for p in eval_shapes.STAR_PROMPTS[:3]]
+    assert eval_shapes.summarize(records)["star"]["n"] == 3        # stars are reported as a group of their own

@@ -53,6 +53,9 @@ def test_every_part_runs_green_at_the_tiny_size(tmp_path):
     batching = results["parts"]["sample_batch"]
     assert batching["speedup_batch_4"] > 0 and batching["max_pixel_difference"] <= 1
     assert batching["batch_4"]["images_per_second"] > 0
+    lora = results["parts"]["lora_1024"]
+    assert lora["seconds_per_step"] > 0 and lora["base_shared_with_ema"] and lora["grad_checkpointing"]
+    assert 0 < lora["trainable_parameters"] < 0.1 * lora["frozen_base_gib"] * 2 ** 30 / 4
 
     ref = results["parts"]["diffusers"]
     if ref["status"] == "ok":
