@@ -136,7 +136,8 @@ PRESETS = {
         max_cap_len=64, ema_decay=0.998, compile=False,     # on 2 CPU cores compiling costs more than it saves
         sample=dict(steps=20, cfg=3.0, solver="dpm", shift=3.0),   # CFG 3: squarer squares than 4 (README)
         # --init-from / --lora (README "Fine-tuning", the star exercise): a short stage; LoRA at a higher rate.
-        finetune=dict(steps=600, lr=5e-4, lora_lr=2e-3),
+        # LoRA: 350 steps at 5e-3 beat 600 at 2e-3 (stars 0.825 vs 0.775, 4 min 10 s vs 8 min 12 s; README)
+        finetune=dict(steps=600, lr=5e-4, lora_steps=350, lora_lr=5e-3),
         preview_every=500, log_every=10,
     ),
     # Seconds per stage: what the tests train.
@@ -1325,7 +1326,7 @@ def finetune_args(args, preset, rank):
     # its updates start from B = 0 and live in a small subspace).
     defaults = preset.get("finetune", {})
     if args.max_steps is None:
-        args.max_steps = defaults.get("steps")
+        args.max_steps = defaults.get("lora_steps" if args.lora else "steps", defaults.get("steps"))
     if args.lr is None:
         args.lr = defaults.get("lora_lr" if args.lora else "lr")
     if args.init_from:
