@@ -635,13 +635,19 @@ def lora_state(model):
             for name, m in lora_modules(model).items() for part in ("lora_A", "lora_B")}
 
 
-def load_lora_state(model, state, where):
-    """Put adapter tensors into an adapted model: every adapter key present, nothing else, shapes equal."""
-    expected = {k: tuple(v.shape) for k, v in lora_state(model).items()}
+def key_report(expected, state):
+    """(missing, unexpected, misshapen) keys of a state dict against {key: shape} of the model it should fill."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     misshapen = [f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
                  for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    return missing, unexpected, misshapen
+
+
+def load_lora_state(model, state, where):
+    """Put adapter tensors into an adapted model: every adapter key present, nothing else, shapes equal."""
+    expected = {k: tuple(v.shape) for k, v in lora_state(model).items()}
+    missing, unexpected, misshapen = key_report(expected, state)
     if missing or unexpected or misshapen:
         raise ValueError(f"{where}: the adapter does not fit this model (rank, targets or base differ):\n"
                          f"  missing: {missing[:6]}\n  unexpected: {unexpected[:6]}\n  wrong shapes: {misshapen[:6]}")
@@ -815,10 +821,7 @@ def load_nextdit(path, map_location="cpu", config=None):
     with torch.device("meta"):
         model = NextDiT(**config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshapen = [f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
-                 for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    missing, unexpected, misshapen = key_report(expected, state)
     if missing or unexpected or misshapen:
         raise ValueError(f"load_nextdit: '{path}' does not match NextDiT({config}):\n"
                          f"  missing keys: {missing[:8]}{' ...' if len(missing) > 8 else ''}\n"

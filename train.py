@@ -1263,6 +1263,15 @@ def foreign_files(export):
     return found
 
 
+def swap_into_place(tmp, dest, old):
+    """Put the finished export `tmp` at `dest`: the earlier export (if any) moves aside to `old` first and is
+    deleted only once the new one is in place, so a kill leaves one complete export or the other."""
+    if os.path.exists(dest):
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    remove_tree(old)
+
+
 def export_for_sampling(run_dir, dest):
     """Copy a run's sampling files to `dest` (how assets/demo/ is made): the encoders, the last decoder stage,
     the last DiT stage's EMA weights and config. Optimizer states, non-EMA weights and earlier stages stay.
@@ -1285,10 +1294,7 @@ def export_for_sampling(run_dir, dest):
         (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, target)
     atomic_json(dict(run=run_dir, files=[os.path.relpath(src, run_dir) for src in sources]),
                 os.path.join(tmp, EXPORT_MARKER))
-    if os.path.exists(dest):
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    remove_tree(old)
+    swap_into_place(tmp, dest, old)
     tqdm.write(f"exported {run_dir} -> {dest}")
 
 
@@ -1569,10 +1575,7 @@ def export_merged(run_dir, dest):
     atomic_json(config, os.path.join(tmp, stage, "config.json"))
     atomic_json(dict(run=run_dir, merged=parts["lora"], files=[os.path.relpath(s, run_dir) for s in copied]),
                 os.path.join(tmp, EXPORT_MARKER))
-    if os.path.exists(dest):
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    remove_tree(old)
+    swap_into_place(tmp, dest, old)
     tqdm.write(f"exported {run_dir} -> {dest} (adapter {parts['lora']} merged into {parts['dit']})")
 
 
