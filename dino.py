@@ -401,12 +401,19 @@ def imagenet_normalize(images: torch.Tensor) -> torch.Tensor:
     losses compare. DINOv3 was trained on ImageNet-normalised pixels, so the encoder side converts:
     (x + 1) / 2 back to [0, 1], then (x - mean) / std per colour channel, the formula of the official
     autoencoder (KlingTeam/SVG-T2I `svg_t2i/ldm/models/dinov3_decoder_native_resolution.py`,
-    `get_input_list`). The one place this normalisation is written: train.images_to_latents,
+    `get_input_list`). The one place this normalisation is written: images_to_latents,
     Autoencoder.encode and `preprocess` call it.
     """
     mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return ((images + 1) / 2 - mean) / std
+
+
+@torch.no_grad()
+def images_to_latents(dino_model: "DINOv3", images: torch.Tensor) -> torch.Tensor:
+    """Images [B, 3, H, W] in [-1, 1] -> raw DINOv3 patch features [B, C, H/p, W/p] (fp32; the model frozen, in
+    eval). The DiT's x1 is these, normalised per channel by LatentStats below."""
+    return dino_model.encode(imagenet_normalize(images))
 
 
 class LatentStats:
@@ -467,6 +474,23 @@ class LatentStats:
         mean = total / count
         std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
         return cls(mean.float(), std.float())
+
+    @classmethod
+    def over_images(cls, dino_model: "DINOv3", dataset, device, n: int = 2048, batch_size: int = 64) -> "LatentStats":
+        """Statistics of the DINOv3 latents of the first `n` images of a training dataset (what the small presets'
+        random encoders use, having no released file). A batch stacks images of one aspect bucket
+        (`dataset.bucket_of(i)`); an unreadable item (false, see data.py) is left out. ValueError if none is read."""
+        by_bucket = {}
+        for i in range(min(len(dataset), n)):
+            by_bucket.setdefault(dataset.bucket_of(i), []).append(i)
+
+        def latents():
+            for indices in by_bucket.values():
+                for j in range(0, len(indices), batch_size):
+                    images = [item["image"] for item in (dataset[i] for i in indices[j:j + batch_size]) if item]
+                    if images:
+                        yield images_to_latents(dino_model, torch.stack(images).to(device))    # [b, C, h, w]
+        return cls.from_latents(latents())
 
     def save(self, path: str):
         """Write the released format: {'mean': [1, C], 'std': [1, C]} (a single 'layer', so row -1 works)."""

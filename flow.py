@@ -70,6 +70,22 @@ def training_loss(v_pred, x0_noise, x1_data):
     return (v_pred.float() - target.float()).square().flatten(1).mean(1)
 
 
+def flow_matching_loss(velocity_fn, x1_data, generators, shift, *cond):
+    """The whole training loss of one micro-batch (paper §3.3), a scalar: per sample a flow time t (logit-normal,
+    shifted towards noise by `shift`) and Gaussian noise x0, the mix x_t = t·x1 + (1 − t)·x0, the model's
+    velocity there regressed onto x1 − x0; each sample's MSE, averaged over the batch.
+
+    x1_data [B, C, h, w] (normalised latents); generators: one CPU torch.Generator per sample, which draws its
+    t and then its x0, so the draws depend on the sample's generator alone (train.py keys each by the sample's
+    place in the global batch); velocity_fn(x_t, t, *cond) -> v [B, C, h, w], `cond` the caption features."""
+    t = shift_timesteps(torch.cat([sample_timesteps(1, generator=g) for g in generators]), shift)   # [B]
+    x0 = torch.stack([torch.randn(x1_data.shape[1:], generator=g) for g in generators])             # [B, C, h, w]
+    # Host-to-device copies are non_blocking: the host queues them and goes on (from pinned memory on CUDA).
+    x0, t = x0.to(x1_data.device, non_blocking=True), t.to(x1_data.device, non_blocking=True)
+    v = velocity_fn(interpolate(x0, x1_data, t), t, *cond)
+    return training_loss(v.float(), x0, x1_data).mean()
+
+
 # ----- Timestep sampling and the resolution shift -----------------------------------------------------
 
 def sample_timesteps(n, generator=None, mode="lognorm", mu=LOGNORM_MU, device=None):
