@@ -134,6 +134,12 @@ def open_data(args, res, patch, latest, settings, rank, world, square=False):
     return dataset
 
 
+def open_dino(args, preset, rank, device, make_random_encoders):
+    """The run's frozen DINOv3 alone (an autoencoder stage): encoders.json made once, its DINOv3 file loaded."""
+    paths = prepare_encoders(args.out, preset, args, rank, make_random_encoders)
+    return load_encoders(args.out, paths, device)[0]
+
+
 def open_encoders(args, preset, rank, device, make_random_encoders):
     """The run's FrozenEncoders: encoders.json made once (prepare_encoders), the files it names loaded."""
     paths = prepare_encoders(args.out, preset, args, rank, make_random_encoders)
@@ -313,6 +319,12 @@ def dit_log_row(stage, step, loss_sum, grad_norm, images_per_s, counts, compiles
     total_loss = total_over_ranks(loss_sum.clone()).item()
     return dict(stage=stage, step=step, loss=total_loss / world, grad_norm=grad_norm.item(),
                 images_per_s=images_per_s, skipped_images=count_skipped(counts, world), compiles=compiles)
+
+
+def autoencoder_log_row(kind, stage, step, losses, counts, world):
+    """One log.jsonl row of an autoencoder stage: its losses read back to the host (once per log interval)."""
+    return dict(autoencoder=kind, stage=stage, step=step, skipped_images=count_skipped(counts, world),
+                **{n: v.item() for n, v in losses.items()})
 
 
 def save_dit_checkpoint(stage_dir, rank, model, ema, optimizer, sampler, step, settings):
@@ -803,8 +815,12 @@ def full_optimizer_state(dit, optimizer):
     return get_optimizer_state_dict(dit, optimizer, options=FULL_ON_CPU)
 
 
-def load_optimizer_state(dit, optimizer, state, path):
-    """Each rank keeps its own slice of the full, name-keyed state written by full_optimizer_state."""
+def load_optimizer_state(dit, optimizer, trainer, latest):
+    """On a resume (trainer: latest/trainer.pt's contents; None otherwise) AdamW's state as it was: each rank keeps
+    its own slice of the full, name-keyed state written by full_optimizer_state."""
+    if trainer is None:
+        return
+    state, path = trainer["optimizer"], os.path.join(latest, "trainer.pt")
     if any(isinstance(key, int) for key in state["state"]):
         raise SystemExit(f"{path}: the optimizer state is keyed by position (written by an older train.py), not "
                          "by parameter name; delete this latest/ folder to restart the stage")
@@ -958,6 +974,11 @@ def open_feature_cache(args, run_dir, paths, dataset, res, patch, frozen, device
 # stays static: it changes only when unreadable images shorten a batch, and costs a recompile then. Should the
 # limit be hit anyway, that is an error, not a silent slow-down.
 COMPILE_BACKEND = "inductor"     # tests swap in "aot_eager": the same capture, guards and recompiles, no codegen
+
+
+def maybe_compile(module, use_compile):
+    """(forward, compiles): compile_dit(module) if asked, else the module itself and a count that stays 0."""
+    return compile_dit(module) if use_compile else (module, lambda: 0)
 
 
 def compile_dit(module):

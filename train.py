@@ -1,7 +1,6 @@
 """train.py -- the training of SVG-T2I: four DiT stages, and the autoencoder stages that come before them.
 
-Where this sits: every other file is a part; this one is the assembly line (paper §3.3 and §4). A DiT stage
-reads (image, caption) pairs and, at every optimizer step:
+Every other file is a part; this one is the assembly line (paper §3.3, §4). At every optimizer step a DiT stage:
 
   1. turns each image into a DINOv3 latent x1 [C, h, w], normalised per channel (dino.py, "From pixels to the
      DiT's latent"), and each caption (a system prompt in front, 1 in 10 dropped to "" for classifier-free
@@ -13,11 +12,9 @@ reads (image, caption) pairs and, at every optimizer step:
 Stage 1 trains at 256 px, stage 2 at 512 px, stage 3 at 1024 px; stage 4 is the SFT stage (supervised
 fine-tuning: the same loss, a short stage on a small curated set) at 1024 px. Stage K > 1 starts from stage K-1's
 final weights with a fresh optimizer. An autoencoder stage (`--autoencoder P|R`) trains the pixel decoder.
-`python train.py --demo --out runs/demo` runs every stage of the CPU demo; README "Training" has the rest.
 
-Reading order: the stage table; `train_dit`, then the steps it calls, in order; `train_autoencoder` alike. Each
-`machinery.` call is what a first reading can skip (machinery.py: processes, DDP/FSDP, the run folder's files,
-checkpoints and resume checks, the feature cache, torch.compile, export, fine-tuning's files).
+Reading order: the stage table; `train_dit`, then the steps it calls, in order; `train_autoencoder` alike. A
+`machinery.` call is what a first reading can skip (machinery.py: processes, files, checkpoints, DDP/FSDP, caches).
 """
 
 import argparse
@@ -27,7 +24,6 @@ import time
 import torch
 from tqdm import tqdm
 
-import autoencoder as ae_lib
 import data
 import dino
 import flow
@@ -37,38 +33,24 @@ import sample
 import text
 
 # ----- The stage table --------------------------------------------------------------------------------
-# Read it like nanoGPT's config block. A preset fixes the sizes of every network and the resolution ladder;
-# a stage picks one rung. The defaults are the official training's (KlingTeam/SVG-T2I `svg_t2i/train_svg_t2i.py`
-# run by `svg_t2i/scripts/run_train_mnodes.sh`; README "Training" lists them), with a global batch of 512.
-#
-# Why a ladder of resolutions (paper §4; the official README: "progressive training (256→512→1024)", then an
-# SFT stage, the released default): a step costs more the more image tokens it has -- 256 at 256 px, 4,096 at
-# 1024 px, 16x the tokens through every linear layer and 256x the token pairs in attention. So most pairs are
-# seen where steps are cheap, at low resolution, and that is where the model learns what depends little on
-# resolution: composition and text alignment (which object, what colour, where), from ~60 M pairs over stages
-# 1-2. Stage 3 adds fine detail at 1024 px from fewer images (~15 M), and the SFT stage on a small curated set
-# (~1 M) sharpens the look. The released run's step counts are not published: the 2B/0.8B ones are a guide.
+# Read it like nanoGPT's config block: a preset fixes every network's size and the resolution ladder, a stage picks
+# one rung. README "Training" says why a ladder, and lists the official defaults (KlingTeam/SVG-T2I) used here.
 
-LR, BETAS, ADAM_EPS, WEIGHT_DECAY = 2e-4, (0.9, 0.95), 1e-15, 0.0
-GRAD_CLIP = 2.0
+LR, BETAS, ADAM_EPS, WEIGHT_DECAY, GRAD_CLIP = 2e-4, (0.9, 0.95), 1e-15, 0.0, 2.0    # AdamW: dit_optimizer says why
 CAPTION_DROPOUT = 0.1                 # whole caption (system prompt included) -> "" = just [BOS]
-AE_LR, AE_BETAS = 1e-4, (0.5, 0.9)    # autoencoder: Adam for decoder and discriminator (official configs)
-AE_DISC_START = 2500                  # GAN on after 2,500 iterations (the official 5000 "global steps")
+AE_LR, AE_BETAS, AE_DISC_START = 1e-4, (0.5, 0.9), 2500   # the autoencoder's Adams; its GAN on after 2,500 steps
 
 _RELEASED = dict(
     dino=None, gemma=None,                       # the real encoders: --dino, --gemma, --stats
     dit_res=(256, 512, 1024, 1024),              # stage 1, 2, 3, 4 (SFT)
-    dit_steps=(120_000, 120_000, 60_000, 10_000),  # a guide, not published: see above
+    dit_steps=(120_000, 120_000, 60_000, 10_000),  # a guide: the release's are not published
     micro_batch=(16, 8, 2, 2), global_batch=(512, 512, 128, 128),
-    # The autoencoder as in the release's configs (KlingTeam/SVG-T2I autoencoder/configs/pure/*.yaml), per GPU
-    # on 8 GPUs: 64 random square crops at 256 and at 512 px (ImageNet), 3 images in aspect buckets at 1024.
     ae_res=(256, 512, 1024), ae_steps=(100_000, 50_000, 20_000), ae_micro_batch=(64, 64, 3),
-    ae_crop=("random", "random", "bucket"),
+    ae_crop=("random", "random", "bucket"),     # per GPU on 8, as the release's configs (README "Training")
     decoder=dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2),
     max_cap_len=text.MAX_LENGTH_TRAIN,           # what the official training really used (text.py says why)
     ema_decay=0.9999,                            # a 10k-step horizon (the official 0.95 is ~20 steps)
-    compile=True,                                # torch.compile the DiT (--no-compile / --compile override)
-    sample=flow.RELEASE_SAMPLER,                 # what config.json tells sample.py: the official sampler
+    compile=True, sample=flow.RELEASE_SAMPLER,   # torch.compile the DiT; config.json's sampler: the official one
     finetune=dict(lora_lr=1e-4),                 # --init-from / --lora: steps from the table; LoRA's usual rate
     preview_every=5000, log_every=10,
 )
@@ -76,9 +58,8 @@ _RELEASED = dict(
 PRESETS = {
     "2B": dict(_RELEASED, dit="2B"),
     "0.8B": dict(_RELEASED, dit="0.8B"),
-    # The CPU demo (README "The demo"): same code path, every network small, encoders random and frozen.
-    # DINOv3 with 8-px patches, so a 128-px image is a 16x16 latent grid, the grid of the real stage 1 (256 px /
-    # patch 16); the demo DiT's patch 2 makes it 8x8 = 64 tokens (the 2B's patch 1: 256). An x8 decoder to match.
+    # The CPU demo (README "The demo"): every network small, encoders random. 8-px DINOv3 patches: a 128-px image
+    # is a 16x16 latent grid as at the real stage 1, which the DiT's patch 2 makes 8x8 = 64 tokens (the 2B: 256).
     "demo": dict(
         dit="demo",
         dino=dict(patch_size=8, embed_dim=64, depth=3, num_heads=4, ffn_layer="mlp", ffn_ratio=4.0,
@@ -86,8 +67,7 @@ PRESETS = {
         gemma=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
                    vocab_size=512),
-        # Half the DiT's steps go to the SFT stage on shapes:clean, where a prompt names one picture: README
-        # "The demo" measures what 1,250 -> 2,250 SFT steps gain, and what taking them from stages 1-3 loses.
+        # Half the DiT's steps go to the SFT stage (on shapes:clean): README "The demo" measures why.
         dit_res=(64, 96, 128, 128), dit_steps=(1200, 400, 500, 2250), lr=5e-4,   # small model: 2.5x the official lr
         micro_batch=(32, 32, 32, 32), global_batch=(32, 32, 32, 32),
         ae_res=(64, 128), ae_steps=(700, 150), ae_micro_batch=(16, 8), ae_crop=("random", "random"),
@@ -104,7 +84,6 @@ PRESETS = {
 
 
 # ----- One DiT stage -----------------------------------------------------------------------------------
-# The loop first, then the steps it names, in the order it calls them.
 
 def train_dit(args, preset, rank, world, device):
     """DiT stage `args.stage` in the run folder `args.out`: start (from the seeded initialisation, from stage
@@ -115,11 +94,10 @@ def train_dit(args, preset, rank, world, device):
     max_steps, global_batch, micro, accum = machinery.dit_batch_plan(args, preset, world)
     latest, settings = machinery.resume_point(stage_dir, args, rank, dict(
         seed=args.seed, global_batch=global_batch, **machinery.finetune_settings(args)))
-    frozen = machinery.open_encoders(args, preset, rank, device, make_random_encoders)   # DINOv3, Gemma-2, frozen
+    frozen = machinery.open_encoders(args, preset, rank, device, make_random_encoders)   # frozen DINOv3, Gemma-2
     cfg = dict(dit_lib.NEXTDIT_CONFIGS[preset["dit"]], in_channels=frozen.dino.embed_dim,   # small presets take
                cap_feat_dim=frozen.gemma.config["hidden_size"])                            # widths from the encoders
     patch = frozen.dino.patch_size * cfg["patch_size"]       # one DiT token's side in pixels: buckets count these
-    # The data (its hash checked on a resume), then the latent statistics over it, and the feature cache if asked.
     dataset = machinery.open_dit_dataset(args, res, patch, latest, settings, frozen, rank, world, device)
     machinery.check_previous_stage(run_dir, k, cfg, args.preset, latest)
 
@@ -129,10 +107,8 @@ def train_dit(args, preset, rank, world, device):
     model, ema, step, trainer = machinery.start_dit(cfg, args, latest, sampler, rank, device)
     wrapped = machinery.wrap_dit(model, ema, args.fsdp, world, device)          # DDP, FSDP or the model itself
     optimizer = dit_optimizer(model, args.lr if args.lr is not None else preset.get("lr", LR))
-    if trainer is not None:
-        machinery.load_optimizer_state(model, optimizer, trainer["optimizer"], os.path.join(latest, "trainer.pt"))
-    use_compile = preset["compile"] if args.compile is None else args.compile
-    fwd, compiles = machinery.compile_dit(wrapped) if use_compile else (wrapped, lambda: 0)
+    machinery.load_optimizer_state(model, optimizer, trainer, latest)         # a resume: AdamW's moments too
+    fwd, compiles = machinery.maybe_compile(wrapped, preset["compile"] if args.compile is None else args.compile)
     shift = flow.resolution_shift((res // patch) ** 2)               # image tokens at this stage -> s
     batches, counts = machinery.batches_forever(dataset, sampler, args.workers, device)
     preview_every = args.preview_every if args.preview_every is not None else preset["preview_every"]
@@ -143,18 +119,17 @@ def train_dit(args, preset, rank, world, device):
     while step < max_steps:
         optimizer.zero_grad(set_to_none=True)
         batch, weight = next(batches)                  # this rank's micro x accum images
-        # One generator per sample, keyed by its place in the global batch: caption dropout, t and noise are the
-        # same whatever the number of processes or the accumulation, and a resume needs no RNG state.
+        # One generator per sample, keyed by its place in the global batch: its caption dropout, t and noise.
         gens = machinery.keyed_generators(args.seed, k, step, rank * micro * accum, len(batch["captions"]))
         loss_sum = torch.zeros((), device=device)      # this step's loss, added up on the device
         for i in range(accum):
             part, part_gens, part_weight = machinery.micro_batch(batch, gens, weight, i, micro)
-            x1, cap_feats, cap_mask = dit_inputs(frozen, part, part_gens)         # [b, C, h, w], [b, L, D], [b, L]
+            x1, *caption = dit_inputs(frozen, part, part_gens)     # [b, C, h, w]; features [b, L, D], mask [b, L]
             # DDP/FSDP communicate gradients only on the last micro-step; the others just accumulate locally.
             with machinery.grad_sync(wrapped, sync=i == accum - 1):
                 # bf16 on CUDA only, fp32 master weights either way; / accum: the big batch's mean gradient
                 with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                    loss = flow.flow_matching_loss(fwd, x1, part_gens, shift, cap_feats, cap_mask) * (part_weight / accum)
+                    loss = flow.flow_matching_loss(fwd, x1, part_gens, shift, *caption) * (part_weight / accum)
                 loss.backward()
             loss_sum += loss.detach()                  # no .item(): it would wait for the GPU every micro-step
             seen += len(x1) * world
@@ -182,10 +157,9 @@ def train_dit(args, preset, rank, world, device):
 
 
 def make_random_encoders(folder, preset, seed):
-    """The small presets' frozen encoders, random and made once, in the released file layouts (so the real
-    loading code reads them): a sentencepiece tokenizer trained on the shapes' captions and the system prompts, a
-    small Gemma-2 and a small DINOv3. Random features are enough for the demo: the DiT learns from whatever the
-    frozen encoders give, as long as they tell the captions and the pictures apart."""
+    """The small presets' frozen encoders, random, made once in the released file layouts (so the real loading
+    code reads them): a sentencepiece tokenizer trained on the shapes' captions and system prompts, a small Gemma-2
+    and a small DINOv3. Random is enough: the DiT learns from any features that tell captions and pictures apart."""
     gemma_dir = os.path.join(folder, "gemma")
     os.makedirs(gemma_dir, exist_ok=True)
     torch.manual_seed(seed)
@@ -198,9 +172,8 @@ def make_random_encoders(folder, preset, seed):
 
 def dit_inputs(frozen, batch, gens):
     """A micro-batch -> x1 [b, C, h, w] (DINOv3 latents, normalised per channel), caption features [b, L, D] (fp32)
-    and mask [b, L]. Each caption is dropped to "" with probability CAPTION_DROPOUT, the first draw of its sample's
-    generator: the unconditional input classifier-free guidance needs. Under --cache-features the batch holds
-    the encoders' outputs, read back instead of computed."""
+    and mask [b, L]; each caption dropped to "" (the unconditional input of classifier-free guidance) with
+    probability CAPTION_DROPOUT, its sample's first draw. --cache-features: the encoders' outputs are read back."""
     keep = [torch.rand(1, generator=g).item() >= CAPTION_DROPOUT for g in gens]
     to_device = lambda x: x.to(frozen.device, non_blocking=True)     # the host queues the copy and goes on
     if "latents" in batch:
@@ -209,33 +182,29 @@ def dit_inputs(frozen, batch, gens):
                                                  for f, kept in zip(batch["cap_feats"], keep)])
     else:
         x1 = frozen.stats.normalize(dino.images_to_latents(frozen.dino, to_device(batch["images"])))
-        cap_feats, cap_mask = frozen.encode_captions([text.format_prompt(c, sys_key) if kept else "" for c, sys_key, kept
+        cap_feats, cap_mask = frozen.encode_captions([text.format_prompt(c, system) if kept else "" for c, system, kept
                                                       in zip(batch["captions"], batch["systems"], keep)])
     return x1, cap_feats.float(), cap_mask
 
 
 def dit_optimizer(model, lr):
-    """AdamW over the trainable weights, built after wrapping: fully_shard replaces each parameter by its DTensor
-    shard, and AdamW must hold (and keep moments for) those.
-
+    """AdamW over the trainable weights, built after wrapping (fully_shard replaces each parameter by its shard).
     AdamW steps each weight by lr · m / (√v + eps), m and v running means of its gradient and squared gradient.
-    beta2 0.95 (the default is 0.999) makes v a mean over ~1/(1 − 0.95) = 20 steps instead of 1,000: when the
-    gradient's scale jumps (a loss spike, a new stage's resolution), the denominator catches up within tens of
-    steps, where a stale, too small v would let steps k times too large go on for hundreds; the usual choice
-    for large-batch transformer training. eps 1e-15 (default 1e-8) keeps the step size independent of the
-    gradient's scale: with 1e-8, a weight whose gradient RMS is 1e-8 would take half its step and one at 1e-9 a
-    tenth, and averaging over 512 images shrinks the gradients' noise by √512 ≈ 23. The moments are fp32 even
-    under bf16 autocast (fp32 master weights), where 1e-15 is a normal number."""
+    beta2 0.95 (default 0.999) makes v a mean over ~1/(1 − 0.95) = 20 steps, not 1,000: when the gradient's scale
+    jumps (a loss spike, a new stage's resolution) the denominator catches up within tens of steps, where a stale,
+    small v would let too large steps go on for hundreds -- the usual choice for large-batch transformers. eps
+    1e-15 (default 1e-8) keeps the step independent of the gradient's scale: under 1e-8 a weight whose gradient
+    RMS is 1e-8 would take half its step, at 1e-9 a tenth, and a batch of 512 shrinks gradient noise √512 ≈ 23x.
+    The moments are fp32 even under bf16 autocast (fp32 master weights), where 1e-15 is a normal number."""
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=BETAS,
                              eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
 
 
 @torch.no_grad()
 def update_ema(ema, model, decay, step):
-    """ema ← decay·ema + (1 − decay)·model after every step: the weights sampling uses. An average over the last
-    ~1/(1 − decay) steps (10,000 at 0.9999) smooths out the step-to-step noise that a constant learning rate
-    leaves in the weights. The decay warms up as (1 + step) / (10 + step), so that a short run is not dominated
-    by its random initialisation."""
+    """ema ← decay·ema + (1 − decay)·model after every step: the weights sampling uses, an average over the last
+    ~1/(1 − decay) steps (10,000 at 0.9999) that smooths out the step-to-step noise a constant learning rate leaves
+    in the weights. The decay warms up as (1 + step) / (10 + step): a short run forgets its random init."""
     decay = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         if p.requires_grad:                      # a frozen weight equals its EMA already (--lora: the whole base)
@@ -243,10 +212,8 @@ def update_ema(ema, model, decay, step):
 
 
 # ----- One autoencoder stage ---------------------------------------------------------------------------
-# The decoder (and, for R, the residual ViT) learns to invert the frozen DINOv3, as the official recipe does
-# (KlingTeam/SVG-T2I `autoencoder/ldm/models/dinov3_decoder_imagenet.py`, loss in
-# `autoencoder/ldm/modules/losses/contperceptual_decoder.py`): per iteration one generator update (L1 + LPIPS +
-# an adaptively weighted GAN term) and one discriminator update, Adam lr 1e-4, betas (0.5, 0.9), no EMA.
+# The decoder (and, for R, the residual ViT) learns to invert the frozen DINOv3 as the official recipe does
+# (KlingTeam/SVG-T2I `autoencoder/ldm/models/dinov3_decoder_imagenet.py`): a generator, then a discriminator update.
 
 def train_autoencoder(args, preset, rank, world, device):
     """Autoencoder stage `args.stage` of kind `args.autoencoder` (P or R) in the run folder `args.out`."""
@@ -254,17 +221,14 @@ def train_autoencoder(args, preset, rank, world, device):
     stage_dir = os.path.join(run_dir, f"autoencoder_{kind}", f"stage{k}")
     res, max_steps, micro = machinery.autoencoder_plan(args, preset)
     latest, settings = machinery.resume_point(stage_dir, args, rank, dict(seed=args.seed, global_batch=micro * world))
-    # "random": the official recipe at 256/512 px (shorter side resized to res, a random res x res crop);
-    # "bucket": aspect buckets with centre crops, as the official 1024-px stage and the DiT stages.
+    # "random": the official 256/512-px crops (shorter side to res, a random square); "bucket": as the DiT stages.
     random_crops = preset["ae_crop"][k - 1] == "random"
-    paths = machinery.prepare_encoders(run_dir, preset, args, rank, make_random_encoders)
-    dino_model, _, _ = machinery.load_encoders(run_dir, paths, device)
+    dino_model = machinery.open_dino(args, preset, rank, device, make_random_encoders)   # frozen, as in a DiT stage
     dataset = machinery.open_data(args, res, dino_model.patch_size, latest, settings, rank, world, square=random_crops)
     sampler = data.BucketBatchSampler(dataset, micro, rank=rank, world_size=world, seed=args.seed + 100 * res)
-    # The seeded decoder (and residual ViT for R), its loss and discriminator, an Adam for each; on a resume
-    # everything as latest/ left it, else stage K-1's decoder.
-    ae, loss_fn, opt_g, opt_d, step = machinery.start_autoencoder(dino_model, args, preset, latest, sampler, rank, device,
-                                                                  lr=AE_LR, betas=AE_BETAS, disc_start=AE_DISC_START)
+    # The seeded decoder (and R's residual ViT), the loss with its discriminator, an Adam each; or resumed
+    ae, loss_fn, opt_g, opt_d, step = machinery.start_autoencoder(dino_model, args, preset, latest, sampler, rank,
+                                                                  device, AE_LR, AE_BETAS, AE_DISC_START)
     batches, counts = machinery.batches_forever(dataset, sampler, args.workers, device)
 
     bar = tqdm(total=max_steps, initial=step, desc=f"autoencoder {kind} stage {k} @ {res}px", disable=rank != 0)
@@ -272,18 +236,16 @@ def train_autoencoder(args, preset, rank, world, device):
     while step < max_steps:
         batch, weight = next(batches)
         images = batch["images"]                  # [B, 3, H, W], or with random crops a list of [3, >=res, >=res]
-        if random_crops:
-            images = data.random_square_crops(images, res, machinery.keyed_generators(args.seed, k, step, rank * micro,
-                                                                                      len(images)))
-        losses = autoencoder_step(ae, loss_fn, opt_g, opt_d, images.to(device, non_blocking=True), weight, step,
-                                  world)
+        if random_crops:                          # crop positions keyed by step, as a DiT stage's draws
+            gens = machinery.keyed_generators(args.seed, k, step, rank * micro, len(images))
+            images = data.random_square_crops(images, res, gens)
+        losses = autoencoder_step(ae, loss_fn, opt_g, opt_d, images.to(device, non_blocking=True), weight, step, world)
         step += 1
         bar.update(1)
         if step % preset["log_every"] == 0 or step == max_steps:   # read back to the host once per log interval
-            logged = {n: v.item() for n, v in losses.items()}
-            bar.set_postfix(l1=f"{logged['l1']:.4f}")
-            machinery.append_log(run_dir, rank, dict(autoencoder=kind, stage=k, step=step,
-                                                     skipped_images=machinery.count_skipped(counts, world), **logged))
+            row = machinery.autoencoder_log_row(kind, k, step, losses, counts, world)
+            bar.set_postfix(l1=f"{row['l1']:.4f}")
+            machinery.append_log(run_dir, rank, row)
         if step % args.ckpt_every == 0 or step == max_steps:
             machinery.save_autoencoder_checkpoint(stage_dir, rank, ae, loss_fn, opt_g, opt_d, sampler, step, settings)
     bar.close()
@@ -314,20 +276,19 @@ def main(argv=None):
     args = parse_args(argv)                       # every flag checked before any work (the end of this file)
     preset = PRESETS[args.preset]
     rank, world, device = machinery.setup_distributed()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = device.type == "cuda"   # TF32 on CUDA
     # Initial weights come from `seeded` and the training draws from their own generators; the global RNG, seeded
     # per rank, is left for what else draws from it (DataLoader worker seeds), so that is reproducible too.
     torch.manual_seed(args.seed * 1000 + rank)
     with machinery.run_session(args, rank):       # the run folder's lock; a user's error becomes one line
         if args.demo:                             # every stage: autoencoder P, then DiT 1-4 (SFT on shapes:clean)
+            stage = lambda **changes: argparse.Namespace(**{**vars(args), **changes})
             for k, steps in enumerate(preset["ae_steps"], start=1):
                 if steps:
-                    train_autoencoder(argparse.Namespace(**{**vars(args), "stage": k, "autoencoder": "P"}),
-                                      preset, rank, world, device)
+                    train_autoencoder(stage(stage=k, autoencoder="P"), preset, rank, world, device)
             for k in range(1, 5):
                 data_k = "shapes:clean" if k == 4 and args.data == "shapes" else args.data
-                train_dit(argparse.Namespace(**{**vars(args), "stage": k, "data": data_k}), preset, rank, world, device)
+                train_dit(stage(stage=k, data=data_k), preset, rank, world, device)
         elif args.autoencoder:
             train_autoencoder(args, preset, rank, world, device)
         else:
