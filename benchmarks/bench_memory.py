@@ -4,7 +4,7 @@
     python benchmarks/bench_memory.py --dim 768 --layers 12 --tokens 1024 --batch 4 --out mem.json   # larger
 
 What is measured: the training state as train.py holds it -- full: fp32 weights, gradients, AdamW's two moments
-and an EMA copy (20 bytes per parameter); LoRA (train.attach_adapters): the frozen base once (the EMA shares it;
+and an EMA copy (20 bytes per parameter); LoRA (machinery.attach_adapters): the frozen base once (the EMA shares it;
 fp32 on a CPU, bf16 on CUDA), rank-r adapters with their gradients, moments and EMA -- plus the activations of
 one forward + backward (and AdamW step). Each configuration runs in a fresh process, so one's freed memory
 cannot hide another's peak. The figure is the peak resident set size (getrusage ru_maxrss) minus the resident
@@ -39,6 +39,7 @@ def one(args):
     import torch
 
     import flow
+    import machinery
     import model as dit_lib
     import train
     torch.manual_seed(0)
@@ -52,11 +53,11 @@ def one(args):
     with torch.device(device):
         model = dit_lib.NextDiT(**cfg).train()
     # as train.py: a full copy for full fine-tuning; for LoRA a storage-less shell that will share the base
-    ema = train.lora_ema_shell(cfg) if args.config.startswith("lora") else copy.deepcopy(model).requires_grad_(False)
+    ema = machinery.lora_ema_shell(cfg) if args.config.startswith("lora") else copy.deepcopy(model).requires_grad_(False)
     model.set_grad_checkpointing(args.config.endswith("+gc"))
     model.norm_final.requires_grad_(False)
     if args.config.startswith("lora"):
-        train.attach_adapters(model, ema, argparse.Namespace(lora=args.rank, lora_alpha=None, lora_targets=None,
+        machinery.attach_adapters(model, ema, argparse.Namespace(lora=args.rank, lora_alpha=None, lora_targets=None,
                                                              seed=0, stage=4), 1, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=train.BETAS, eps=train.ADAM_EPS, weight_decay=0.0)
@@ -71,7 +72,7 @@ def one(args):
         with autocast:
             v = model(flow.interpolate(x0, x1, t), t, feats, mask)
         flow.training_loss(v.float(), x0, x1).mean().backward()
-        train.clip_gradients(model)
+        machinery.clip_gradients(model, train.GRAD_CLIP)
         opt.step()
         train.update_ema(ema, model, 0.999, step + 1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before

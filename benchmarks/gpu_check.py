@@ -67,6 +67,7 @@ import autoencoder as ae_lib  # noqa: E402  (after the path set-up above)
 import data  # noqa: E402
 import dino  # noqa: E402
 import flow  # noqa: E402
+import machinery  # noqa: E402
 import model as dit_lib  # noqa: E402
 import reference  # noqa: E402
 import sample  # noqa: E402
@@ -297,11 +298,11 @@ def part_cli(ctx):
         log = os.path.join(ctx.work, "stage1_killed.log")
         with open(log, "w") as f:
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-            while proc.poll() is None and train.find_latest(stage_dir) is None:
+            while proc.poll() is None and machinery.find_latest(stage_dir) is None:
                 time.sleep(0.01)
             proc.send_signal(signal.SIGTERM)      # torchrun passes it on to its worker, then exits
             proc.wait()
-        latest = train.find_latest(stage_dir)
+        latest = machinery.find_latest(stage_dir)
         if os.path.exists(os.path.join(stage_dir, "model.safetensors")):
             raise RuntimeError("the run finished before it could be killed; nothing was resumed")
         if latest is None:
@@ -569,7 +570,7 @@ def part_diffusers(ctx):
 
 def part_lora_1024(ctx, rank=8, steps=3):
     """train.py --lora's step at the stage-3/4 size (1024 px = 4,096 image tokens, batch 1, 128 caption tokens)
-    with --grad-checkpointing: the base frozen in bf16 with the EMA sharing it (train.attach_adapters), rank-8
+    with --grad-checkpointing: the base frozen in bf16 with the EMA sharing it (machinery.attach_adapters), rank-8
     adapters on the default targets in fp32, AdamW over them alone, bf16 autocast. Peak memory is
     torch.cuda.max_memory_allocated over the steps (the goal: <= 24 GB), against the README's formula."""
     size, device = ctx.size, ctx.device
@@ -577,10 +578,10 @@ def part_lora_1024(ctx, rank=8, steps=3):
     spec = dict(size["step_1024"], batch=1)
     with torch.device(device):                       # random weights: a step costs the same whatever they are
         model = dit_lib.NextDiT(**cfg).train()
-    ema = train.lora_ema_shell(cfg)                  # as train.py: the EMA shares the base, held once
+    ema = machinery.lora_ema_shell(cfg)                  # as train.py: the EMA shares the base, held once
     model.set_grad_checkpointing(True)
     args = argparse.Namespace(lora=rank, lora_alpha=None, lora_targets=None, seed=0, stage=4)
-    train.attach_adapters(model, ema, args, 0, device)
+    machinery.attach_adapters(model, ema, args, 0, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=train.BETAS, eps=train.ADAM_EPS, weight_decay=0.0)
     latent = spec["res"] // size["encoder_patch"]
@@ -605,7 +606,7 @@ def part_lora_1024(ctx, rank=8, steps=3):
         with autocast(device):
             v = model(flow.interpolate(x0, x1, t), t, feats, mask)
         flow.training_loss(v.float(), x0, x1).mean().backward()
-        train.clip_gradients(model)
+        machinery.clip_gradients(model, train.GRAD_CLIP)
         opt.step()
         train.update_ema(ema, model, 0.9999, 1)
     seconds = timed(step, device, runs=steps, warmup=1)

@@ -337,7 +337,6 @@ def test_imagenet_normalize_is_the_one_pipeline_normalisation():
     """dino.imagenet_normalize is the official ((x + 1) / 2 - mean) / std, bit for bit, and it is what the
     autoencoder and the DiT trainer feed DINOv3; dino.preprocess agrees to float rounding."""
     import autoencoder
-    import train
     images = torch.rand(2, 3, 16, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -348,4 +347,4 @@ def test_imagenet_normalize_is_the_one_pipeline_normalisation():
     model = dino.DINOv3(patch_size=8, embed_dim=32, depth=1, num_heads=2, n_storage_tokens=1).eval()
     ae = autoencoder.Autoencoder(model, autoencoder.Decoder(32, ch=32, ch_mult=(1, 1, 1, 2), num_res_blocks=1))
     assert torch.equal(ae.encode(images), model.encode(x_in))
-    assert torch.equal(train.images_to_latents(model, images), model.encode(x_in))
+    assert torch.equal(dino.images_to_latents(model, images), model.encode(x_in))

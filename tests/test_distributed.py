@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import machinery
 import train
 from test_train import FAST, assert_same, copy_encoders, run, weights
 
@@ -22,7 +23,7 @@ def test_collectives_get_tensors_on_the_training_device_and_the_loss_is_not_read
     reduced as a tensor built on the spot from a host number, torch.tensor(float(loss)), which lands on the default
     device, the CPU. On a CPU-only machine the training device *is* that default device, so the bug passes unseen.
     This test pulls the two apart. It runs a DiT stage as a 1-process torchrun does (RANK / WORLD_SIZE set: a gloo
-    process group, world 1, no DDP), makes "meta" the default device inside train.total_over_ranks (the function
+    process group, world 1, no DDP), makes "meta" the default device inside machinery.total_over_ranks (the function
     train.py reduces its metrics with), and has every collective check what NCCL checks: that each tensor handed to
     it is on the training device. A tensor built there without naming the device is now on meta, not on the CPU,
     and fails as it failed on CUDA; a tensor that was on the training device stays there.
@@ -36,13 +37,13 @@ def test_collectives_get_tensors_on_the_training_device_and_the_loss_is_not_read
         monkeypatch.setenv(name, value)
 
     training_device = []
-    setup = train.setup_distributed
+    setup = machinery.setup_distributed
 
     def recording_setup():
         rank, world, device = setup()
         training_device.append(device)
         return rank, world, device
-    monkeypatch.setattr(train, "setup_distributed", recording_setup)
+    monkeypatch.setattr(machinery, "setup_distributed", recording_setup)
     seen = []
 
     def on_training_device(name, collective):
@@ -57,12 +58,12 @@ def test_collectives_get_tensors_on_the_training_device_and_the_loss_is_not_read
     for name in ("all_reduce", "broadcast", "reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor"):
         monkeypatch.setattr(dist, name, on_training_device(name, getattr(dist, name)))
 
-    reduce = train.total_over_ranks
+    reduce = machinery.total_over_ranks
 
     def reduce_with_another_default_device(*args, **kwargs):
         with torch.device("meta"):
             return reduce(*args, **kwargs)
-    monkeypatch.setattr(train, "total_over_ranks", reduce_with_another_default_device)
+    monkeypatch.setattr(machinery, "total_over_ranks", reduce_with_another_default_device)
 
     graph_reads = []
     item = torch.Tensor.item
@@ -110,7 +111,7 @@ def test_compiled_stage_over_many_buckets_and_caption_lengths_compiles_at_most_3
     import json
 
     from PIL import Image
-    monkeypatch.setattr(train, "COMPILE_BACKEND", backend)
+    monkeypatch.setattr(machinery, "COMPILE_BACKEND", backend)
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False)   # restored after the test
     # Stage 1 at 64 px (the tiny preset trains it at 32, a single bucket): 9 buckets of 8-px DINOv3 patches.
     monkeypatch.setitem(train.PRESETS, "tiny", dict(train.PRESETS["tiny"], dit_res=(64, 64, 64, 64)))
@@ -124,7 +125,7 @@ def test_compiled_stage_over_many_buckets_and_caption_lengths_compiles_at_most_3
             f.write(json.dumps(dict(path=f"{i}.png", prompt=" ".join(words[:1 + (5 * i) % 16]))) + "\n")
 
     shapes = []
-    compile_dit = train.compile_dit
+    compile_dit = machinery.compile_dit
 
     def recording_compile_dit(module):
         forward, compiles = compile_dit(module)
@@ -133,7 +134,7 @@ def test_compiled_stage_over_many_buckets_and_caption_lengths_compiles_at_most_3
             shapes.append((tuple(x.shape[-2:]), cap_feats.shape[1]))
             return forward(x, t, cap_feats, cap_mask)
         return recorded, compiles
-    monkeypatch.setattr(train, "compile_dit", recording_compile_dit)
+    monkeypatch.setattr(machinery, "compile_dit", recording_compile_dit)
 
     run_dir = tmp_path / "run"
     copy_encoders(tiny_run, run_dir)

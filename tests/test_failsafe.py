@@ -23,6 +23,7 @@ import dino
 import flow
 import model as dit_lib
 import sample
+import machinery
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +79,7 @@ def test_export_never_deletes_the_run_or_a_foreign_folder_and_replaces_an_earlie
 
     export = tmp_path / "export"
     run(out, *again, "--export", str(export))
-    assert (export / train.EXPORT_MARKER).exists()
+    assert (export / machinery.EXPORT_MARKER).exists()
     (export / "stage1" / "config.json").write_text("{}")    # a file the export wrote itself
     run(out, *again, "--export", str(export))           # an earlier export is replaced, as a whole
     assert json.loads((export / "stage1" / "config.json").read_text())["stage"] == 1
@@ -257,7 +258,7 @@ def test_truncated_weight_files_are_one_clear_error_naming_the_file(tiny_run, tm
 
 
 def test_global_batch_smaller_than_the_processes_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "setup_distributed", lambda: (0, 2, torch.device("cpu")))   # 2 processes
+    monkeypatch.setattr(machinery, "setup_distributed", lambda: (0, 2, torch.device("cpu")))   # 2 processes
     with pytest.raises(SystemExit) as e:
         run(tmp_path / "run", "--stage", "1", "--global-batch-size", "1")
     one_line_exit(e, "--global-batch-size 1", "2 processes")
@@ -278,8 +279,8 @@ def test_an_undeletable_latest_old_names_itself(tiny_run, tmp_path, monkeypatch)
     monkeypatch.setattr(shutil, "rmtree", rmtree)
     state = dict(weights=dict(model={"w": torch.zeros(1)}), step=99)
     with pytest.raises(OSError, match="cannot delete .*latest.old.*delete it by hand"):
-        train.save_latest(str(stage_dir), 0, state, {})
-    assert train.find_latest(str(stage_dir)) == str(stage_dir / "latest")      # the last checkpoint stays
+        machinery.save_latest(str(stage_dir), 0, state, {})
+    assert machinery.find_latest(str(stage_dir)) == str(stage_dir / "latest")      # the last checkpoint stays
 
 
 def test_a_second_run_in_the_same_folder_fails_fast_and_a_killed_run_leaves_no_lock(tiny_run, tmp_path):
@@ -403,8 +404,8 @@ def test_feature_cache_sees_images_replaced_in_place(tiny_run, tmp_path):
 
 def test_processes_with_different_data_refuse_to_train_together(tiny_run, tmp_path, monkeypatch):
     out = copy_run(tiny_run, tmp_path / "run")
-    monkeypatch.setattr(train, "setup_distributed", lambda: (0, 2, torch.device("cpu")))   # 2 processes
-    monkeypatch.setattr(train.dist, "all_gather_object", lambda got, mine: got.__setitem__(
+    monkeypatch.setattr(machinery, "setup_distributed", lambda: (0, 2, torch.device("cpu")))   # 2 processes
+    monkeypatch.setattr(machinery.dist, "all_gather_object", lambda got, mine: got.__setitem__(
         slice(None), [mine, mine + "-other-node" if isinstance(mine, str) else mine]))
     with pytest.raises(SystemExit) as e:
         run(out, "--stage", "1", "--max-steps", "5", "--data-limit", "64")
@@ -462,16 +463,16 @@ def test_exif_orientation_is_applied_as_viewers_do(tmp_path):
 def test_the_log_does_not_repeat_steps_after_a_resume(tiny_run, tmp_path, monkeypatch):
     out = tmp_path / "run"
     copy_encoders(tiny_run, out)
-    real = train.save_latest
+    real = machinery.save_latest
 
     def killed_at_step_6(stage_dir, rank, state, rng_state):
         if state["step"] == 6:
             raise KeyboardInterrupt
         real(stage_dir, rank, state, rng_state)
-    monkeypatch.setattr(train, "save_latest", killed_at_step_6)
+    monkeypatch.setattr(machinery, "save_latest", killed_at_step_6)
     with pytest.raises((SystemExit, KeyboardInterrupt)):
         run(out, "--stage", "1", "--max-steps", "6", "--ckpt-every", "3")     # logs 5 and 6, checkpoint at 3
-    monkeypatch.setattr(train, "save_latest", real)
+    monkeypatch.setattr(machinery, "save_latest", real)
     run(out, "--stage", "1", "--max-steps", "6", "--ckpt-every", "3")         # the same command again
     steps = [row["step"] for row in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "step" in row]
     assert steps == [5, 6]
@@ -525,7 +526,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
     def disk_full(tensors, path, metadata=None):
         open(path, "wb").write(b"half a file")
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(train, "save_file", disk_full)
+    monkeypatch.setattr(machinery, "save_file", disk_full)
     with pytest.raises(SystemExit) as e:
         run(out, "--stage", "1", "--max-steps", "6", "--ckpt-every", "5")
     one_line_exit(e, "latest.tmp", "No space left", "free disk space")

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import data
 import model as dit_lib
 import sample
+import machinery
 import train
 from helpers import randomize_
 from test_train import FAST, ROOT, assert_same, run, weights
@@ -99,12 +100,12 @@ def test_lora_at_step_0_is_the_base_bit_for_bit_and_merged_equals_applied():
 def test_a_lora_stage_changes_only_the_adapters_and_sample_applies_them(tiny_run, tmp_path, monkeypatch):
     out = tmp_path / "lora"
     finished = {}
-    finish = train.finish_lora
+    finish = machinery.finish_lora
 
     def recording_finish(stage_dir, model, ema, *args, **kwargs):
         finished.update(model=model, ema=ema)
         return finish(stage_dir, model, ema, *args, **kwargs)
-    monkeypatch.setattr(train, "finish_lora", recording_finish)
+    monkeypatch.setattr(machinery, "finish_lora", recording_finish)
     run(out, "--stage", "4", "--init-from", str(tiny_run), "--lora", "4", "--max-steps", "3")
     base = weights(tiny_run / "stage1" / "ema.safetensors")
     model, ema = finished["model"], finished["ema"]
@@ -129,7 +130,7 @@ def test_a_lora_stage_changes_only_the_adapters_and_sample_applies_them(tiny_run
     zero = sample.load_pipeline(str(tiny_run), lora=str(adapter_file), lora_scale=0.0)
     assert_same(zero.dit.state_dict(), base)
     # --export writes the merged weights; they sample like the run.
-    train.export_merged(str(out), str(tmp_path / "export"))
+    machinery.export_merged(str(out), str(tmp_path / "export"))
     assert_same(weights(tmp_path / "export" / "stage4" / "ema.safetensors"), pipe.dit.state_dict(), atol=1e-6)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import machinery
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,15 +73,15 @@ def test_killed_checkpoint_write_leaves_the_previous_one(tiny_run, tmp_path, mon
 
     def die(*a, **k):
         raise KeyboardInterrupt("killed mid-write")
-    monkeypatch.setattr(train, "save_file", die)
+    monkeypatch.setattr(machinery, "save_file", die)
     state = dict(weights=dict(model={"w": torch.zeros(1)}), step=99)
     with pytest.raises(KeyboardInterrupt):
-        train.save_latest(str(stage_dir), 0, state, {})
-    assert train.find_latest(str(stage_dir)) == str(stage_dir / "latest")
+        machinery.save_latest(str(stage_dir), 0, state, {})
+    assert machinery.find_latest(str(stage_dir)) == str(stage_dir / "latest")
     assert_same(weights(stage_dir / "latest" / "model.safetensors"), before)
     # A kill between the two renames leaves only latest.old/, which is still found.
     os.replace(stage_dir / "latest", stage_dir / "latest.old")
-    assert train.find_latest(str(stage_dir)) == str(stage_dir / "latest.old")
+    assert machinery.find_latest(str(stage_dir)) == str(stage_dir / "latest.old")
 
 
 def test_two_processes_equal_one_process(tiny_run, tmp_path):
@@ -275,7 +276,7 @@ def test_feature_cache_trains_on_the_same_numbers_and_finishes_an_interrupted_bu
     tokenizer = text.Tokenizer(str(cached / encoders["gemma"] / "tokenizer.model"))
     for i in (0, 11):
         item = shapes[i]
-        latent = train.images_to_latents(dino_model, item["image"][None])[0]
+        latent = dino.images_to_latents(dino_model, item["image"][None])[0]
         feats, mask = text.encode_prompts(gemma, tokenizer, [text.format_prompt(item["caption"], "base")], "", 64)
         assert torch.allclose(features[i]["latent"], latent, atol=1e-5)
         assert torch.allclose(features[i]["cap_feats"], feats[0, :mask.sum()], atol=1e-5)
