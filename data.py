@@ -1,78 +1,35 @@
 """Data: where training pairs (image, caption) come from and how they are batched.
 
-This is the first stop of the training pipeline:
+    --data -> open_dataset -> dataset[i] = {image [3, H, W] in [-1, 1], caption, system}
+           -> BucketBatchSampler (one aspect bucket per batch, a share per rank) -> collate -> batch
+           -> train.py: DINOv3 / Gemma-2
 
-    dataset[i] -> {image [3,H,W] in [-1,1], caption, system}  --BucketBatchSampler-->  collate -> batch
-                                                                                     -> DINOv3 / Gemma-2
-
-Three kinds of dataset, all with the same small interface (`len`, `bucket_of(i)`, `ds[i]`, `ds.skipped`):
-
-- `JsonlDataset`: the official SVG-T2I / Lumina format, one JSON object per line, either
-  {"path": ..., "prompt": ...} (the public format) or {"image_path": ..., "super_high_quality_caption": ...}.
-  The key pair decides which system prompt the official trainer prepends (KlingTeam/SVG-T2I
-  `svg_t2i/train_svg_t2i.py`): 'base' for path/prompt, 'align' for image_path/super_high_quality_caption.
-  We record the key; text.py owns the strings.
-- `FolderDataset`: a folder of images, each with a same-stem `.txt` caption.
-- `ShapesDataset`: the procedural coloured-shapes data of the CPU demo (train.py's `demo` preset), infinite
-  and deterministic by (seed, index).
-
-Images of any aspect ratio are trained at their own aspect, as the official trainer does: each is assigned
-the nearest *bucket* (a pixel size whose token grid holds at most (resolution/patch)² tokens), resized to
-cover it and centre-cropped — never stretched. `BucketBatchSampler` then builds batches that each come from
-one bucket, so a batch stacks into one tensor, and splits every global batch across data-parallel ranks.
-The autoencoder stages can follow the official autoencoder recipe instead (`square=True`): shorter side
-resized to the resolution, then a random square crop.
-
-Bad data policy: a malformed JSONL line is a configuration error and stops start-up with file and line. A
-missing, unreadable or truncated image is a data accident: it is skipped, counted in `ds.skipped`, named in
-a (rate-limited) log warning, and never stops a run. Its item reads as `Unreadable(path)`, false like None,
-so that collate() can name the files it drops. Anything that is not a regular file (a named pipe called
-b.png, a device) is never opened: reading one could block for ever.
-
-Runtime imports: torch, numpy, PIL, safetensors, tqdm, the standard library, and dino.py for `to_rgb` (one
-image conversion for training and for `dino.preprocess`). Images leave here in [-1, 1]; the ImageNet
-normalisation DINOv3 needs is applied later, by `dino.imagenet_normalize`.
+Images of any aspect ratio train at their own aspect, as the official trainer does (KlingTeam/SVG-T2I
+`svg_t2i/train_svg_t2i.py`): each is assigned the nearest *bucket* (a pixel size whose token grid holds at most
+(resolution/patch)² tokens), resized to cover it and centre-cropped, never stretched; a batch comes from one
+bucket, so it stacks into one tensor. Three datasets share one interface (`len`, `bucket_of(i)`, `ds[i]`,
+`ds.skipped`): JsonlDataset, FolderDataset, ShapesDataset (the CPU demo's). Images leave here in [-1, 1].
+A malformed JSONL line stops start-up with its file and line; an unreadable image is skipped, counted, named.
 """
-import hashlib
-import json
-import logging
 import math
 import os
-import re
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
-from safetensors import safe_open
-from safetensors.torch import save_file
-from tqdm import tqdm
+from PIL import Image, ImageOps
 
 import dino
-
-log = logging.getLogger("data")
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 # ----- Aspect-ratio buckets ---------------------------------------------------------------------------------
 
 def buckets(resolution, patch=16, max_ratio=4.0):
-    """All training sizes for one stage, as a list of (height, width) in pixels.
-
-    The official enumeration (`generate_crop_size_list` in KlingTeam/SVG-T2I `svg_t2i/util/imgproc.py`):
-    walk the boundary of the token-grid region w·h ≤ N, N = (resolution/patch)², from the widest grid (N × 1)
-    to the tallest, keeping grids with aspect ≤ max_ratio whose floor(w/2) and floor(h/2) are both even. That
-    gives 15 buckets at 256 px, 27 at 512 and 51 at 1024 for patch 16. The official test is written in pixels
-    (`(w·16)//32 % 2 == 0`); we write it in tokens, which is the same for patch 16 and keeps the bucket set
-    scale-free for other patches (the CPU demo uses patch 8: 128 px / patch 8 has the 256 px / patch 16 grids).
-    `max_ratio=1` gives the single square bucket (the official `--single_shape`).
-    """
-    if resolution % patch != 0:
-        raise ValueError(f"buckets: resolution {resolution} is not a multiple of the patch size {patch}")
-    if max_ratio < 1:
-        raise ValueError(f"buckets: max_ratio must be >= 1, got {max_ratio}")
+    """All training sizes for one stage, as a list of (height, width) in pixels: the official enumeration
+    (`generate_crop_size_list`, KlingTeam/SVG-T2I `svg_t2i/util/imgproc.py`) walks the boundary of the token-grid
+    region w·h ≤ N = (resolution/patch)², widest grid (N × 1) to tallest, keeping grids of aspect ≤ max_ratio whose
+    floor(w/2) and floor(h/2) are even: 15 buckets at 256 px, 27 at 512, 51 at 1024 (patch 16). Written in tokens
+    (the official test is in pixels, the same for patch 16), so patch 8 at 128 px has the 256-px / 16 grids."""
+    check_bucket_args(resolution, patch, max_ratio)
     num_tokens = (resolution // patch) ** 2
     out = []
     w, h = num_tokens, 1  # token grid, widest first, as the official loop
@@ -87,9 +44,8 @@ def buckets(resolution, patch=16, max_ratio=4.0):
 
 
 def nearest_bucket(height, width, bucket_list):
-    """The bucket that keeps the most of an image of this size: the official `var_center_crop` score is
-    min(scale_w, scale_h) / max(scale_w, scale_h), 1 for an exact aspect match. Ties go to the larger
-    bucket, as the official `sorted(..., reverse=True)` does."""
+    """The bucket that keeps the most of an image of this size: the official `var_center_crop` score
+    min(scale_w, scale_h) / max(scale_w, scale_h), 1 for an exact aspect match; ties to the larger bucket."""
     def keep(bucket):
         bh, bw = bucket
         sw, sh = bw / width, bh / height
@@ -98,11 +54,8 @@ def nearest_bucket(height, width, bucket_list):
 
 
 def resize_to_cover(image, size_hw):
-    """Resize a PIL image so it covers (height, width), keeping its aspect, then centre-crop to exactly that.
-
-    As the official `center_crop`: halve with a box filter while the image is at least twice the target in
-    both directions (cheap, alias-free), then one bicubic resize by the larger of the two scale factors, so
-    one side fits and the other overhangs and is cropped evenly. Never stretches."""
+    """Resize a PIL image to cover (height, width), keeping its aspect, then centre-crop to exactly that, as the
+    official `center_crop`: box-filter halvings (cheap, alias-free), then one bicubic resize. Never stretches."""
     th, tw = size_hw
     while image.width >= 2 * tw and image.height >= 2 * th:
         image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
@@ -113,6 +66,257 @@ def resize_to_cover(image, size_hw):
     left, top = (new_w - tw) // 2, (new_h - th) // 2
     return image.crop((left, top, left + tw, top + th))
 
+
+def image_to_tensor(image):
+    """PIL RGB -> [3, H, W] in [-1, 1], what the decoder's losses compare (dino.imagenet_normalize comes later)."""
+    arr = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+# ----- Datasets of real images: JSONL and folder ------------------------------------------------------------
+
+class _ImageListDataset(torch.utils.data.Dataset):
+    """Shared body of JsonlDataset and FolderDataset: records {path, caption, system, size}, each item's bucket
+    fixed at start-up from its size (read_sizes). square=True, the official autoencoder recipe: shorter side to
+    `resolution`, one bucket, the random square cut by the trainer. `skipped`: unusable images in this process."""
+
+    def __init__(self, records, resolution, patch, max_ratio, source, square=False):
+        self.resolution, self.source, self.square = resolution, source, square
+        self.bucket_list = [(resolution, resolution)] if square else buckets(resolution, patch, max_ratio)
+        self._bad = _BadImageLog()
+        if len(self.bucket_list) > 1:
+            records = read_sizes(records, self._bad, source)
+        self.records = records
+        self.bucket_ids = [0 if len(self.bucket_list) == 1 else
+                           self.bucket_list.index(nearest_bucket(*r["size"], self.bucket_list)) for r in records]
+        check_records(self)
+
+    @property
+    def skipped(self):
+        return self._bad.count
+
+    def __len__(self):
+        return len(self.records)
+
+    def bucket_of(self, i):
+        """(height, width) in pixels that item i is cropped to."""
+        return self.bucket_list[self.bucket_ids[i]]
+
+    def __getitem__(self, i):
+        rec = self.records[i]
+        image = load_rgb(rec, self._bad)           # upright (EXIF), RGB; an Unreadable(path) if it cannot be read
+        if not image:
+            return image
+        if self.square:                            # [3, resolution, >= resolution] or the transpose
+            return dict(image=image_to_tensor(resize_shorter_side(image, self.resolution)),
+                        caption=rec["caption"], system=rec["system"])
+        image = resize_to_cover(image, self.bucket_of(i))      # the bucket fixed at start-up: batches stack
+        return dict(image=image_to_tensor(image), caption=rec["caption"], system=rec["system"])
+
+
+class JsonlDataset(_ImageListDataset):
+    """The official JSONL format: {"path", "prompt"} per line (system prompt 'base') or {"image_path",
+    "super_high_quality_caption"} ('align'), or a .json array of them; read_jsonl checks every line at start-up."""
+
+    def __init__(self, path, resolution, patch=16, max_ratio=4.0, limit=None, square=False):
+        super().__init__(read_jsonl(path, limit), resolution, patch, max_ratio, source=path, square=square)
+
+
+class FolderDataset(_ImageListDataset):
+    """Every image under a folder (recursively, sorted) with a same-stem `.txt` caption beside it; system 'base'."""
+
+    def __init__(self, path, resolution, patch=16, max_ratio=4.0, limit=None, square=False):
+        super().__init__(read_folder(path)[:limit], resolution, patch, max_ratio, source=path, square=square)
+
+
+# ----- The shapes world ---------------------------------------------------------------------------------------
+# The demo's data: learnable on a CPU, and prompt adherence measurable pixel by pixel (benchmarks/eval_shapes.py).
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """Procedural shapes: item i is a pure function of (seed, i), the same in any worker, rank or resumed run;
+    the data is infinite (`length` only sets an epoch). A scene is one object or two on different corners, each a
+    palette colour, a shape, a position with its centre jittered by ±4%, a side of 30-40% of the canvas (a pair
+    shrunk to keep a 3% gap). 18.7% of object phrases differ from the canonical "a red circle in the top left"
+    ("at the", "upper left", "middle": measured over 29,928 phrases of 20,000 scenes; a quarter are paraphrased,
+    a quarter of those draw the canonical words again). clean=True is the demo's SFT (supervised fine-tuning)
+    subset: canonical captions, exact positions, a fixed side of 35%. Square images: one bucket; system 'base'."""
+
+    def __init__(self, resolution, seed=0, length=100_000, clean=False, two_object_prob=0.5, star_fraction=0.0):
+        if seed < 0:
+            raise ValueError(f"ShapesDataset: seed must be >= 0, got {seed}")
+        self.resolution, self.seed, self.length = resolution, seed, length
+        self.clean, self.two_object_prob = clean, two_object_prob
+        self.star_fraction = star_fraction        # shapes:star (the fine-tuning exercise); 0 for the demo's data
+        self.skipped = 0  # nothing can be unreadable here; kept for the common interface
+
+    def scene(self, i):
+        """Item i's objects (with cx, cy, side) and caption, without rendering (draw_scene, below the banner)."""
+        return draw_scene(self, i)
+
+    def __len__(self):
+        return self.length
+
+    def bucket_of(self, i):
+        return (self.resolution, self.resolution)
+
+    def __getitem__(self, i):
+        # Rendering costs ~0.6 ms at 128 px, far below a training step: no image cache is needed.
+        objects, caption = self.scene(i)
+        image = render_shapes(objects, self.resolution)
+        return dict(image=image_to_tensor(image), caption=caption, system="base")
+
+
+def open_dataset(spec, resolution, seed=0, patch=16, max_ratio=4.0, limit=None, square=False):
+    """The trainer's entry point: 'shapes', 'shapes:clean' (the SFT subset), 'shapes:star', a .jsonl / .json file,
+    or a folder. `limit`: the first N items only; `square`: for random square crops (see _ImageListDataset)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--data-limit must be at least 1, got {limit}")
+    if spec in ("shapes", "shapes:clean"):
+        return ShapesDataset(resolution, seed=seed, clean=spec.endswith(":clean"), length=limit or 100_000)
+    if spec == "shapes:star":   # fine-tuning: half lone stars, half the clean scenes the demo knows (both clean)
+        return ShapesDataset(resolution, seed=seed, clean=True, length=limit or 100_000, star_fraction=STAR_FRACTION)
+    if os.path.isdir(spec):
+        return FolderDataset(spec, resolution, patch, max_ratio, limit=limit, square=square)
+    if os.path.isfile(spec) and spec.lower().endswith((".jsonl", ".json")):
+        return JsonlDataset(spec, resolution, patch, max_ratio, limit=limit, square=square)
+    raise ValueError(f"--data {spec!r}: expected 'shapes', 'shapes:clean', 'shapes:star', an existing .jsonl/.json "
+                     f"file, or an existing folder of images with same-stem .txt captions")
+
+
+# ----- Batching: one bucket per batch, one share per rank ---------------------------------------------------
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's indices for every step of an epoch (`DataLoader(batch_sampler=...)`). Per epoch, with a
+    numpy rng seeded by (seed, epoch): 1. each bucket queues what the previous epoch left over, then a shuffle of
+    its indices, cut into *global* batches of batch_size × world_size, the rest carried to the next epoch; 2. the
+    global batches are shuffled (buckets interleave); 3. rank r takes slice [r·B, (r+1)·B) of each. So every image
+    trains once per epoch (at most one epoch late), each batch is one size, and 1-2 depend on the global batch
+    alone: one process with batch B·W sees exactly what W ranks with batch B see, and every rank the same number
+    of batches. A resume: the training loop counts `batches_done` (the DataLoader prefetches, so the sampler
+    cannot); state_dict saves it with the epoch, and iter() starts there. (The official trainer also takes every
+    image every epoch, in batches of mixed sizes; its seed, global_seed + 100·resolution, a trainer can pass.)"""
+
+    def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0):
+        check_sampler_args(dataset, rank, world_size)
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.global_batch = batch_size * world_size
+        members = {}  # bucket (h, w) -> indices
+        for i in range(len(dataset)):
+            members.setdefault(tuple(dataset.bucket_of(i)), []).append(i)
+        self.members = [np.array(members[b], dtype=np.int64) for b in sorted(members)]
+        self.epoch = 0
+        self.carry = [np.zeros(0, dtype=np.int64) for _ in self.members]  # this epoch's leftovers, per bucket
+        self.batches_done = 0  # of this epoch, advanced by the training loop (see the class docstring)
+
+    def __len__(self):
+        """Global batches in the current epoch (it varies with what the previous epoch carried over)."""
+        return sum((len(c) + len(m)) // self.global_batch for c, m in zip(self.carry, self.members))
+
+    def _plan(self):
+        """The current epoch: (its global batches in order, each an int64 array of batch_size × world_size;
+        what each bucket carries into the next epoch)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        G, batches, carry_out = self.global_batch, [], []
+        for idx, carried in zip(self.members, self.carry):
+            # Leftovers first; their own turn of this epoch goes last, so that a batch never holds an image
+            # twice unless its bucket is smaller than a global batch.
+            perm = rng.permutation(idx)
+            waiting = np.isin(perm, carried)
+            queue = np.concatenate([carried, perm[~waiting], perm[waiting]])
+            full = len(queue) // G
+            batches += [queue[k * G:(k + 1) * G] for k in range(full)]
+            carry_out.append(queue[full * G:])
+        return [batches[k] for k in rng.permutation(len(batches))], carry_out
+
+    def __iter__(self):
+        # Sliced here, eagerly: a generator body would only read batches_done at the first next(), by which
+        # time the training loop may already have advanced it.
+        batches = self._plan()[0][self.batches_done:]
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        return (gb[lo:hi].tolist() for gb in batches)
+
+    def set_epoch(self, epoch):
+        """Select the epoch (the shuffle). A new epoch starts at batch 0; setting the current epoch again
+        keeps a resume point loaded for it. Going forward replays the epochs in between (for the carry)."""
+        if epoch == self.epoch:
+            return
+        if epoch < self.epoch:
+            self.epoch, self.carry = 0, [np.zeros(0, dtype=np.int64) for _ in self.members]
+        while self.epoch < epoch:
+            self.carry = self._plan()[1]
+            self.epoch += 1
+        self.batches_done = 0
+
+    def state_dict(self):
+        return dict(epoch=self.epoch, batches_done=self.batches_done)
+
+    def load_state_dict(self, state):
+        """Resume: the next iter() yields batch `batches_done` onwards of epoch `epoch`."""
+        self.set_epoch(int(state["epoch"]))
+        self.batches_done = check_batches_done(int(state["batches_done"]), len(self))
+
+
+def collate(items):
+    """Dataset items (an unusable one is None or an Unreadable) -> {images [B, 3, H, W] (a list if sizes differ),
+    captions, systems, dropped, dropped_files (the only record of bad files that crosses DataLoader workers)}; a
+    batch can come out short or empty. FeatureCache items give latents [B, C, h, w] and cap_feats [L_i, D] each."""
+    good = [it for it in items if it]
+    dropped = dict(dropped=len(items) - len(good), dropped_files=[str(it) for it in items if isinstance(it, str)])
+    if good and "latent" in good[0]:                       # from a FeatureCache: the encoders already ran
+        return dict(latents=torch.stack([it["latent"] for it in good]),      # [B, C, h, w], one bucket
+                    cap_feats=[it["cap_feats"] for it in good],              # [L_i, D] each, unpadded
+                    captions=[it["caption"] for it in good], systems=[it["system"] for it in good], **dropped)
+    images = [it["image"] for it in good]
+    if images and all(im.shape == images[0].shape for im in images):
+        images = torch.stack(images)  # [B, 3, H, W]
+    return dict(images=images, captions=[it["caption"] for it in good], systems=[it["system"] for it in good],
+                **dropped)
+
+
+# ==============================================================================================================
+# Files, checks and scenes. A first reading can skip everything below: bad images, parsing, scenes, the cache.
+# ==============================================================================================================
+
+import hashlib
+import json
+import logging
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from PIL import ImageDraw
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+log = logging.getLogger("data")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def check_sampler_args(dataset, rank, world_size):
+    if not 0 <= rank < world_size:
+        raise ValueError(f"BucketBatchSampler: rank {rank} is not in [0, world_size={world_size})")
+    if len(dataset) == 0:
+        raise ValueError("BucketBatchSampler: the dataset is empty")
+
+
+def check_batches_done(done, epoch_len):
+    """A resume point's batch count, if the epoch has that many batches."""
+    if not 0 <= done <= epoch_len:
+        raise ValueError(f"BucketBatchSampler.load_state_dict: batches_done={done} is outside [0, {epoch_len}]"
+                         f" for this dataset and batch size; was the checkpoint made with other data?")
+    return done
+
+
+def check_bucket_args(resolution, patch, max_ratio):
+    if resolution % patch != 0:
+        raise ValueError(f"buckets: resolution {resolution} is not a multiple of the patch size {patch}")
+    if max_ratio < 1:
+        raise ValueError(f"buckets: max_ratio must be >= 1, got {max_ratio}")
+
+
+# ----- The autoencoder's crops: shorter side, then a random square ---------------------------------------
 
 def resize_shorter_side(image, size):
     """Resize a PIL image, keeping its aspect, so that its shorter side is `size` pixels: the first half of
@@ -138,13 +342,6 @@ def random_square_crops(images, size, generators):
         left = int(torch.randint(w - size + 1, (1,), generator=gen))
         out.append(image[:, top:top + size, left:left + size])
     return torch.stack(out)
-
-
-def image_to_tensor(image):
-    """PIL RGB -> FloatTensor [3, H, W] in [-1, 1]. (The DINOv3 ImageNet normalisation happens later, on
-    the batch, in dino.imagenet_normalize; keeping [-1, 1] here lets the decoder losses use the same tensor.)"""
-    arr = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
 # ----- Bad-image reporting ----------------------------------------------------------------------------------
@@ -179,8 +376,6 @@ class _BadImageLog:
                         path, type(err).__name__, err, n, more)
 
 
-# ----- Datasets of real images: JSONL and folder ------------------------------------------------------------
-
 def _open_image(rec):
     """Image.open of a record's file (lazy: reads the header only); a file JsonlDataset found nowhere raises
     FileNotFoundError naming every place it looked."""
@@ -199,8 +394,29 @@ def _displayed_size(im):
     return (im.width, im.height) if turned else (im.height, im.width)
 
 
-class _ImageListDataset(torch.utils.data.Dataset):
-    """Shared body of JsonlDataset and FolderDataset: a list of records (path, caption, system, size).
+def check_records(dataset):
+    """Stop at start-up if not one image of a JSONL/folder dataset is usable; log what it holds otherwise."""
+    if not dataset.records:
+        raise ValueError(f"{dataset.source}: no usable images ({dataset.skipped} skipped); check the paths in it")
+    log.info("%s: %d images, %d skipped at start-up, %d buckets",
+             dataset.source, len(dataset.records), dataset.skipped, len(dataset.bucket_list))
+
+
+def load_rgb(rec, bad):
+    """A record's image, decoded, turned upright by its EXIF orientation, as every viewer shows it (the official
+    loader ignores it: a portrait photo from a phone trains sideways), then converted as dino.preprocess does
+    (16-bit, alpha); on any failure Unreadable(path), reported once to `bad`. A run never dies of one bad file."""
+    try:
+        with _open_image(rec) as im:
+            im.load()  # decode now: a truncated file fails here, inside the try
+            return dino.to_rgb(ImageOps.exif_transpose(im))
+    except Exception as err:  # noqa: BLE001 - skip, count and report; a run never dies of one bad file
+        bad.report(rec["path"], err)
+        return Unreadable(rec["path"])
+
+
+def read_sizes(records, bad, source):
+    """The records whose (height, width) is known, the missing ones read from the image headers.
 
     The sampler needs every item's bucket before the first step. It comes from `width`/`height` in the record
     when present (free), otherwise from the image header: PIL's `Image.open` reads only the header, about a
@@ -208,87 +424,29 @@ class _ImageListDataset(torch.utils.data.Dataset):
     I/O bound. Put width/height in big JSONL files to skip it. With a single bucket (max_ratio=1) no header is
     read at all. An image whose header cannot be read here is skipped and counted, not an error; so is one
     that fails to load later. A record with a "missing" message (JsonlDataset found no file) fails with it.
-
-    square=True is the official autoencoder recipe instead of buckets: each image is resized so its shorter
-    side is `resolution` (not cropped: the trainer cuts a random square with `random_square_crops`, keyed by
-    step so that a resume is exact), and all items share the one bucket (resolution, resolution).
-
     `skipped` counts per process: under a multi-worker DataLoader each worker has its own copy, so the
-    trainer counts `collate(...)['dropped_files']` instead, which travels back with every batch.
-    """
+    trainer counts `collate(...)['dropped_files']` instead, which travels back with every batch."""
+    todo = [r for r in records if r["size"] is None]
+    if not todo:
+        return records
+    start = time.time()
 
-    def __init__(self, records, resolution, patch, max_ratio, source, square=False):
-        self.resolution, self.source, self.square = resolution, source, square
-        self.bucket_list = [(resolution, resolution)] if square else buckets(resolution, patch, max_ratio)
-        self._bad = _BadImageLog()
-        if len(self.bucket_list) > 1:
-            records = self._read_missing_sizes(records)
-        self.records = records
-        self.bucket_ids = [self._bucket_index(r) for r in records]
-        if not self.records:
-            raise ValueError(f"{source}: no usable images ({self.skipped} skipped); check the paths in it")
-        log.info("%s: %d images, %d skipped at start-up, %d buckets",
-                 source, len(self.records), self.skipped, len(self.bucket_list))
-
-    def _read_missing_sizes(self, records):
-        todo = [r for r in records if r["size"] is None]
-        if not todo:
-            return records
-        start = time.time()
-
-        def header_size(rec):
-            try:
-                with _open_image(rec) as im:
-                    return _displayed_size(im)
-            except Exception as err:  # noqa: BLE001 - any unreadable file is a data accident, never fatal
-                return err
-
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            for rec, size in zip(todo, pool.map(header_size, todo)):
-                if isinstance(size, Exception):
-                    self._bad.report(rec["path"], size)
-                else:
-                    rec["size"] = size
-        log.info("%s: read %d image headers in %.1f s (add width/height to the records to skip this)",
-                 self.source, len(todo), time.time() - start)
-        return [r for r in records if r["size"] is not None]
-
-    def _bucket_index(self, rec):
-        if len(self.bucket_list) == 1:
-            return 0
-        return self.bucket_list.index(nearest_bucket(*rec["size"], self.bucket_list))
-
-    @property
-    def skipped(self):
-        """How many distinct images this process found unusable (at start-up or when loading)."""
-        return self._bad.count
-
-    def __len__(self):
-        return len(self.records)
-
-    def bucket_of(self, i):
-        """(height, width) in pixels that item i is cropped to."""
-        return self.bucket_list[self.bucket_ids[i]]
-
-    def __getitem__(self, i):
-        rec = self.records[i]
+    def header_size(rec):
         try:
             with _open_image(rec) as im:
-                im.load()  # decode now: a truncated file fails here, inside the try
-                # Turned upright by its EXIF orientation, as every viewer shows it (the official loader ignores
-                # it: a portrait photo from a phone trains sideways), then the conversion dino.preprocess uses
-                # too (16-bit, alpha).
-                image = dino.to_rgb(ImageOps.exif_transpose(im))
-        except Exception as err:  # noqa: BLE001 - skip, count and report; a run never dies of one bad file
-            self._bad.report(rec["path"], err)
-            return Unreadable(rec["path"])
-        if self.square:                         # [3, resolution, >= resolution] or the transpose
-            return dict(image=image_to_tensor(resize_shorter_side(image, self.resolution)),
-                        caption=rec["caption"], system=rec["system"])
-        # The bucket was fixed at start-up from the image's size, so every item of a batch lands on the same
-        # (height, width) and the batch stacks into one [B, 3, H, W] tensor.
-        image = resize_to_cover(image, self.bucket_of(i))
-        return dict(image=image_to_tensor(image), caption=rec["caption"], system=rec["system"])
+                return _displayed_size(im)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is a data accident, never fatal
+            return err
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for rec, size in zip(todo, pool.map(header_size, todo)):
+            if isinstance(size, Exception):
+                bad.report(rec["path"], size)
+            else:
+                rec["size"] = size
+    log.info("%s: read %d image headers in %.1f s (add width/height to the records to skip this)",
+             source, len(todo), time.time() - start)
+    return [r for r in records if r["size"] is not None]
 
 
 def _parse_jsonl_line(line, where):
@@ -345,69 +503,61 @@ def _locate(path, folder):
                                                     f"to the JSONL ({beside})")
 
 
-class JsonlDataset(_ImageListDataset):
-    """The official JSONL format (see module docstring). A `.json` file holding one JSON array, the other
-    format the official `MyDataset` reads, is accepted too. Every line is parsed at start-up so that a
-    malformed one stops the run before any compute is spent, with its file and line number.
-
-    Image paths are looked up once, at start-up (`_locate`: as given, then next to the JSONL; one os.path.exists
-    each, on 16 threads). A file found in neither place is skipped and counted like any unreadable image,
-    and the log names both places."""
-
-    def __init__(self, path, resolution, patch=16, max_ratio=4.0, limit=None, square=False):
-        folder = os.path.dirname(os.path.abspath(path))
-        with open(path, encoding="utf-8-sig") as f:      # -sig: a byte-order mark is not part of line 1
-            text = f.read()
-        if text.lstrip().startswith("["):  # a JSON array of objects
-            try:
-                items = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})")
-            lines = [(f"{path}: item {k}", json.dumps(it)) for k, it in enumerate(items)]
-        else:
-            lines = [(f"{path}:{n}", s) for n, s in enumerate(text.splitlines(), 1) if s.strip()]
-        records = [_parse_jsonl_line(s, where) for where, s in lines][:limit]
-        if not records:
-            raise ValueError(f"{path}: no data lines")
-        with ThreadPoolExecutor(max_workers=16) as pool:   # I/O bound: a stat per file
-            for rec, found in zip(records, pool.map(lambda r: _locate(r["path"], folder), records)):
-                rec.update(found)
-        super().__init__(records, resolution, patch, max_ratio, source=path, square=square)
+def read_jsonl(path, limit=None):
+    """The records of a JSONL file (or a .json array). Every line is parsed at start-up so that a malformed one
+    stops the run before any compute is spent, with its file and line number. Image paths are looked up once
+    (`_locate`: as given, then next to the JSONL; one os.path.exists each, on 16 threads); a file found in
+    neither place is skipped and counted like any unreadable image, and the log names both places."""
+    folder = os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8-sig") as f:      # -sig: a byte-order mark is not part of line 1
+        text = f.read()
+    if text.lstrip().startswith("["):  # a JSON array of objects
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})")
+        lines = [(f"{path}: item {k}", json.dumps(it)) for k, it in enumerate(items)]
+    else:
+        lines = [(f"{path}:{n}", s) for n, s in enumerate(text.splitlines(), 1) if s.strip()]
+    records = [_parse_jsonl_line(s, where) for where, s in lines][:limit]
+    if not records:
+        raise ValueError(f"{path}: no data lines")
+    with ThreadPoolExecutor(max_workers=16) as pool:   # I/O bound: a stat per file
+        for rec, found in zip(records, pool.map(lambda r: _locate(r["path"], folder), records)):
+            rec.update(found)
+    return records
 
 
-class FolderDataset(_ImageListDataset):
-    """Every image under a folder (recursively, sorted), captioned by the same-stem `.txt` file next to it.
-    Images without a caption file are left out and counted in the log. System prompt key: 'base'."""
-
-    def __init__(self, path, resolution, patch=16, max_ratio=4.0, limit=None, square=False):
-        if not os.path.isdir(path):
-            raise ValueError(f"{path}: not a folder")
-        records, uncaptioned = [], 0
-        unlisted = lambda err: log.warning("%s: cannot list %s (%s); its images are left out", path, err.filename, err)
-        for root, dirs, files in os.walk(path, onerror=unlisted):
-            dirs.sort()
-            for name in sorted(files):
-                stem, ext = os.path.splitext(name)
-                if ext.lower() not in IMAGE_EXTENSIONS:
-                    continue
-                image_path, txt = os.path.join(root, name), os.path.join(root, stem + ".txt")
-                odd = [p for p in (image_path, txt) if os.path.exists(p) and not os.path.isfile(p)]
-                if odd:                            # opening a named pipe would wait for a writer for ever
-                    log.warning("%s: %s is not a regular file (a named pipe, a device?); its image is left out",
-                                path, odd[0])
-                    continue
-                if not os.path.exists(txt):
-                    uncaptioned += 1
-                    continue
-                # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the caption
-                with open(txt, encoding="utf-8-sig") as f:
-                    caption = f.read().strip()
-                records.append(dict(path=image_path, caption=caption, system="base", size=None))
-        if uncaptioned:
-            log.warning("%s: %d images have no same-stem .txt caption and are left out", path, uncaptioned)
-        if not records:
-            raise ValueError(f"{path}: no images with a same-stem .txt caption found")
-        super().__init__(records[:limit], resolution, patch, max_ratio, source=path, square=square)
+def read_folder(path):
+    """The records of an image folder: every image with a same-stem .txt caption (utf-8, a BOM dropped)."""
+    if not os.path.isdir(path):
+        raise ValueError(f"{path}: not a folder")
+    records, uncaptioned = [], 0
+    unlisted = lambda err: log.warning("%s: cannot list %s (%s); its images are left out", path, err.filename, err)
+    for root, dirs, files in os.walk(path, onerror=unlisted):
+        dirs.sort()
+        for name in sorted(files):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in IMAGE_EXTENSIONS:
+                continue
+            image_path, txt = os.path.join(root, name), os.path.join(root, stem + ".txt")
+            odd = [p for p in (image_path, txt) if os.path.exists(p) and not os.path.isfile(p)]
+            if odd:                            # opening a named pipe would wait for a writer for ever
+                log.warning("%s: %s is not a regular file (a named pipe, a device?); its image is left out",
+                            path, odd[0])
+                continue
+            if not os.path.exists(txt):
+                uncaptioned += 1
+                continue
+            # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the caption
+            with open(txt, encoding="utf-8-sig") as f:
+                caption = f.read().strip()
+            records.append(dict(path=image_path, caption=caption, system="base", size=None))
+    if uncaptioned:
+        log.warning("%s: %d images have no same-stem .txt caption and are left out", path, uncaptioned)
+    if not records:
+        raise ValueError(f"{path}: no images with a same-stem .txt caption found")
+    return records
 
 
 # ----- The shapes world: palette, shapes, positions ---------------------------------------------------------
@@ -549,120 +699,55 @@ def all_captions():
     return singles + pairs
 
 
-PREVIEW_PROMPTS = [  # a fixed handful for previews (e.g. a grid rendered at each checkpoint)
-    "a red circle in the top left",
-    "a blue square in the center",
-    "a yellow triangle in the bottom right",
-    "a green square in the top right",
-    "a black circle in the bottom left",
-    "a purple triangle in the center",
-    "a cyan circle in the top left and an orange square in the bottom right",
-    "a red triangle in the top right and a blue circle in the bottom left",
-]
-
-
-class ShapesDataset(torch.utils.data.Dataset):
-    """Procedural shapes: item i is a pure function of (seed, i), so any worker, rank or resumed run draws the
-    same picture for the same index, and indices past `length` work too (the data is infinite; `length` only
-    sets what an "epoch" is for the sampler).
-
-    A scene is one object (probability 1 - two_object_prob) or two on different corners. Each object has a
-    palette colour, a shape, a position with its centre jittered by ±4%, and a side of 30-40% of the canvas
-    (shrunk in a pair when needed so that a 3% gap always separates the two).
-    About a quarter of object phrases use a paraphrase ("at the", "upper left", "middle").
-
-    clean=True is the SFT subset of the demo's stage 4: canonical captions, centres exactly on their
-    positions, a fixed side of 35%. Same colours, shapes, positions and object counts.
-    Images are square (resolution × resolution), so there is one bucket. System prompt key: 'base'.
-    """
-
-    def __init__(self, resolution, seed=0, length=100_000, clean=False, two_object_prob=0.5, star_fraction=0.0):
-        if seed < 0:
-            raise ValueError(f"ShapesDataset: seed must be >= 0, got {seed}")
-        self.resolution, self.seed, self.length = resolution, seed, length
-        self.clean, self.two_object_prob = clean, two_object_prob
-        self.star_fraction = star_fraction        # shapes:star (the fine-tuning exercise); 0 for the demo's data
-        self.skipped = 0  # nothing can be unreadable here; kept for the common interface
-
-    def scene(self, i):
-        """Item i's objects (with cx, cy, side) and caption, without rendering."""
-        if self.star_fraction:
-            # Its own stream, so that with star_fraction = 0 not one draw of the scenes below changes.
-            star_rng = np.random.default_rng([self.seed, int(i), 1])
-            if star_rng.random() < self.star_fraction:
-                return self.star_scene(star_rng)
-        rng = np.random.default_rng([self.seed, int(i)])  # independent stream per (seed, index)
-        # Every draw below happens in the same order whether or not clean=True: the clean subset is the same
-        # scenes with the jitter, size and paraphrase switched off, not a different sample.
-        n = 2 if rng.random() < self.two_object_prob else 1
-        names = list(POSITIONS) if n == 1 else list(PAIR_POSITIONS)
-        objects, phrases = [], []
-        for k in rng.choice(len(names), size=n, replace=False):
-            pos = names[k]
-            obj = dict(color=list(PALETTE)[rng.integers(len(PALETTE))],
-                       shape=SHAPES[rng.integers(len(SHAPES))], position=pos)
-            jitter = rng.uniform(-JITTER, JITTER, size=2)
-            side = rng.uniform(*(SINGLE_SIDE if n == 1 else PAIR_SIDE))
-            paraphrase = rng.random() < PARAPHRASE_PROB
-            prep, word = PREPOSITIONS[rng.integers(2)], POSITION_WORDS[pos][rng.integers(2)]
-            if self.clean:
-                jitter, side, paraphrase = (0.0, 0.0), CLEAN_SIDE[n], False
-            obj.update(cx=POSITIONS[pos][0] + jitter[0], cy=POSITIONS[pos][1] + jitter[1], side=side)
-            objects.append(obj)
-            phrases.append(_phrase(obj, prep, word) if paraphrase else _phrase(obj))
-        if n == 2:
-            a, b = objects
-            # Two boxes are apart when, along x or along y, their centres are further apart than the sum of
-            # their half-sides plus the gap. If not, shrink both sides by the same factor until they are.
-            sep = max(abs(a["cx"] - b["cx"]), abs(a["cy"] - b["cy"]))
-            half_sum = (a["side"] + b["side"]) / 2
-            if half_sum > sep - PAIR_GAP:
-                factor = (sep - PAIR_GAP) / half_sum
-                a["side"], b["side"] = a["side"] * factor, b["side"] * factor
-        return objects, " and ".join(phrases)
-
-    def star_scene(self, rng):
-        """A lone star: one of 8 colours x 5 positions, drawn like a clean object (exact position, side 35%)
-        or, outside the clean subset, with the usual jitter, size and paraphrases."""
-        pos = list(POSITIONS)[rng.integers(len(POSITIONS))]
-        obj = dict(color=list(PALETTE)[rng.integers(len(PALETTE))], shape="star", position=pos)
-        jitter, side = rng.uniform(-JITTER, JITTER, size=2), rng.uniform(*SINGLE_SIDE)
+def draw_scene(ds, i):
+    """ShapesDataset.scene: item i's objects (with cx, cy, side) and caption, drawn from (seed, i) alone."""
+    if ds.star_fraction:
+        # Its own stream, so that with star_fraction = 0 not one draw of the scenes below changes.
+        star_rng = np.random.default_rng([ds.seed, int(i), 1])
+        if star_rng.random() < ds.star_fraction:
+            return star_scene(ds, star_rng)
+    rng = np.random.default_rng([ds.seed, int(i)])  # independent stream per (seed, index)
+    # Every draw below happens in the same order whether or not clean=True: the clean subset is the same
+    # scenes with the jitter, size and paraphrase switched off, not a different sample.
+    n = 2 if rng.random() < ds.two_object_prob else 1
+    names = list(POSITIONS) if n == 1 else list(PAIR_POSITIONS)
+    objects, phrases = [], []
+    for k in rng.choice(len(names), size=n, replace=False):
+        pos = names[k]
+        obj = dict(color=list(PALETTE)[rng.integers(len(PALETTE))],
+                   shape=SHAPES[rng.integers(len(SHAPES))], position=pos)
+        jitter = rng.uniform(-JITTER, JITTER, size=2)
+        side = rng.uniform(*(SINGLE_SIDE if n == 1 else PAIR_SIDE))
         paraphrase = rng.random() < PARAPHRASE_PROB
         prep, word = PREPOSITIONS[rng.integers(2)], POSITION_WORDS[pos][rng.integers(2)]
-        if self.clean:
-            jitter, side, paraphrase = (0.0, 0.0), CLEAN_SIDE[1], False
+        if ds.clean:
+            jitter, side, paraphrase = (0.0, 0.0), CLEAN_SIDE[n], False
         obj.update(cx=POSITIONS[pos][0] + jitter[0], cy=POSITIONS[pos][1] + jitter[1], side=side)
-        return [obj], _phrase(obj, prep, word) if paraphrase else _phrase(obj)
+        objects.append(obj)
+        phrases.append(_phrase(obj, prep, word) if paraphrase else _phrase(obj))
+    if n == 2:
+        a, b = objects
+        # Two boxes are apart when, along x or along y, their centres are further apart than the sum of
+        # their half-sides plus the gap. If not, shrink both sides by the same factor until they are.
+        sep = max(abs(a["cx"] - b["cx"]), abs(a["cy"] - b["cy"]))
+        half_sum = (a["side"] + b["side"]) / 2
+        if half_sum > sep - PAIR_GAP:
+            factor = (sep - PAIR_GAP) / half_sum
+            a["side"], b["side"] = a["side"] * factor, b["side"] * factor
+    return objects, " and ".join(phrases)
 
-    def __len__(self):
-        return self.length
-
-    def bucket_of(self, i):
-        return (self.resolution, self.resolution)
-
-    def __getitem__(self, i):
-        # Rendering costs ~0.6 ms at 128 px, far below a training step: no image cache is needed.
-        objects, caption = self.scene(i)
-        image = render_shapes(objects, self.resolution)
-        return dict(image=image_to_tensor(image), caption=caption, system="base")
-
-
-def open_dataset(spec, resolution, seed=0, patch=16, max_ratio=4.0, limit=None, square=False):
-    """The one entry point of the trainer: 'shapes', 'shapes:clean', a .jsonl / .json file, or a folder.
-    `limit` keeps only the first N items (an epoch is then N items; the shapes data has 100,000 by default).
-    `square`: images for random square crops instead of buckets (see _ImageListDataset; shapes are square)."""
-    if limit is not None and limit < 1:
-        raise ValueError(f"--data-limit must be at least 1, got {limit}")
-    if spec in ("shapes", "shapes:clean"):
-        return ShapesDataset(resolution, seed=seed, clean=spec.endswith(":clean"), length=limit or 100_000)
-    if spec == "shapes:star":   # fine-tuning: half lone stars, half the clean scenes the demo knows (both clean)
-        return ShapesDataset(resolution, seed=seed, clean=True, length=limit or 100_000, star_fraction=STAR_FRACTION)
-    if os.path.isdir(spec):
-        return FolderDataset(spec, resolution, patch, max_ratio, limit=limit, square=square)
-    if os.path.isfile(spec) and spec.lower().endswith((".jsonl", ".json")):
-        return JsonlDataset(spec, resolution, patch, max_ratio, limit=limit, square=square)
-    raise ValueError(f"--data {spec!r}: expected 'shapes', 'shapes:clean', 'shapes:star', an existing .jsonl/.json file, "
-                     f"or an existing folder of images with same-stem .txt captions")
+def star_scene(ds, rng):
+    """A lone star: one of 8 colours x 5 positions, drawn like a clean object (exact position, side 35%)
+    or, outside the clean subset, with the usual jitter, size and paraphrases."""
+    pos = list(POSITIONS)[rng.integers(len(POSITIONS))]
+    obj = dict(color=list(PALETTE)[rng.integers(len(PALETTE))], shape="star", position=pos)
+    jitter, side = rng.uniform(-JITTER, JITTER, size=2), rng.uniform(*SINGLE_SIDE)
+    paraphrase = rng.random() < PARAPHRASE_PROB
+    prep, word = PREPOSITIONS[rng.integers(2)], POSITION_WORDS[pos][rng.integers(2)]
+    if ds.clean:
+        jitter, side, paraphrase = (0.0, 0.0), CLEAN_SIDE[1], False
+    obj.update(cx=POSITIONS[pos][0] + jitter[0], cy=POSITIONS[pos][1] + jitter[1], side=side)
+    return [obj], _phrase(obj, prep, word) if paraphrase else _phrase(obj)
 
 
 # ----- Feature cache: the frozen encoders' outputs, computed once ----------------------------------------------
@@ -835,124 +920,3 @@ def build_feature_cache(folder, dataset, encode, identity, rank=0, world=1, work
         os.replace(os.path.join(folder, "index.json.tmp"), os.path.join(folder, "index.json"))
         tqdm.write(f"feature cache complete: {folder} ({n} items)")
     barrier()
-
-
-# ----- Batching: one bucket per batch, one share per rank ---------------------------------------------------
-
-class BucketBatchSampler(torch.utils.data.Sampler):
-    """Yields this rank's list of indices for every step of an epoch. Use as `DataLoader(batch_sampler=...)`.
-
-    Per epoch, with rng = numpy generator seeded by (seed, epoch):
-      1. each bucket queues the indices the previous epoch left over, then a shuffle of all its indices, and
-         cuts the queue into *global* batches of batch_size × world_size; what does not fill one (fewer than
-         a global batch) is carried over to the next epoch's queue of the same bucket;
-      2. shuffle the order of all global batches (so buckets interleave);
-      3. rank r takes slice [r·B, (r+1)·B) of each global batch.
-    So every image enters every epoch exactly once and trains at most one epoch later, and each batch
-    stays one size. A bucket smaller than the global batch (a rare aspect ratio, against 512 images
-    per step at stage 1) fills a batch every few epochs, repeating its images inside it; nothing is dropped,
-    and no image is trained more often than another in the long run. (The official trainer takes every image
-    every epoch too, but in batches of mixed sizes.)
-    Step 1-2 do not depend on rank or world size, only on the global batch size, so one process with
-    batch B·W sees at every step exactly the union of what W ranks with batch B see. Every rank yields the
-    same number of batches (no rank waits at an all-reduce for a peer that ran out).
-
-    The official trainer seeds its order with global_seed + resolution·100 so that stages do not replay one
-    order; a trainer can pass the same as `seed`.
-
-    Resuming: the DataLoader runs the sampler ahead of training (prefetch), so the sampler cannot count what
-    was really trained on. The training loop does, in `batches_done` (`sampler.batches_done += 1` per batch
-    it consumes); `state_dict()` saves it with the epoch, `load_state_dict()` restores both, and every
-    `iter()` starts at batch `batches_done` of the current epoch. `set_epoch` to a new epoch resets it to 0.
-    An epoch's batches are a pure function of (seed, epoch, global batch, buckets): the carried-over
-    remainders are recomputed by replaying the earlier epochs' shuffles (cheap: no data is read).
-    """
-
-    def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"BucketBatchSampler: rank {rank} is not in [0, world_size={world_size})")
-        if len(dataset) == 0:
-            raise ValueError("BucketBatchSampler: the dataset is empty")
-        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        self.global_batch = batch_size * world_size
-        members = {}  # bucket (h, w) -> indices
-        for i in range(len(dataset)):
-            members.setdefault(tuple(dataset.bucket_of(i)), []).append(i)
-        self.members = [np.array(members[b], dtype=np.int64) for b in sorted(members)]
-        self.epoch = 0
-        self.carry = [np.zeros(0, dtype=np.int64) for _ in self.members]  # this epoch's leftovers, per bucket
-        self.batches_done = 0  # of this epoch, advanced by the training loop (see the class docstring)
-
-    def __len__(self):
-        """Global batches in the current epoch (it varies with what the previous epoch carried over)."""
-        return sum((len(c) + len(m)) // self.global_batch for c, m in zip(self.carry, self.members))
-
-    def _plan(self):
-        """The current epoch: (its global batches in order, each an int64 array of batch_size × world_size;
-        what each bucket carries into the next epoch)."""
-        rng = np.random.default_rng([self.seed, self.epoch])
-        G, batches, carry_out = self.global_batch, [], []
-        for idx, carried in zip(self.members, self.carry):
-            # Leftovers first; their own turn of this epoch goes last, so that a batch never holds an image
-            # twice unless its bucket is smaller than a global batch.
-            perm = rng.permutation(idx)
-            waiting = np.isin(perm, carried)
-            queue = np.concatenate([carried, perm[~waiting], perm[waiting]])
-            full = len(queue) // G
-            batches += [queue[k * G:(k + 1) * G] for k in range(full)]
-            carry_out.append(queue[full * G:])
-        return [batches[k] for k in rng.permutation(len(batches))], carry_out
-
-    def __iter__(self):
-        # Sliced here, eagerly: a generator body would only read batches_done at the first next(), by which
-        # time the training loop may already have advanced it.
-        batches = self._plan()[0][self.batches_done:]
-        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
-        return (gb[lo:hi].tolist() for gb in batches)
-
-    def set_epoch(self, epoch):
-        """Select the epoch (the shuffle). A new epoch starts at batch 0; setting the current epoch again
-        keeps a resume point loaded for it. Going forward replays the epochs in between (for the carry)."""
-        if epoch == self.epoch:
-            return
-        if epoch < self.epoch:
-            self.epoch, self.carry = 0, [np.zeros(0, dtype=np.int64) for _ in self.members]
-        while self.epoch < epoch:
-            self.carry = self._plan()[1]
-            self.epoch += 1
-        self.batches_done = 0
-
-    def state_dict(self):
-        return dict(epoch=self.epoch, batches_done=self.batches_done)
-
-    def load_state_dict(self, state):
-        """Resume: the next iter() yields batch `batches_done` onwards of epoch `epoch`."""
-        epoch, done = int(state["epoch"]), int(state["batches_done"])
-        self.set_epoch(epoch)
-        if not 0 <= done <= len(self):
-            raise ValueError(f"BucketBatchSampler.load_state_dict: batches_done={done} is outside [0, {len(self)}]"
-                             f" for this dataset and batch size; was the checkpoint made with other data?")
-        self.batches_done = done
-
-
-def collate(items):
-    """List of dataset items (None or an Unreadable = unusable image) -> batch dict.
-
-    images: Tensor [B, 3, H, W] when all sizes agree (always, under BucketBatchSampler), else a list of
-    [3, H, W]; captions, systems: lists of str; dropped: how many unusable items were removed, dropped_files:
-    the files of those a dataset could name (the trainer counts these, each once: it is the only record that
-    crosses DataLoader worker processes). A batch can come
-    out smaller than asked, or empty (captions == []); the trainer decides whether to skip it.
-    Items of a FeatureCache give latents [B, C, h, w] and cap_feats (a list of [L_i, D]) instead of images.
-    """
-    good = [it for it in items if it]
-    dropped = dict(dropped=len(items) - len(good), dropped_files=[str(it) for it in items if isinstance(it, str)])
-    if good and "latent" in good[0]:                       # from a FeatureCache: the encoders already ran
-        return dict(latents=torch.stack([it["latent"] for it in good]),      # [B, C, h, w], one bucket
-                    cap_feats=[it["cap_feats"] for it in good],              # [L_i, D] each, unpadded
-                    captions=[it["caption"] for it in good], systems=[it["system"] for it in good], **dropped)
-    images = [it["image"] for it in good]
-    if images and all(im.shape == images[0].shape for im in images):
-        images = torch.stack(images)  # [B, 3, H, W]
-    return dict(images=images, captions=[it["caption"] for it in good], systems=[it["system"] for it in good],
-                **dropped)

@@ -408,7 +408,8 @@ def test_captions_round_trip():
         assert data.caption_for(data.parse_caption(cap)).split(" and ")[0].split()[1:3] == cap.split()[1:3]
     assert data.parse_caption("an orange triangle at the upper left") == [
         dict(color="orange", shape="triangle", position="top left")]
-    for p in data.PREVIEW_PROMPTS:
+    import train                                # the preview prompts train.py draws every few steps
+    for p in train.PREVIEW_PROMPTS:
         assert data.caption_for(data.parse_caption(p)) == p
     with pytest.raises(ValueError, match="not of the form"):
         data.parse_caption("a mauve hexagon somewhere")
