@@ -1243,10 +1243,7 @@ def load_source_weights(model, args, latest, rank):
         return False
     state, config = source_state(source["weights"], source.get("lora"))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshapen = [f"{k}: source {tuple(state[k].shape)} vs model {expected[k]}"
-                 for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    missing, unexpected, misshapen = dit_lib.key_report(expected, state)
     differ = {k: [config.get(k), v] for k, v in model.config.items()
               if config is not None and k != "axes_lens" and config.get(k) != v}
     if missing or unexpected or misshapen or differ:
