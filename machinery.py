@@ -25,7 +25,6 @@ import re
 import shutil
 import signal
 import sys
-import time
 import warnings
 
 import torch

@@ -313,3 +313,52 @@ def test_feature_cache_built_by_two_processes_trains_like_one_process_without_it
                                                         "shard-00001.safetensors"]
     assert_same(weights(plain / "stage1" / "model.safetensors"), weights(cached / "stage1" / "model.safetensors"),
                 atol=1e-5)
+
+
+def test_flow_matching_loss_draws_t_then_noise_per_sample_and_is_the_path_mse():
+    """flow.flow_matching_loss, the whole training loss in one place: each sample's generator draws its t
+    (logit-normal, shifted) and then its noise x0; the velocity at x_t = t·x1 + (1 − t)·x0 is regressed onto
+    x1 − x0. So a sample's loss depends on its own generator alone, not on the batch it sits in."""
+    import flow
+    torch.manual_seed(0)
+    x1 = torch.randn(3, 4, 2, 2)
+    weight = torch.randn(4, 4)
+    velocity = lambda xt, t, scale: torch.einsum("oc,bchw->bohw", weight, xt) * scale + t.view(-1, 1, 1, 1)
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(3)]
+    loss = flow.flow_matching_loss(velocity, x1, gens(), 1.7, 0.5)
+    g = gens()
+    t = flow.shift_timesteps(torch.cat([flow.sample_timesteps(1, generator=x) for x in g]), 1.7)
+    x0 = torch.stack([torch.randn(4, 2, 2, generator=x) for x in g])
+    expected = flow.training_loss(velocity(flow.interpolate(x0, x1, t), t, 0.5), x0, x1).mean()
+    assert torch.equal(loss, expected)
+    per_sample = [flow.flow_matching_loss(velocity, x1[i:i + 1], gens()[i:i + 1], 1.7, 0.5) for i in range(3)]
+    assert torch.allclose(loss, torch.stack(per_sample).mean(), atol=1e-6)
+
+
+def test_latent_stats_over_images_batches_by_bucket_and_leaves_out_unreadable_items():
+    """dino.LatentStats.over_images (the small presets' statistics): the first n images, each batch from one
+    bucket, an unreadable item (false) left out; the same numbers as LatentStats.from_latents over them."""
+    import dino
+    model = dino.DINOv3(patch_size=8, embed_dim=16, depth=1, num_heads=2, n_storage_tokens=1).eval()
+    gen = torch.Generator().manual_seed(0)
+    sizes = [(16, 16), (16, 32), (16, 16), (16, 32), (16, 16)]
+
+    class Items:
+        images = [torch.rand(3, *hw, generator=gen) * 2 - 1 for hw in sizes]
+
+        def __len__(self):
+            return len(self.images)
+
+        def bucket_of(self, i):
+            return sizes[i]
+
+        def __getitem__(self, i):
+            return None if i == 2 else dict(image=self.images[i])
+    items = Items()
+    stats = dino.LatentStats.over_images(model, items, "cpu", n=4, batch_size=64)
+    by_bucket = [[0], [1, 3]]                     # item 2 unreadable, item 4 past n
+    reference = dino.LatentStats.from_latents(
+        dino.images_to_latents(model, torch.stack([items.images[i] for i in group])) for group in by_bucket)
+    assert torch.allclose(stats.mean, reference.mean) and torch.allclose(stats.std, reference.std)
+    with pytest.raises(ValueError):
+        dino.LatentStats.over_images(model, items, "cpu", n=0)      # no image: no statistics
