@@ -6,8 +6,8 @@ any moment loses nothing (atomic files, latest/ checkpoints, the checks a resume
 the frozen encoders' files; the data's hash, the feature cache and the DataLoader; torch.compile over many
 shapes; previews; the stage's result files and export; fine-tuning's files (--init-from, --lora); the run
 folder's lock; one line for a user's error. Nothing here changes the maths: README "Operations" tells what it
-guarantees, tests/test_failsafe.py and tests/test_train.py check it. sample.py takes its `setup_distributed`
-and `resolve` from here too.
+guarantees, tests/test_failsafe.py and tests/test_train.py check it. `setup_distributed` and `resolve` serve
+sample.py as well (one copy each).
 """
 
 # ==========================================================================================================
