@@ -294,6 +294,8 @@ log = logging.getLogger("data")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
+# ----- Argument checks of the parts above -------------------------------------------------------------------
+
 def check_sampler_args(dataset, rank, world_size):
     if not 0 <= rank < world_size:
         raise ValueError(f"BucketBatchSampler: rank {rank} is not in [0, world_size={world_size})")
