@@ -200,7 +200,7 @@ class Pipeline:
         # Gemma once); then the caption path of the DiT, once.
         distinct = list(dict.fromkeys(prompts))
         texts = [text.format_prompt(p, system) for p in distinct] + [""]
-        feats, mask = text.encode_prompts(self.gemma, self.tokenizer, texts, "", self.max_cap_len)
+        feats, mask = text.encode_prompts(self.gemma, self.tokenizer, texts, self.max_cap_len)
         feats = feats.float()                                                       # [distinct + 1, L, D]
         rows = torch.tensor([distinct.index(p) for p in prompts], device=feats.device)
         velocity = guided_velocity(self.dit, feats[rows], mask[rows], feats[-1:].expand(n, -1, -1),
