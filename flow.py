@@ -98,10 +98,10 @@ def resolution_shift(num_tokens):
     Why: neighbouring tokens are strongly correlated, so noise averages away over them: a flat region of n
     tokens keeps its mean colour to within σ/√n, so at one σ a 1024-px image (4096 tokens) has 4x less noise
     on each such mean than a 256-px one: the same σ destroys less of a big image, and unshifted training would
-    spend many steps on noise levels that are easy at high resolution. The shift moves the drawn times toward noise, more for more tokens: the median draw,
-    σ = 0.5, becomes σ' = 0.62 at 256 px and 0.76 at 1024 px. (SD3, arXiv 2403.03206, "resolution-dependent
-    shifting of timestep schedules", derives a shift of √(4096/256) = 4 from the same argument; the
-    official formula is gentler.)
+    spend many steps on noise levels that are easy at high resolution. The shift moves the drawn times toward
+    noise, more for more tokens: the median draw, σ = 0.5, becomes σ' = 0.62 at 256 px and 0.76 at 1024 px.
+    (SD3, arXiv 2403.03206, "resolution-dependent shifting of timestep schedules", derives a shift of
+    √(4096/256) = 4 from the same argument; the official formula is gentler.)
     """
     (n0, n1), (mu0, mu1) = SHIFT_TOKENS, SHIFT_MU
     mu = mu0 + (mu1 - mu0) * (num_tokens - n0) / (n1 - n0)
