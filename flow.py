@@ -1,7 +1,5 @@
 """Flow matching for SVG-T2I: the probability path, the training loss, and the samplers.
 
-Where it sits in the pipeline
------------------------------
 Training draws a flow time t, mixes a normalised DINOv3 latent with Gaussian noise along a straight line,
 and regresses NextDiT's output onto the line's constant velocity. Sampling integrates the learned
 velocity field from noise (t = 0) to data (t = 1) with an ODE solver, under classifier-free guidance.
@@ -15,11 +13,10 @@ flip t -> 1 − t and the sign of v. Conventions used everywhere in this file:
   * t is the DATA time: t = 0 is pure noise, t = 1 is data. NextDiT receives t itself, not 1000·t.
   * σ = 1 − t is the NOISE LEVEL (DPM-Solver's τ). A "shift" s > 1 moves time towards noise:
         σ' = s·σ / (1 + (s − 1)·σ)           (the same formula in training and in every sampler)
-  * x0 is noise, x1 is data:   x_t = t·x1 + (1 − t)·x0,   target velocity u = x1 − x0.
+  * x0 is noise, x1 is data:   x_t = t·x1 + (1 − t)·x0,   target velocity u = x1 − x0. The official code
+    calls this path ICPlan (`svg_t2i/transport/path.py`, from SiT; "Linear Coupling Plan"): a coupling plan
+    pairs noise with data (here independently: each image with fresh noise) and joins them, here by a line.
   * velocity_fn(x, t) is called with x [B, ...] float32 and t a [B] float32 tensor in [0, 1].
-
-Sections: path and loss · timestep sampling and shift · samplers (Euler, midpoint, DPM-Solver++ 2M) ·
-classifier-free guidance · seeded noise.
 """
 import math
 
@@ -32,10 +29,8 @@ DEFAULT_STEPS = 50          # model evaluations
 DEFAULT_CFG = 4.0           # guidance scale
 DEFAULT_RENORM = True       # "renorm" CFG: guided velocity never longer than the conditional one
 DEFAULT_SHIFT = 10.0        # --time_shifting_factor used with the dpm solver
-DEFAULT_ODE_SHIFT = 6.0     # --t_shift default of sample_svg_t2i.py for euler / midpoint
-DPM_SIGMA_MAX = 0.999       # the DPM grid starts at noise level shift(0.999), not 1 (DPM_Solver's grid)
-# The same defaults as the sampler settings a model carries (train.py writes them into each stage's
-# config.json, sample.py reads them back): the released model's.
+DPM_SIGMA_MAX = 0.999       # the DPM grid starts at noise level shift(0.999), not 1: dpm_sigma_grid says why
+# The released model's sampler settings, as a stage's config.json carries them (train.py writes, sample.py reads).
 RELEASE_SAMPLER = dict(steps=DEFAULT_STEPS, cfg=DEFAULT_CFG, solver=DEFAULT_SOLVER, shift=DEFAULT_SHIFT)
 
 # ----- Training defaults (svg_t2i/train_svg_t2i.py and svg_t2i/transport/transport.py) ---------------
@@ -94,6 +89,12 @@ def sample_timesteps(n, generator=None, mode="lognorm", mu=LOGNORM_MU, device=No
     'lognorm': t = sigmoid(u), u ~ N(mu, 1)   (what every official training script uses)
     'uniform': t ~ U(0, 1)                     (the argparse default)
     Drawn on the generator's device (CPU by default) for reproducibility, then moved to `device`.
+
+    Why logit-normal: SD3 (Esser et al., arXiv 2403.03206, §3.1; best of the t samplers it compared) argues
+    the middle of the path is the hard part. At t = 0, x_t = x0 is known and the best velocity is E[x1] − x0;
+    at t = 1, x_t = x1 and it is x1 − E[x0] = x1: a mean plus what x_t shows. In between the model has to
+    tell which image and which noise were mixed. sigmoid(N(0, 1)) has its mode at t = 0.5, puts 68% of
+    draws in (0.27, 0.73), 95% in (0.12, 0.88), and 1.4% below 0.1 (as many above 0.9), where uniform puts 10%.
     """
     gen_device = generator.device if generator is not None else "cpu"
     if mode == "lognorm":
@@ -110,14 +111,13 @@ def resolution_shift(num_tokens):
     `Transport.sample`, svg_t2i/transport/transport.py). Official training uses a fixed count per stage,
     (resolution / 16)²: 256 px -> s = 1.649, 512 -> 1.878, 1024 -> 3.158.
 
-    Why: neighbouring tokens are strongly correlated, so noise can be averaged away over them. A flat
-    region covered by n tokens keeps its mean colour to within σ/√n, so at one noise level σ a 1024-px image
-    (4096 tokens) has 4x less noise on each such mean than a 256-px one (256 tokens): the same σ destroys
-    less of a big image, and unshifted training would spend many steps on noise levels that are easy at
-    high resolution. The shift moves the drawn times toward noise, more for more tokens: the median draw,
-    σ = 0.5, becomes σ' = 0.62 at 256 px and 0.76 at 1024 px. (SD3, arXiv 2403.03206, "resolution-dependent
-    shifting of timestep schedules", derives a shift of √(4096/256) = 4 from the same argument; the
-    official formula is gentler.)
+    Why: neighbouring tokens are strongly correlated, so noise averages away over them: a flat region of n
+    tokens keeps its mean colour to within σ/√n, so at one σ a 1024-px image (4096 tokens) has 4x less noise
+    on each such mean than a 256-px one: the same σ destroys less of a big image, and unshifted training would
+    spend many steps on noise levels that are easy at high resolution. The shift moves the drawn times toward
+    noise, more for more tokens: the median draw, σ = 0.5, becomes σ' = 0.62 at 256 px and 0.76 at 1024 px.
+    (SD3, arXiv 2403.03206, "resolution-dependent shifting of timestep schedules", derives a shift of
+    √(4096/256) = 4 from the same argument; the official formula is gentler.)
     """
     (n0, n1), (mu0, mu1) = SHIFT_TOKENS, SHIFT_MU
     mu = mu0 + (mu1 - mu0) * (num_tokens - n0) / (n1 - n0)
@@ -139,19 +139,15 @@ def shift_timesteps(t, s):
 
 
 # ----- Samplers ---------------------------------------------------------------------------------------
-# All three take `steps` = number of model evaluations (the cost you pay) and return the final latent in
-# float32. The official sampler's `--num_sampling_steps N` counts something else for Euler and midpoint: N
-# grid points, linspace(0, 1, N) shifted, so N − 1 intervals (torchdiffeq: N − 1 evaluations for euler,
-# 2(N − 1) for midpoint). The grids are the same, so the official run is reproduced by
-#     euler:     steps = N − 1          midpoint:  steps = 2·(N − 1)          dpm:  steps = N (it agrees)
-# with shift = the official --t_shift (6 by default) for euler / midpoint, --time_shifting_factor for dpm.
+# All three take `steps` = model evaluations (the cost you pay) and return the final latent in float32. The
+# official `--num_sampling_steps N` counts grid points for euler / midpoint (same grids), so an official run
+# is steps = N − 1 (euler), 2·(N − 1) (midpoint), N (dpm), with shift = its --t_shift / --time_shifting_factor.
 #
-# Why sampling uses shift 10 when training used 1.65-3.16: the two shifts do different jobs. Training's
-# decides which noise levels the model practises on; the sampler's only decides where a fixed budget of
-# steps goes on a velocity field that is defined at every t. The layout of an image -- what goes where --
-# is decided at high noise, so the official sampler spends most of its steps there: of 50 DPM steps, 25
-# run at σ > 0.5 with shift 1, 38 with the 1024-px training shift 3.16, and 46 with shift 10 (36 of them
-# at σ > 0.8). Shift 10 is the official default (svg_t2i/scripts/sample.sh).
+# Why sampling uses shift 10 when training used 1.65-3.16: training's shift decides which noise levels the
+# model practises on; the sampler's only where a fixed budget of steps goes on a velocity field defined at
+# every t. The layout of an image -- what goes where -- is decided at high noise, so the official sampler
+# (svg_t2i/scripts/sample.sh) spends most steps there: of 50 DPM steps, 25 run at σ > 0.5 with shift 1, 38
+# with the 1024-px training shift 3.16, and 46 with shift 10 (36 of them at σ > 0.8).
 
 def _call(velocity_fn, x, t_value):
     """Evaluate velocity_fn at a scalar time, broadcast to a [B] float32 tensor; output in float32."""
@@ -167,7 +163,13 @@ def euler_midpoint_grid(intervals, shift):
 
 
 def dpm_sigma_grid(steps, shift):
-    """DPM-Solver "time_uniform_flow" noise levels σ_k = shift(0.999·(N − k)/N), k = 0..N, ending at 0."""
+    """DPM-Solver "time_uniform_flow" noise levels σ_k = shift(0.999·(N − k)/N), k = 0..N, ending at 0.
+
+    Why 0.999, not 1: DPM-Solver steps in λ = log(α/σ) = log((1 − σ)/σ), −∞ at σ = 1 (α = 0), so its grid
+    cannot start there. The official `DPM_Solver.sample` (svg_t2i/transport/dpm_solver.py) keeps its usual end
+    time t_0 = 1/total_N = 1/1000 (a 1000-step discrete model's first time) and the flow grid spaces 1 − t over
+    [t_0, 1]: the first level is 1 − 0.001, σ = 0.9999 after shift 10 (pure noise treated as 0.01% data).
+    """
     u = DPM_SIGMA_MAX * (steps - torch.arange(steps + 1, dtype=torch.float64)) / steps
     return shift_sigma(u, shift).tolist()
 
@@ -191,13 +193,24 @@ def sample_midpoint(velocity_fn, x, steps, shift, progress=False):
 
 
 def sample_dpm(velocity_fn, x, steps, shift, progress=False):
-    """DPM-Solver++ 2M (data prediction, multistep, order 2) as the official `Sampler.sample_dpm` runs it
-    (svg_t2i/transport/dpm_solver.py: NoiseScheduleFlow, "time_uniform_flow" grid, lower_order_final).
+    """DPM-Solver++ 2M (Lu et al., arXiv 2211.01095: data prediction, multistep, order 2) as the official
+    `Sampler.sample_dpm` runs it (svg_t2i/transport/dpm_solver.py: "time_uniform_flow", lower_order_final).
 
     Schedule in the noise level τ: α = 1 − τ, σ = τ, λ = log(α/σ). The model's velocity becomes a data
-    prediction x̂1 = x + τ·v(x, t = 1 − τ). The first step is first order (no history yet), the middle
-    steps are second-order multistep, and the last step (to τ = 0, where λ = ∞) is first order, which
+    prediction x̂1 = x + τ·v(x, t = 1 − τ). From τ_{k−1} to τ_k, with h_k = λ_k − λ_{k−1} and
+    r_k = h_{k−1}/h_k, the update (the paper's multistep second-order solver, Algorithm 2) is
+
+        x_k = (τ_k / τ_{k−1})·x_{k−1} − (1 − τ_k)·(e^{−h_k} − 1)·D_k,
+        D_k = x̂1_{k−1} + (x̂1_{k−1} − x̂1_{k−2}) / (2·r_k)      (D_k = x̂1_{k−1} on a first-order step)
+
+    The first step is first order (no history yet), and so is the last (to τ = 0, where λ = ∞), which
     lands exactly on x̂1 of the previous point. N steps cost N evaluations.
+
+    Why the default, when Euler gives the same picture at 8 steps on the demo (README, exercise 3): it is
+    the official sampler (svg_t2i/scripts/sample.sh), the one the released model's images were made with;
+    its global error falls as h² where Euler's falls as h, which matters where paths bend -- the demo's are
+    nearly straight, the 2B model's at 1024 px under CFG 4 need not be (not measured: it needs a GPU). The
+    paper recommends 2M for guided sampling, since higher orders become unstable at large guidance scales.
     """
     taus = dpm_sigma_grid(steps, shift)
     lam = [math.log((1 - tau) / tau) if tau > 0 else math.inf for tau in taus]
@@ -225,44 +238,12 @@ def sample_dpm(velocity_fn, x, steps, shift, progress=False):
 SOLVERS = {"euler": sample_euler, "midpoint": sample_midpoint, "dpm": sample_dpm}
 
 
-def check_sampler(steps, solver, shift):
-    """Raise a ValueError that says what to pass unless `solver` can run `steps` model evaluations at time
-    shift `shift` (None = no shift). sample() calls it first; sample.py calls it before it samples at all."""
-    if solver not in SOLVERS:
-        raise ValueError(f"solver (--solver) must be one of {sorted(SOLVERS)}, got {solver!r}")
-    if steps < 1:
-        raise ValueError(f"steps (--steps) must be >= 1, got {steps}")
-    if solver == "midpoint" and steps % 2:
-        raise ValueError(f"{steps} steps with the midpoint solver: it makes two model evaluations per interval, "
-                         f"so steps (--steps) must be even, e.g. {max(2, steps - 1)}")
-    if shift is not None and not (math.isfinite(shift) and shift > 0):
-        raise ValueError(f"shift (--shift) must be a finite number > 0, got {shift}")
-
-
-def check_stage_config(config, where):
-    """A stage's config.json as train.py writes it, its types checked (the sampler defaults and the caption
-    limit sample.py takes from it): one ValueError naming `where` instead of a TypeError mid-way."""
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
-    kinds = dict(steps=whole, size=whole, cfg=number, shift=number, solver=lambda v: isinstance(v, str))
-    sampler = config.get("sample", {}) if isinstance(config, dict) else None
-    wrong = (["sample"] if not isinstance(sampler, dict)
-             else [k for k, ok in kinds.items() if k in sampler and not ok(sampler[k])])
-    if isinstance(config, dict) and "max_cap_len" in config and not whole(config["max_cap_len"]):
-        wrong.append("max_cap_len")
-    if not isinstance(config, dict) or wrong:
-        raise ValueError(f"{where}: wrong types for {wrong or 'the whole file'} (steps, size and max_cap_len are whole "
-                         "numbers, cfg and shift numbers, solver a name); restore the file train.py wrote")
-    return config
-
-
 def sample(velocity_fn, noise, steps=DEFAULT_STEPS, solver=DEFAULT_SOLVER, shift=None, progress=False):
     """Integrate the flow from `noise` (t = 0) to data (t = 1) with `steps` model evaluations.
 
     velocity_fn(x, t): x [B, ...] float32, t [B] float32 in [0, 1] (0 = noise) -> v, same shape as x.
-    solver: 'dpm' (DPM-Solver++ 2M), 'euler' or 'midpoint'. shift: the time shift s (None = 1, no shift);
-    the official defaults are DEFAULT_SHIFT = 10 for dpm and DEFAULT_ODE_SHIFT = 6 for euler/midpoint.
-    Returns float32 (the official sampler also integrates in float32).
+    solver: 'dpm', 'euler' or 'midpoint'; shift: the time shift s (None = 1), one for every solver (README,
+    differences table: the official --t_shift 6 for euler / midpoint). Float32, as the official sampler.
     """
     check_sampler(steps, solver, shift)
     with torch.no_grad():
@@ -274,13 +255,12 @@ def sample(velocity_fn, noise, steps=DEFAULT_STEPS, solver=DEFAULT_SOLVER, shift
 def cfg_velocity(v_cond, v_uncond, scale, renorm=DEFAULT_RENORM):
     """Guided velocity v = v_u + scale·(v_c − v_u).
 
-    What renorm fixes: v = v_c + (scale − 1)·(v_c − v_u) pushes past the conditional velocity, and the push
-    makes v longer than the velocities the model learnt. Integrated over the steps, the latent overshoots,
-    and the decoded image comes out over-saturated and over-contrasted. On the demo model (128 px, 20
-    steps, every step longer) ‖v‖ averages 1.25x ‖v_c‖ at its default scale 3 (up to 2.6x), 1.39x at the
-    official 4 (up to 3.5x) and 2.05x at 8 (up to 7.2x). With `renorm` (the official default), each sample's v is scaled down, if needed, so that its
-    L2 norm over the whole latent (all of C, H, W) is at most that of v_c: v *= min(1, ‖v_c‖ / ‖v‖). The
-    direction guidance chose is kept; only the length is clipped.
+    What renorm fixes: v = v_c + (scale − 1)·(v_c − v_u) pushes past the conditional velocity and makes v
+    longer than any the model learnt; integrated, the latent overshoots and the image comes out over-saturated
+    and over-contrasted. On the demo (128 px, 20 steps) ‖v‖ averages 1.25x ‖v_c‖ at its scale 3 (up to
+    2.6x), 1.39x at the official 4 (up to 3.5x), 2.05x at 8 (up to 7.2x). With `renorm` (the official default)
+    each sample's v is scaled down so that its L2 norm over the whole latent is at most that of v_c:
+    v *= min(1, ‖v_c‖ / ‖v‖). The direction guidance chose is kept; only the length is clipped.
     """
     v = v_uncond + scale * (v_cond - v_uncond)
     if renorm:
@@ -293,12 +273,29 @@ def cfg_velocity(v_cond, v_uncond, scale, renorm=DEFAULT_RENORM):
 # ----- Seeded noise -----------------------------------------------------------------------------------
 
 def seeded_noise(batch, channels, height, width, seed=None, generator=None, device="cpu", dtype=torch.float32):
-    """Standard normal noise [batch, channels, height, width] (height FIRST; the official sampler
-    transposed non-square sizes). height/width are latent sizes, i.e. pixels / 16 for DINOv3 latents.
-
-    Drawn on the CPU from `seed` (or `generator`), so a seed gives the same image on every device.
-    """
+    """Standard normal noise [batch, channels, height, width] in latent sizes (pixels / 16), height FIRST
+    (the official sampler transposed non-square sizes); drawn on the CPU from `seed` (or `generator`), so a
+    seed gives the same image on every device."""
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(int(seed))
     noise = torch.randn(batch, channels, height, width, generator=generator)
     return noise.to(device=device, dtype=dtype)
+
+
+# ======================================================================================================
+# The sampler's argument checks. A first reading can skip everything below: one ValueError per bad
+# solver, step count or shift, before any model evaluation.
+# ======================================================================================================
+
+def check_sampler(steps, solver, shift):
+    """Raise a ValueError that says what to pass unless `solver` can run `steps` model evaluations at time
+    shift `shift` (None = no shift). sample() calls it first; sample.py calls it before it samples at all."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver (--solver) must be one of {sorted(SOLVERS)}, got {solver!r}")
+    if steps < 1:
+        raise ValueError(f"steps (--steps) must be >= 1, got {steps}")
+    if solver == "midpoint" and steps % 2:
+        raise ValueError(f"{steps} steps with the midpoint solver: it makes two model evaluations per interval, "
+                         f"so steps (--steps) must be even, e.g. {max(2, steps - 1)}")
+    if shift is not None and not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift (--shift) must be a finite number > 0, got {shift}")

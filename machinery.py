@@ -159,7 +159,7 @@ class FrozenEncoders:
 
     def encode_captions(self, texts):
         """Formatted captions -> Gemma features [B, L, D], mask [B, L] (L padded to a multiple of 8)."""
-        return text.encode_prompts(self.gemma, self.tokenizer, texts, "", self.max_cap_len)
+        return text.encode_prompts(self.gemma, self.tokenizer, texts, self.max_cap_len)
 
 
 def open_dit_dataset(args, res, patch, latest, settings, frozen, rank, world, device):

@@ -59,6 +59,23 @@ def _highest(pattern):
     return found[-1] if found else None
 
 
+def check_stage_config(config, where):
+    """A stage's config.json as train.py writes it, its types checked (the sampler defaults and the caption
+    limit sample.py takes from it): one ValueError naming `where` instead of a TypeError mid-way."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    kinds = dict(steps=whole, size=whole, cfg=number, shift=number, solver=lambda v: isinstance(v, str))
+    sampler = config.get("sample", {}) if isinstance(config, dict) else None
+    wrong = (["sample"] if not isinstance(sampler, dict)
+             else [k for k, ok in kinds.items() if k in sampler and not ok(sampler[k])])
+    if isinstance(config, dict) and "max_cap_len" in config and not whole(config["max_cap_len"]):
+        wrong.append("max_cap_len")
+    if not isinstance(config, dict) or wrong:
+        raise ValueError(f"{where}: wrong types for {wrong or 'the whole file'} (steps, size and max_cap_len are whole "
+                         "numbers, cfg and shift numbers, solver a name); restore the file train.py wrote")
+    return config
+
+
 def _find_run_parts(folder):
     """A training run folder (train.py's layout): DiT EMA weights of the last finished stage, its decoder."""
     # encoders.json names the frozen encoders: paths relative to the run folder for the small presets'
@@ -76,7 +93,7 @@ def _find_run_parts(folder):
     stage_cfg = {}
     if dit_path:
         with open(os.path.join(os.path.dirname(dit_path), "config.json")) as f:
-            stage_cfg = flow.check_stage_config(json.load(f), f.name)
+            stage_cfg = check_stage_config(json.load(f), f.name)
     stats = resolve(enc.get("stats")) or os.path.join(folder, "encoders", "latent_stats.pt")
     parts = dict(dit=dit_path, decoder=_highest(os.path.join(folder, "autoencoder_P", "stage{k}", "model.safetensors")),
                  dino=resolve(enc["dino"]), gemma=resolve(enc["gemma"]), stats=stats,
@@ -200,7 +217,7 @@ class Pipeline:
         # Gemma once); then the caption path of the DiT, once.
         distinct = list(dict.fromkeys(prompts))
         texts = [text.format_prompt(p, system) for p in distinct] + [""]
-        feats, mask = text.encode_prompts(self.gemma, self.tokenizer, texts, "", self.max_cap_len)
+        feats, mask = text.encode_prompts(self.gemma, self.tokenizer, texts, self.max_cap_len)
         feats = feats.float()                                                       # [distinct + 1, L, D]
         rows = torch.tensor([distinct.index(p) for p in prompts], device=feats.device)
         velocity = guided_velocity(self.dit, feats[rows], mask[rows], feats[-1:].expand(n, -1, -1),

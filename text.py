@@ -1,15 +1,11 @@
-"""Chapter 2 — the text encoder: Gemma-2-2B, its tokenizer and the system prompts.
+"""The text encoder: Gemma-2-2B, its tokenizer and the system prompts.
 
-Where this sits in the pipeline
--------------------------------
-SVG-T2I conditions its Next-DiT on a caption. The caption is prefixed with a plain-text "system prompt",
-tokenised with Gemma's sentencepiece model, and run through a frozen Gemma-2-2B. The DiT does not read the
-model's final output: it reads `hidden_states[-2]` of the transformers `Gemma2Model`, i.e. the raw residual
-stream after the second-to-last decoder layer, before the final RMSNorm (KlingTeam/SVG-T2I
-`svg_t2i/train_svg_t2i.py` and `svg_t2i/sample_svg_t2i.py`, `encode_prompt`; transformers
-`models/gemma2/modeling_gemma2.py` for what the list holds: the embedding, then each layer's output, the
-last one normed). So this file builds one decoder layer fewer than the checkpoint holds and has no final
-norm: its output *is* `hidden_states[-2]`, and the 26th layer (1/26 of the compute) is never run.
+SVG-T2I conditions its Next-DiT on a caption, prefixed with a plain-text "system prompt", tokenised with
+Gemma's sentencepiece model and run through a frozen Gemma-2-2B. The DiT reads `hidden_states[-2]` of the
+transformers `Gemma2Model` (KlingTeam/SVG-T2I `svg_t2i/train_svg_t2i.py`, `encode_prompt`): that list holds
+the embedding, then each layer's output, the last one normed, so [-2] is the raw residual stream after the
+second-to-last layer. Gemma2Encoder builds one layer fewer than the checkpoint holds and no final norm: its
+output *is* `hidden_states[-2]`.
 
     prompt ─► format_prompt ─► Tokenizer ─► ids [B, L], mask [B, L] ─► Gemma2Encoder ─► feats [B, L, 2304]
 
@@ -18,33 +14,10 @@ reason is that a language model's last layer is specialised for predicting the n
 before it still describes the text as a whole (the same idea as Stable Diffusion's "CLIP skip"). No final
 norm is needed: the DiT's caption embedder starts with an RMSNorm of its own (model.py).
 
-Why a system prompt: Gemma is causal, so every caption token's features are computed after reading the
-prefix, and the prefix tells Gemma what kind of text follows. The official trainer uses two, one per kind of
-data: 'base' ("...generate high-quality images based on user prompts.") for ordinary {"path", "prompt"}
-items, and 'align' ("...with the highest degree of image-text alignment based on textual prompts.") for
-{"image_path", "super_high_quality_caption"} items. The same words are thus encoded differently for the two
-kinds of caption, and at sampling time the prefix chooses which kind the DiT should follow (SYSTEM_PROMPTS
-below; the official `svg_t2i/scripts/sample.sh` passes 'base').
-
-Positions: Gemma uses plain 1-D RoPE over token index (`rope_cos_sin`). The project's other RoPEs are
-DINOv3's axial 2-D one (dino.py), the DiT's 3-axis one (model.py) and the residual ViT's RoPE-Mixed
-(autoencoder.py).
-
-Contents, in the order the data meets them:
-    SYSTEM_PROMPTS, format_prompt      the exact prompt prefixes of the official code
-    Tokenizer                          sentencepiece: BOS, no EOS, right padding, multiple-of-8 batches
-    GEMMA2_CONFIGS, Gemma2Encoder      the network (RMSNorm (1 + w), RoPE, GQA, sliding window, GeGLU)
-    encode_prompts, pad_features       everything above in one call: prompts -> (feats, mask)
-  and, behind a banner a first reading can skip:
-    load_gemma2, save_gemma2           the Hugging Face folder layout (config.json + safetensors shards)
-    train_tokenizer                    a small Gemma-like tokenizer for the demo and the tests
-
-Numerics were checked bit-exact against transformers' eager Gemma-2 (`models/gemma2/modeling_gemma2.py`).
-The one deliberate choice: attention logit soft-capping (tanh at 50) exists in Gemma-2 but is OFF by
-default here, because the transformers version SVG-T2I pinned (4.57.3, its requirements.txt) runs Gemma-2
-through SDPA, whose attention function ignores the soft-cap argument — so the released DiT was (most likely;
-UNVERIFIED which stack the authors really ran) trained on features computed without it.
-`use_softcapping=True` gives the eager-attention numbers.
+Numerics match transformers' eager Gemma-2 bit for bit, with one deliberate choice: attention logit
+soft-capping (tanh at 50) is OFF by default, because the transformers version SVG-T2I pinned (4.57.3) runs
+Gemma-2 through SDPA, which ignores it -- so the released DiT was most likely (UNVERIFIED) trained on features
+computed without it. `use_softcapping=True` gives the eager-attention numbers.
 """
 import io
 import json
@@ -59,12 +32,16 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from model import key_report
+
 # ----- System prompts ------------------------------------------------------------------------------------
-# Quoted exactly from the official code: KlingTeam/SVG-T2I `svg_t2i/sample_svg_t2i.py` system_type
-# choices == Lumina-Image-2.0 `sample.py`; 'base' and 'align' are also the two training prefixes
-# (`train_svg_t2i.py`: 'base' for {"path", "prompt"} items — the public JSONL format — and 'align' for
-# {"image_path", "super_high_quality_caption"} items). Note the trailing space after "<Prompt Start>":
-# the caption is glued on by plain string concatenation, and "<Prompt Start>" is ordinary text.
+# Why a prefix: Gemma is causal, so every caption token is encoded after reading it, and it tells Gemma what
+# kind of text follows. Quoted exactly from KlingTeam/SVG-T2I `svg_t2i/sample_svg_t2i.py` (system_type); the
+# trainer uses 'base' for {"path", "prompt"} items (the public JSONL format) and 'align' for {"image_path",
+# "super_high_quality_caption"} ones, and at sampling the prefix picks which kind the DiT follows. The caption
+# is glued on after the trailing space: 'base' alone is 21 pieces with the demo tokenizer (the space is a
+# piece, "▁"), but before a caption the space joins its first word ("▁a"): 'base' + "a red circle in the top
+# left" is [BOS] + 20 + 7 = 28 tokens.
 SYSTEM_PROMPTS = {
     "base": "You are an assistant designed to generate high-quality images based on user prompts. "
             "<Prompt Start> ",
@@ -79,30 +56,113 @@ SYSTEM_PROMPTS = {
     "empty": "",
 }
 
-# Caption budgets in tokens, BOS and system prompt included. The official training script
-# (`svg_t2i/train_svg_t2i.py`) means to honour --max_cap_len, but its call `encode_prompt(caps, ...,
-# args.caption_dropout_prob, args.max_cap_len)` puts the value into the `is_train` slot, so the limit stays
-# at the default 256; its sampler (`svg_t2i/sample_svg_t2i.py`) hard-codes 512. We keep both numbers, and
-# callers pass the one they mean.
+# Caption budgets in tokens, BOS and system prompt included. The official trainer means to honour
+# --max_cap_len, but its call puts the value into `encode_prompt`'s `is_train` slot, so the limit stays at
+# 256; its sampler hard-codes 512. We keep both, and callers pass the one they mean.
 MAX_LENGTH_TRAIN = 256
 MAX_LENGTH_SAMPLE = 512
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3   # Gemma's special pieces 0..3 (its config agrees)
 
 
 def format_prompt(prompt: str, system_prompt: str) -> str:
-    """The text Gemma actually reads: `system_prompt + prompt`, plain concatenation as in the official code.
+    """The text Gemma reads: `system_prompt` (a SYSTEM_PROMPTS key or literal text) + prompt, glued as is.
 
-    `system_prompt` is a key of SYSTEM_PROMPTS or a literal prefix. An empty prompt gives the system prompt
-    alone, which is what the official item processor trains an uncaptioned image on. Classifier-free
-    guidance's unconditional input is something else: the bare "" (just [BOS] once tokenised), which the
-    official code produces by replacing the whole prefixed caption with "" (caption dropout in training,
-    `neg_cap = ""` at sampling). Callers pass that "" directly, not through this function.
+    An empty prompt gives the system prompt alone (an uncaptioned training image). Guidance's unconditional
+    input is the bare "" ([BOS] alone), not through this function: the official code replaces the whole
+    prefixed caption with "" (caption dropout; `neg_cap = ""` at sampling).
     """
     return SYSTEM_PROMPTS.get(system_prompt, system_prompt) + prompt
 
 
+# ----- Gemma-2 up to hidden_states[-2] -------------------------------------------------------------------
+# Each decoder layer (DecoderLayer, below the banner) is a standard Gemma-2 block, sandwich-normed:
+#     x = x + post_attention_layernorm(attn(input_layernorm(x)))
+#     x = x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))
+# with RMSNorms that scale by (1 + w) (weights stored around 0), grouped-query attention (2B: 8 query heads
+# sharing 4 K/V heads of 256, scale 256^-0.5) with 1-D rotate-half RoPE over the token index, a sliding window
+# of 4096 keys on even layers (a no-op for prompts <= 512 tokens), and a GeGLU MLP 2304 -> 9216 -> 2304.
+class Gemma2Encoder(nn.Module):
+    """Gemma-2 up to `hidden_states[-2]`: the embedding and the first num_hidden_layers − 1 decoder layers.
+
+    HF config names (GEMMA2_CONFIGS); `num_hidden_layers` is the FULL depth (26 for 2B); keys are the HF
+    checkpoint's without `model.`. causal_lm=True also builds the last layer and the final norm, for
+    `generate` (prompt enhancement); forward still stops before them.
+    """
+
+    def __init__(self, vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+                 num_key_value_heads, head_dim, rms_norm_eps=1e-6, rope_theta=10000.0,
+                 query_pre_attn_scalar=None, sliding_window=None, attn_logit_softcapping=None,
+                 final_logit_softcapping=30.0, use_softcapping=False, causal_lm=False):
+        super().__init__()
+        check_config(num_hidden_layers, use_softcapping, attn_logit_softcapping)
+        # Everything needed to rebuild or save this model, in HF names (save_gemma2 writes it out).
+        self.config = dict(
+            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads, head_dim=head_dim, rms_norm_eps=rms_norm_eps,
+            rope_theta=rope_theta, query_pre_attn_scalar=query_pre_attn_scalar or head_dim,
+            sliding_window=sliding_window, attn_logit_softcapping=attn_logit_softcapping,
+            final_logit_softcapping=final_logit_softcapping)
+        self.use_softcapping, self.causal_lm = use_softcapping, causal_lm
+        softcap = attn_logit_softcapping if use_softcapping else None
+        self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
+        self.feature_layers = num_hidden_layers - 1
+        self.layers = nn.ModuleList(   # layer i slides when i is even (transformers' layer_types)
+            DecoderLayer(self.config, softcap, sliding=(i % 2 == 0 and sliding_window is not None))
+            for i in range(num_hidden_layers if causal_lm else num_hidden_layers - 1))
+        if causal_lm:
+            self.norm = RMSNorm(hidden_size, rms_norm_eps)   # the final norm, before the (tied) LM head
+
+    def forward(self, input_ids, attention_mask=None):
+        """input_ids [B, L] long, attention_mask [B, L] (1 = token, 0 = right padding) -> [B, L, hidden]:
+        transformers' `hidden_states[-2]` at real positions; padded ones are finite and meaningless."""
+        real = check_token_inputs(input_ids, attention_mask)                           # [B, L] bool
+        L, cfg = input_ids.shape[1], self.config
+        x = self.embed_tokens(input_ids)                                               # [B, L, H]
+        # Gemma scales embeddings by sqrt(hidden), the factor built in the model dtype (as transformers:
+        # in bf16, sqrt(2304) = 48 is exact).
+        x = x * torch.tensor(cfg["hidden_size"] ** 0.5, dtype=x.dtype)
+        cos, sin = rope_cos_sin(L, cfg["head_dim"], cfg["rope_theta"], x.dtype, x.device)  # [L, D]
+        # True = may attend: causal, never to padding keys, and on sliding layers only the last
+        # `sliding_window` keys. Every position also sees itself, so that a padded query with no key left
+        # stays finite (softmax over nothing is NaN, and 0 · NaN would reach real tokens in the next layer).
+        pos = torch.arange(L, device=x.device)
+        causal = pos[None, :] <= pos[:, None]                                          # [L(q), L(k)]
+        itself = torch.eye(L, dtype=torch.bool, device=x.device)
+        allowed_full = (causal & real[:, None, None, :]) | itself                      # [B, 1, L, L]
+        allowed_sliding = allowed_full
+        if cfg["sliding_window"] is not None:
+            allowed_sliding = allowed_full & (pos[None, :] > pos[:, None] - cfg["sliding_window"])
+        for layer in self.layers[:self.feature_layers]:
+            x = layer(x, cos, sin, allowed_sliding if layer.sliding else allowed_full)
+        return x                                                                       # [B, L, H]
+
+    def generate(self, input_ids, max_new_tokens, eos_id=EOS_ID):
+        """Greedy decoding of one sequence (causal_lm=True): greedy_generate, below the banner."""
+        return greedy_generate(self, input_ids, max_new_tokens, eos_id)
+
+
+# ----- Prompts to features -------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_prompts(encoder, tokenizer, prompts, max_length):
+    """Formatted prompts (format_prompt, or the unconditional "") -> (feats [B, L, hidden] in the encoder's
+    dtype and device, mask [B, L] bool, True = real token). Tokenised as the official code does: [BOS] +
+    pieces, no EOS, cut at `max_length`, right-padded to a multiple of 8 (Tokenizer). The DiT zeroes and masks
+    the padded rows (NextDiT.refine_captions), so what they hold never reaches a real token.
+    """
+    check_vocab(tokenizer, encoder)
+    input_ids, attention_mask = tokenizer.encode(prompts, max_length)
+    device = encoder.embed_tokens.weight.device
+    feats = encoder(input_ids.to(device), attention_mask.to(device))
+    return feats, attention_mask.bool().to(device)
+
+
+# =========================================================================================================
+# Tokenizer, Gemma-2's layers, generation, files. A first reading can skip everything below: the tokenizer
+# class, the standard Gemma-2 pieces summarised above, prompt enhancement, and the Hugging Face file layout.
+# =========================================================================================================
+
 # ----- Tokenizer -----------------------------------------------------------------------------------------
-# Gemma's special ids (tokenizer pieces 0..3 of its sentencepiece model); the config agrees (pad/eos/bos 0/1/2).
-PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 
 
 class Tokenizer:
@@ -329,167 +389,100 @@ class DecoderLayer(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
-# ----- The encoder ---------------------------------------------------------------------------------------
-class Gemma2Encoder(nn.Module):
-    """Gemma-2 up to `hidden_states[-2]`: embedding and the first num_hidden_layers - 1 decoder layers.
 
-    Takes the HF config names; `num_hidden_layers` is the depth of the FULL model (26 for 2B), of which
-    the last layer and the final norm are not built — the DiT never sees them. state_dict() keys are the
-    HF checkpoint's without the `model.` prefix. `use_softcapping` switches attention soft-capping on
-    (eager transformers); off, the default, matches what SVG-T2I's SDPA Gemma computed.
-    """
-
-    def __init__(self, vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
-                 num_key_value_heads, head_dim, rms_norm_eps=1e-6, rope_theta=10000.0,
-                 query_pre_attn_scalar=None, sliding_window=None, attn_logit_softcapping=None,
-                 final_logit_softcapping=30.0, use_softcapping=False, causal_lm=False):
-        super().__init__()
-        if num_hidden_layers < 2:
-            raise ValueError(f"num_hidden_layers is the full model's depth and must be >= 2 (one layer is "
-                             f"dropped), got {num_hidden_layers}")
-        if use_softcapping and not attn_logit_softcapping:
-            raise ValueError("use_softcapping=True needs attn_logit_softcapping (50.0 for Gemma-2)")
-        # Everything needed to rebuild or save this model, in HF names (save_gemma2 writes it out).
-        self.config = dict(
-            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-            num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-            num_key_value_heads=num_key_value_heads, head_dim=head_dim, rms_norm_eps=rms_norm_eps,
-            rope_theta=rope_theta, query_pre_attn_scalar=query_pre_attn_scalar or head_dim,
-            sliding_window=sliding_window, attn_logit_softcapping=attn_logit_softcapping,
-            final_logit_softcapping=final_logit_softcapping)
-        self.use_softcapping, self.causal_lm = use_softcapping, causal_lm
-        softcap = attn_logit_softcapping if use_softcapping else None
-        self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
-        # Layer i uses the sliding window when i is even (transformers' layer_types; gemma_pytorch
-        # [LOCAL_SLIDING, GLOBAL] * 13).
-        # causal_lm=True (prompt enhancement, `generate`): the whole model -- every layer and the final norm; the
-        # LM head is the embedding itself (tied, as the checkpoint's tie_word_embeddings says). forward still
-        # stops after num_hidden_layers - 1 layers, so the same object also encodes captions.
-        self.feature_layers = num_hidden_layers - 1
-        self.layers = nn.ModuleList(
-            DecoderLayer(self.config, softcap, sliding=(i % 2 == 0 and sliding_window is not None))
-            for i in range(num_hidden_layers if causal_lm else num_hidden_layers - 1))
-        if causal_lm:
-            self.norm = RMSNorm(hidden_size, rms_norm_eps)
-
-    def forward(self, input_ids, attention_mask=None):
-        """input_ids [B, L] long, attention_mask [B, L] (1 = token, 0 = right padding) -> [B, L, hidden].
-
-        Real positions equal transformers' `hidden_states[-2]` and do not depend on how much padding
-        follows them. Padded positions hold finite values of no meaning (see the mask comment below);
-        the DiT masks them out.
-        """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
-        B, L = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                             f"{tuple(input_ids.shape)}")
-        real = attention_mask.bool()                                                   # [B, L]
-        if (real[:, 1:] & ~real[:, :-1]).any():
-            # Positions are 0..L-1 whatever the mask says, so left padding would shift every token's RoPE.
-            raise ValueError("attention_mask must be right-padded (ones, then zeros) in every row; "
-                             "use Tokenizer.encode, which pads on the right")
-        cfg = self.config
-        x = self.embed_tokens(input_ids)                                               # [B, L, H]
-        # Gemma scales embeddings by sqrt(hidden), with the factor built in the model dtype (as transformers'
-        # `Gemma2Model.forward` does: in bf16, sqrt(2304) = 48 is exact).
-        x = x * torch.tensor(cfg["hidden_size"] ** 0.5, dtype=x.dtype)
-        cos, sin = rope_cos_sin(L, cfg["head_dim"], cfg["rope_theta"], x.dtype, x.device)  # [L, D]
-
-        # Masks, True = may attend. Causal, and never to padding keys; the sliding layers also only look
-        # back `sliding_window` keys (self included). A padded query far past the real tokens can then
-        # see no key at all, and softmax over nothing is NaN — which would reach real tokens through
-        # 0 * NaN in the next layer. So every position may also see itself: real queries are unchanged
-        # (their own key is real anyway), padded ones stay finite.
-        pos = torch.arange(L, device=x.device)
-        causal = pos[None, :] <= pos[:, None]                                          # [L(q), L(k)]
-        itself = torch.eye(L, dtype=torch.bool, device=x.device)
-        allowed_full = (causal & real[:, None, None, :]) | itself                      # [B, 1, L, L]
-        allowed_sliding = allowed_full
-        if cfg["sliding_window"] is not None:
-            in_window = pos[None, :] > pos[:, None] - cfg["sliding_window"]
-            allowed_sliding = allowed_full & in_window
-
-        for layer in self.layers[:self.feature_layers]:
-            x = layer(x, cos, sin, allowed_sliding if layer.sliding else allowed_full)
-        return x                                                                       # [B, L, H]
-
-    # ----- Gemma-2 as a language model: greedy generation (causal_lm=True only) ------------------------------
-    def _step(self, ids, start, cache, cos, sin):
-        """Run ids [1, T] at positions start .. start+T-1 through every layer, keys and values of the earlier
-        positions taken from `cache` (one dict per layer, extended in place) -> next-token logits [vocab]."""
-        T, cfg = ids.shape[1], self.config
-        x = self.embed_tokens(ids)
-        x = x * torch.tensor(cfg["hidden_size"] ** 0.5, dtype=x.dtype)                  # [1, T, H]
-        q_pos = torch.arange(start, start + T, device=x.device)
-        k_pos = torch.arange(start + T, device=x.device)
-        allowed_full = k_pos[None, :] <= q_pos[:, None]                                # [T, keys] causal
-        allowed_sliding = allowed_full
-        if cfg["sliding_window"] is not None:                                           # the last W keys only
-            allowed_sliding = allowed_full & (k_pos[None, :] > q_pos[:, None] - cfg["sliding_window"])
-        cos, sin = cos[start:start + T], sin[start:start + T]
-        for layer, layer_cache in zip(self.layers, cache):
-            x = layer(x, cos, sin, (allowed_sliding if layer.sliding else allowed_full)[None, None], layer_cache)
-        # Final norm, then the tied LM head: logits = norm(x) . E^T, squashed by the final soft-cap,
-        # cap * tanh(logits / cap) (30 for Gemma-2; transformers' Gemma2ForCausalLM applies it in every attention
-        # implementation, unlike the attention soft-cap).
-        logits = self.norm(x[0, -1]) @ self.embed_tokens.weight.T                     # [vocab]
-        cap = cfg["final_logit_softcapping"]
-        return logits if cap is None else cap * torch.tanh(logits / cap)
-
-    @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens, eos_id=EOS_ID):
-        """Greedy decoding of one sequence: input_ids (a list of ints, BOS first) -> the new token ids, at most
-        `max_new_tokens`, ending with `eos_id` if it came. What transformers' `generate(do_sample=False,
-        eos_token_id=eos_id)` returns after the prompt: each step appends the highest-scoring token (the first of
-        equal ones, as torch.argmax), and stops after the end token. A KV cache keeps each step to one token."""
-        if not self.causal_lm:
-            raise ValueError("generate needs the whole Gemma-2: build it with causal_lm=True (load_gemma2(..., "
-                             "causal_lm=True)); the encoder stops at hidden_states[-2]")
-        device = self.embed_tokens.weight.device
-        total = len(input_ids) + max_new_tokens
-        cos, sin = rope_cos_sin(total, self.config["head_dim"], self.config["rope_theta"],
-                                self.embed_tokens.weight.dtype, device)                # [total, D]
-        cache = [{} for _ in self.layers]
-        ids, start, new = torch.tensor([input_ids], device=device), 0, []
-        while len(new) < max_new_tokens:
-            logits = self._step(ids, start, cache, cos, sin)
-            token = int(logits.float().argmax())
-            new.append(token)
-            if token == eos_id:
-                break
-            start += ids.shape[1]
-            ids = torch.tensor([[token]], device=device)
-        return new
+def pad_features(feats_list, multiple=8):
+    """Unpadded caption features [L_i, D] (a FeatureCache's, or rows of encode_prompts cut to their masks) ->
+    (feats [B, L, D], mask [B, L] bool), right-padded with zeros to the longest rounded up to `multiple`:
+    the shapes encode_prompts would have produced for the same prompts."""
+    length = multiple * math.ceil(max(len(f) for f in feats_list) / multiple)
+    feats = feats_list[0].new_zeros(len(feats_list), length, feats_list[0].shape[-1])
+    mask = torch.zeros(len(feats_list), length, dtype=torch.bool, device=feats.device)
+    for row, f in enumerate(feats_list):
+        feats[row, :len(f)], mask[row, :len(f)] = f, True
+    return feats, mask
 
 
-# ----- Prompts to features -------------------------------------------------------------------------------
-@torch.no_grad()
-def encode_prompts(encoder, tokenizer, prompts, system_prompt, max_length):
-    """Prompts -> (feats [B, L, hidden] in the encoder's dtype and device, mask [B, L] bool).
+# ----- Input checks ------------------------------------------------------------------------------------
+def check_config(num_hidden_layers, use_softcapping, attn_logit_softcapping):
+    """Gemma2Encoder's arguments that cannot work, as one ValueError each."""
+    if num_hidden_layers < 2:
+        raise ValueError(f"num_hidden_layers is the full model's depth and must be >= 2 (one layer is "
+                         f"dropped), got {num_hidden_layers}")
+    if use_softcapping and not attn_logit_softcapping:
+        raise ValueError("use_softcapping=True needs attn_logit_softcapping (50.0 for Gemma-2)")
 
-    Each prompt is prefixed with `system_prompt` (a SYSTEM_PROMPTS key or literal text; pass system_prompt ""
-    for prompts already formatted and for the unconditional input ""), tokenised (BOS, right padding to a
-    multiple of 8, cut at `max_length`), and run through the frozen encoder. `mask` marks real tokens.
 
-    Feats at padded positions are finite but meaningless. The DiT does not skip those rows: its caption
-    embedder and context refiner process all L of them (the refiner masks padded rows as keys, not as
-    queries). It zeroes them on the way in, since a masked key gets weight exactly 0 but 0 * NaN is NaN,
-    and zeroes the refined padded rows again before its joint blocks (model.py, NextDiT.refine_captions
-    and NextDiT.forward); so what the padding holds never reaches a real token.
-    """
+def check_vocab(tokenizer, encoder):
+    """A tokenizer with more pieces than the encoder embeds belongs to another model."""
     if tokenizer.vocab_size > encoder.config["vocab_size"]:
         raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the encoder embeds "
                          f"only {encoder.config['vocab_size']}; they do not belong together")
-    texts = [format_prompt(p, system_prompt) for p in prompts]
-    input_ids, attention_mask = tokenizer.encode(texts, max_length)
-    device = encoder.embed_tokens.weight.device
-    feats = encoder(input_ids.to(device), attention_mask.to(device))
-    return feats, attention_mask.bool().to(device)
 
+
+def check_token_inputs(input_ids, attention_mask):
+    """-> the mask as [B, L] bool (all True when None); a clear error unless ids are [B, L] and right-padded."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    real = attention_mask.bool()
+    if (real[:, 1:] & ~real[:, :-1]).any():
+        # Positions are 0..L-1 whatever the mask says, so left padding would shift every token's RoPE.
+        raise ValueError("attention_mask must be right-padded (ones, then zeros) in every row; "
+                         "use Tokenizer.encode, which pads on the right")
+    return real
+
+
+# ----- Gemma-2 as a language model: greedy generation (causal_lm=True only) ------------------------------
+def lm_step(model, ids, start, cache, cos, sin):
+    """Run ids [1, T] at positions start .. start+T-1 through every layer, keys and values of the earlier
+    positions taken from `cache` (one dict per layer, extended in place) -> next-token logits [vocab]."""
+    T, cfg = ids.shape[1], model.config
+    x = model.embed_tokens(ids)
+    x = x * torch.tensor(cfg["hidden_size"] ** 0.5, dtype=x.dtype)                  # [1, T, H]
+    q_pos = torch.arange(start, start + T, device=x.device)
+    k_pos = torch.arange(start + T, device=x.device)
+    allowed_full = k_pos[None, :] <= q_pos[:, None]                                # [T, keys] causal
+    allowed_sliding = allowed_full
+    if cfg["sliding_window"] is not None:                                           # the last W keys only
+        allowed_sliding = allowed_full & (k_pos[None, :] > q_pos[:, None] - cfg["sliding_window"])
+    cos, sin = cos[start:start + T], sin[start:start + T]
+    for layer, layer_cache in zip(model.layers, cache):
+        x = layer(x, cos, sin, (allowed_sliding if layer.sliding else allowed_full)[None, None], layer_cache)
+    # Final norm, then the tied LM head: logits = norm(x) . E^T, squashed by the final soft-cap,
+    # cap * tanh(logits / cap) (30 for Gemma-2; transformers' Gemma2ForCausalLM applies it in every attention
+    # implementation, unlike the attention soft-cap).
+    logits = model.norm(x[0, -1]) @ model.embed_tokens.weight.T                     # [vocab]
+    cap = cfg["final_logit_softcapping"]
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+@torch.no_grad()
+def greedy_generate(model, input_ids, max_new_tokens, eos_id=EOS_ID):
+    """Greedy decoding of one sequence: input_ids (a list of ints, BOS first) -> the new token ids, at most
+    `max_new_tokens`, ending with `eos_id` if it came. What transformers' `generate(do_sample=False,
+    eos_token_id=eos_id)` returns after the prompt: each step appends the highest-scoring token (the first of
+    equal ones, as torch.argmax), and stops after the end token. A KV cache keeps each step to one token."""
+    if not model.causal_lm:
+        raise ValueError("generate needs the whole Gemma-2: build it with causal_lm=True (load_gemma2(..., "
+                         "causal_lm=True)); the encoder stops at hidden_states[-2]")
+    device = model.embed_tokens.weight.device
+    total = len(input_ids) + max_new_tokens
+    cos, sin = rope_cos_sin(total, model.config["head_dim"], model.config["rope_theta"],
+                            model.embed_tokens.weight.dtype, device)                # [total, D]
+    cache = [{} for _ in model.layers]
+    ids, start, new = torch.tensor([input_ids], device=device), 0, []
+    while len(new) < max_new_tokens:
+        logits = lm_step(model, ids, start, cache, cos, sin)
+        token = int(logits.float().argmax())
+        new.append(token)
+        if token == eos_id:
+            break
+        start += ids.shape[1]
+        ids = torch.tensor([[token]], device=device)
+    return new
 
 # ----- Prompt enhancement (the official `--system_type enhance`) --------------------------------------------
 # KlingTeam/SVG-T2I `svg_t2i/sample_svg_t2i.py`, generate_enhanced_prompt: Gemma-2 itself, run as the causal
@@ -558,22 +551,6 @@ def enhance_prompt(model, tokenizer, prompt, max_new_tokens=ENHANCE_MAX_NEW_TOKE
     return clean_enhanced_prompt(decode_generated(tokenizer, new), prompt)
 
 
-def pad_features(feats_list, multiple=8):
-    """Unpadded caption features [L_i, D] (a FeatureCache's, or rows of encode_prompts cut to their masks) ->
-    (feats [B, L, D], mask [B, L] bool), right-padded with zeros to the longest rounded up to `multiple`:
-    the shapes encode_prompts would have produced for the same prompts."""
-    length = multiple * math.ceil(max(len(f) for f in feats_list) / multiple)
-    feats = feats_list[0].new_zeros(len(feats_list), length, feats_list[0].shape[-1])
-    mask = torch.zeros(len(feats_list), length, dtype=torch.bool, device=feats.device)
-    for row, f in enumerate(feats_list):
-        feats[row, :len(f)], mask[row, :len(f)] = f, True
-    return feats, mask
-
-
-# =========================================================================================================
-# Released files, and a tokenizer for the demo. A first reading can skip everything below: it reads and
-# writes the Hugging Face folder layout and trains a small sentencepiece model, and adds no maths.
-# =========================================================================================================
 
 # ----- Loading and saving the Hugging Face layout --------------------------------------------------------
 # A HF model folder: config.json, then either model.safetensors or shards model-0000i-of-0000n.safetensors
@@ -671,32 +648,30 @@ def load_gemma2(folder, dtype=torch.float32, device="cpu", use_softcapping=False
     skipped = ("lm_head.",) if causal_lm else (f"layers.{last}.", "norm.", "lm_head.")
 
     files = _weight_files(folder)
-    prefixed = {k[len("model."):] if k.startswith("model.") else k: k for k in files}
-    unexpected = [k for k in prefixed if k not in expected and not k.startswith(skipped)]
-    missing = [k for k in expected if k not in prefixed]
+    handles = {path: _open(path) for path in dict.fromkeys(files.values())}
+    prefixed = {k.removeprefix("model."): k for k in files if not k.removeprefix("model.").startswith(skipped)}
+    # Shapes from the files' headers (meta tensors: nothing is read yet), checked as model.load_nextdit does.
+    found = {name: torch.empty(handles[files[key]].get_slice(key).get_shape(), device="meta")
+             for name, key in prefixed.items()}
+    missing, unexpected, misshapen = key_report(expected, found)
     if causal_lm and missing and all(k.startswith((f"layers.{last}.", "norm.")) for k in missing):
         raise ValueError(f"{folder} holds Gemma-2 up to hidden_states[-2] only (no layer {last}, no final norm: "
                          "an encoder folder, as train.py writes for the small presets); generating text needs the "
                          "whole model, e.g. google/gemma-2-2b (--gemma)")
-    if missing or unexpected:
-        raise KeyError(f"{folder}: checkpoint does not match the Gemma-2 config in config.json. "
-                       f"Missing keys: {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
-                       f"unexpected keys: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    if missing or unexpected or misshapen:
+        raise ValueError(f"{folder}: the checkpoint does not match the Gemma-2 config in its config.json:\n"
+                         f"  missing keys: {missing[:8]}{' ...' if len(missing) > 8 else ''}\n"
+                         f"  unexpected keys: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}\n"
+                         f"  wrong shapes: {misshapen[:8]}")
 
     state = {}
-    handles = {}
-    for name, shape in expected.items():
+    for name in expected:
         path = files[prefixed[name]]
-        if path not in handles:
-            handles[path] = _open(path)
         try:
             tensor = handles[path].get_tensor(prefixed[name])
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"{path}: could not read {prefixed[name]} ({err}); the file is probably "
                              "truncated — download it again") from None
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{path}: {prefixed[name]} has shape {tuple(tensor.shape)}, the config in "
-                             f"config.json implies {shape}")
         state[name] = tensor.to(device=device, dtype=dtype)
     encoder.load_state_dict(state, strict=True, assign=True)
     return encoder.eval().requires_grad_(False)
@@ -781,3 +756,4 @@ def train_tokenizer(texts, out_path: str, vocab_size: int) -> str:
         f.write(model.getvalue())
     os.replace(out_path + ".tmp", out_path)
     return out_path
+

@@ -218,7 +218,7 @@ def test_encode_prompts(tokenizer_path):
     tok = text.Tokenizer(tokenizer_path)
     enc = tiny_encoder(seed=5, vocab_size=tok.vocab_size)
     # as the trainer and sampler call it: prompts already formatted, plus the bare unconditional ""
-    feats, mask = text.encode_prompts(enc, tok, [text.format_prompt("a red circle", "base"), ""], "", 256)
+    feats, mask = text.encode_prompts(enc, tok, [text.format_prompt("a red circle", "base"), ""], 256)
     ids, am = tok.encode([text.format_prompt("a red circle", "base"), ""], 256)
     assert feats.shape == (2, ids.shape[1], TINY["hidden_size"]) and feats.dtype == torch.float32
     assert mask.dtype == torch.bool and torch.equal(mask, am.bool()) and mask[1].sum() == 1
@@ -227,7 +227,7 @@ def test_encode_prompts(tokenizer_path):
         assert rel_err(feats, enc(ids, am)) == 0.0
     assert rel_err(feats[1, 0], feats[0, 0]) <= 1e-5             # both start with the same [BOS] feature
     with pytest.raises(ValueError, match="pieces"):
-        text.encode_prompts(tiny_encoder(vocab_size=100), tok, ["a"], "base", 256)
+        text.encode_prompts(tiny_encoder(vocab_size=100), tok, ["a"], 256)
 
 
 # ----- Saving, loading, bad input ------------------------------------------------------------------------
@@ -283,10 +283,10 @@ def test_bad_input_messages(tmp_path, tokenizer_path):
     text.save_gemma2(enc, str(single))
     config = json.loads((single / "config.json").read_text())
     (single / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
-    with pytest.raises(ValueError, match="gate_proj.weight has shape"):
+    with pytest.raises(ValueError, match="gate_proj.weight: file"):
         text.load_gemma2(str(single))
     (single / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 5}))
-    with pytest.raises(KeyError, match="layers.3.mlp"):
+    with pytest.raises(ValueError, match="missing keys: .*layers.3.mlp"):
         text.load_gemma2(str(single))
 
     # Tokenizers: a file that is not sentencepiece, and a sentencepiece model with other special ids.

@@ -277,7 +277,7 @@ def test_feature_cache_trains_on_the_same_numbers_and_finishes_an_interrupted_bu
     for i in (0, 11):
         item = shapes[i]
         latent = dino.images_to_latents(dino_model, item["image"][None])[0]
-        feats, mask = text.encode_prompts(gemma, tokenizer, [text.format_prompt(item["caption"], "base")], "", 64)
+        feats, mask = text.encode_prompts(gemma, tokenizer, [text.format_prompt(item["caption"], "base")], 64)
         assert torch.allclose(features[i]["latent"], latent, atol=1e-5)
         assert torch.allclose(features[i]["cap_feats"], feats[0, :mask.sum()], atol=1e-5)
         assert features[i]["caption"] == item["caption"]
