@@ -365,7 +365,7 @@ def load_pipeline(ckpt=None, device=None, dit_model=None, dtype=None, compile=Fa
     source = os.path.relpath(parts["dit"]) if parts.get("dit") else "in-memory"
     pipe = Pipeline(dit, autoencoder, stats, gemma, tokenizer, parts["sample"], parts["max_cap_len"], source,
                     compile=compile)
-    pipe.gemma_folder = parts["gemma"]           # Pipeline.load_enhancer reads the whole model from it
+    pipe.gemma_folder = parts["gemma"]           # load_enhancer reads the whole model from it
     return pipe
 
 
