@@ -38,7 +38,10 @@ def read_variants(folder):
             meta = img.info.get("svg_t2i")
             if meta is None:
                 continue
-            meta = json.loads(meta)
+            try:
+                meta = json.loads(meta)
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}: its svg_t2i settings are not JSON; move it out of the folder") from None
             if "n" in meta or "trajectory" in meta or "compare" in meta:     # a grid, a trajectory, a comparison
                 continue
             tag = meta.get("tag")

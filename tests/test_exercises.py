@@ -169,4 +169,8 @@ def test_compare_refuses_what_it_cannot_label_in_one_line(tmp_path):
     _write(tmp_path, "c.png", pixels)
     with pytest.raises(SystemExit, match="c.png has no tag"):
         compare.main([str(tmp_path), "--out", str(tmp_path / "o.png")])
+    os.remove(tmp_path / "c.png")
+    sample.save_png(Image.fromarray(pixels.astype(np.uint8)), str(tmp_path / "d.png"), "{not json")
+    with pytest.raises(SystemExit, match="d.png: its svg_t2i settings are not JSON"):
+        compare.main([str(tmp_path), "--out", str(tmp_path / "o.png")])
     assert not os.path.exists(tmp_path / "o.png")
