@@ -1,30 +1,22 @@
-"""sample.py -- text to image: prompt(s) in, PNG files out.
+"""sample.py -- text to image: prompt(s) in, PNG files out (the official KlingTeam/SVG-T2I `svg_t2i/sample_svg_t2i.py`).
 
-Where this sits: the end of the pipeline (the official KlingTeam/SVG-T2I `svg_t2i/sample_svg_t2i.py`). For
-each prompt:
+    prompt --Gemma-2--> features [n, L, 2304]                  once per batch, and once for the empty prompt
+           --caption embedder + context refiner--> caption tokens           once, reused by every step
+    noise x0 [n, C, H/p, W/p] --ODE solver, guided velocity at each step--> x1 (t = 0 noise -> t = 1 data)
+    x1 --denormalise (latent statistics)--> DINOv3 features --pixel decoder--> image in [-1, 1] --> PNG
 
-    prompt --Gemma-2--> cap_feats [1, L, D]          once per prompt (and once for the empty prompt)
-           --caption embedder + context refiner--> cap_tokens   once, reused by every step
-    noise [1, C, H/p, W/p] --Next-DiT x steps (flow ODE; CFG: noise refiner once, then a cond and an uncond
-                               pass through the joint blocks)--> latent
-    latent --denormalise (latent statistics)--> DINOv3 features --pixel decoder--> image in [-1, 1] --> PNG
-
-    python sample.py --prompt "a red circle in the top left"                  # the shipped demo model
-    python sample.py --prompt "a corgi astronaut" --ckpt path/to/release --size 1024x1024
-    python sample.py --prompts prompts.txt --ckpt runs/mine --n 4              # a grid per prompt
+    python sample.py --prompt "a red circle in the top left"                   # the shipped demo model
+    python sample.py --prompts prompts.txt --ckpt runs/mine --n 4               # 4 images and a grid per prompt
+    python sample.py --prompt "a red circle in the top left" --trajectory       # also the guess of x1 at each step
     torchrun --nproc_per_node=8 sample.py --geneval evaluation_metadata.jsonl --ckpt release/ --out geneval/
 
-Prompts are generated --batch-size images at a time (each image as it would be alone, to float precision);
-under torchrun each process takes its share of the prompts and all write the same files one process would.
-Files appear whole or not at all (temporary name, then a link), a run stopped half-way finishes with the same
-command (--resume for --prompts; the GenEval and DPG-Bench layouts always resume), and `--system enhance` lets
-Gemma-2 rewrite each prompt first, as the official sampler's `--system_type enhance` (text.enhance_prompt).
-
-`--ckpt` takes a training run folder (the highest finished stage's EMA weights are used) or a folder of the
-released files (README "Using the released weights"): `consolidated.00-of-01.pth`, an Autoencoder-P
-`.ckpt`, the latent statistics `.pt` and a `gemma-2-2b/` folder. Two fixes relative to the official
-sampler: the seed is honoured (its `manual_seed` call is commented out), and noise is laid out H first (it
-draws [W/16, H/16], so non-square sizes came out transposed).
+`--ckpt` takes a training run folder (its highest finished stage's EMA weights) or a folder of the released files
+(README "Using the released weights"). Two fixes relative to the official sampler: the seed is honoured (its
+`manual_seed` call is commented out), and noise is laid out H first (it draws [W/16, H/16], so non-square sizes came
+out transposed). The paper's two benchmarks are external scorers; `--geneval` and `--dpg` write the folders they
+read: GenEval (Ghosh et al. 2023, arXiv 2310.11513) checks objects, counts, colours and positions of short prompts
+with an object detector, DPG-Bench (from ELLA, Hu et al. 2024, arXiv 2403.05135) asks a VQA model about ~1,000
+dense, many-object prompts.
 """
 
 import argparse
@@ -35,10 +27,12 @@ import math
 import os
 import re
 import sys
+import types
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from tqdm import tqdm
 
 import autoencoder as ae_lib
@@ -50,13 +44,184 @@ import text
 DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
 
 
+class Pipeline:
+    """Frozen text encoder + trained Next-DiT + latent statistics + pixel decoder (load_pipeline builds one)."""
+
+    def __init__(self, dit, autoencoder, stats, gemma, tokenizer, defaults, max_cap_len, source, compile=False):
+        self.dit, self.autoencoder, self.stats = dit, autoencoder, stats
+        self.gemma, self.tokenizer = gemma, tokenizer
+        self.defaults, self.max_cap_len, self.source = defaults, max_cap_len, source
+        self.device = next(dit.parameters()).device
+        # a latent cell is the encoder's patch of pixels and a DiT token patch_size² cells: sizes are multiples
+        self.pixels_per_latent = autoencoder.decoder.upsample_factor
+        self.latent_patch = self.pixels_per_latent * dit.config["patch_size"]
+        # compile: the two DiT passes of every step (the caption path runs once per batch and stays eager)
+        self.dit_passes = (torch.compile(dit.refine_image), torch.compile(dit)) if compile else (dit.refine_image, dit)
+
+    def settings(self, size=None, steps=None, cfg=None, solver=None, shift=None):
+        """Each argument, or this model's default where it is None, checked before the first sampling step
+        -> (width, height, steps, cfg, solver, shift); size and (width, height) are in pixels."""
+        d = self.defaults       # {} for a run with no finished stage yet: the official steps, cfg, solver; no shift
+        steps = d.get("steps", flow.DEFAULT_STEPS) if steps is None else steps
+        cfg = d.get("cfg", flow.DEFAULT_CFG) if cfg is None else cfg
+        solver, shift = solver or d.get("solver", flow.DEFAULT_SOLVER), d.get("shift", 1.0) if shift is None else shift
+        width, height = size or (d.get("size", 256),) * 2
+        check_settings(self, width, height, steps, cfg, solver, shift)
+        return width, height, steps, cfg, solver, shift
+
+    @torch.no_grad()
+    def generate(self, prompts, seed=0, size=None, steps=None, cfg=None, solver=None, shift=None,
+                 renorm=flow.DEFAULT_RENORM, system="base", progress=True, seeds=None, cfg_trunc=None,
+                 trajectory=False):
+        """One image per prompt; image i uses noise seeded by `seeds[i]` (default `seed + i`), so a prompt
+        generated alone or among others gives the same picture to float precision (padding is masked). None
+        picks the model's default (see settings); renorm and cfg_trunc: see guided_velocity. trajectory=True:
+        each image also gets `img.trajectory`, a strip of the model's guess of x1 at every step (predicting_x1).
+        Returns PIL images, their settings as JSON in img.info["svg_t2i"]."""
+        width, height, steps, cfg, solver, shift = self.settings(size, steps, cfg, solver, shift)
+        n = len(prompts)
+        seeds = [seed + i for i in range(n)] if seeds is None else list(seeds)
+        if len(seeds) != n:
+            raise ValueError(f"generate: {len(seeds)} seeds for {n} prompts")
+
+        # Text: each distinct prompt and the empty prompt in one Gemma call (n images of one prompt run Gemma once)
+        distinct = list(dict.fromkeys(prompts))
+        texts = [text.format_prompt(p, system) for p in distinct] + [""]
+        feats, mask = text.encode_prompts(self.gemma, self.tokenizer, texts, self.max_cap_len)
+        feats = feats.float()                                                       # [distinct + 1, L, D]
+        rows = torch.tensor([distinct.index(p) for p in prompts], device=feats.device)
+        velocity = guided_velocity(self.dit, feats[rows], mask[rows], feats[-1:].expand(n, -1, -1),
+                                   mask[-1:].expand(n, -1), cfg, renorm=renorm, passes=self.dit_passes,
+                                   cfg_trunc=cfg_trunc)
+        guesses = []                                                  # [(noise level, x1 guess [n, C, h, w])]
+        if trajectory:
+            velocity = predicting_x1(velocity, guesses)
+
+        C, h, w = self.dit.config["in_channels"], height // self.pixels_per_latent, width // self.pixels_per_latent
+        noise = torch.cat([flow.seeded_noise(1, C, h, w, s) for s in seeds]).to(self.device)   # H first: [n, C, h, w]
+        pixels = self.decode(flow.sample(velocity, noise, steps, solver=solver, shift=shift, progress=progress))
+        meta = dict(seed=None, steps=steps, cfg=cfg, solver=solver, shift=shift, renorm=renorm, system=system,
+                    size=f"{width}x{height}", checkpoint=self.source)
+        if cfg_trunc is not None:
+            meta["cfg_trunc"] = cfg_trunc
+        images = []
+        for i, prompt in enumerate(prompts):
+            images.append(Image.fromarray(pixels[i]))
+            images[i].info["svg_t2i"] = json.dumps(dict(meta, prompt=prompt, seed=seeds[i]))
+        if trajectory:
+            frames = [self.decode(x1) for _, x1 in guesses]                        # steps x [n, H, W, 3]
+            for i, img in enumerate(images):
+                img.trajectory = trajectory_strip([f[i] for f in frames], [sigma for sigma, _ in guesses], img)
+        return images
+
+    def decode(self, latents):
+        """Normalised latents [n, C, h, w] -> uint8 pixels [n, H, W, 3] (numpy)."""
+        # The DiT works in normalised latents; the decoder was trained on raw DINOv3 features.
+        decoder_dtype = next(self.autoencoder.decoder.parameters()).dtype
+        pixels = self.autoencoder.decode(self.stats.denormalize(latents).to(decoder_dtype)).float()  # [n, 3, H, W]
+        # to uint8 as the official sampler does: (x + 1) / 2, clamp, x 255, truncate (sample_svg_t2i.py)
+        return ((pixels + 1) / 2).clamp(0, 1).mul(255).byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def guided_velocity(dit, feats, mask, empty_feats, empty_mask, scale, renorm=flow.DEFAULT_RENORM, passes=None,
+                    cfg_trunc=None):
+    """velocity(x, t) with classifier-free guidance: the function the ODE solver calls at every step.
+
+    feats/mask [n, L, D] / [n, L] are the prompts' Gemma features, empty_* the empty prompt's, repeated n times.
+    Work is done as rarely as it can be: once, the caption path of both (it sees neither x nor t); once per step,
+    the noise refiner (it sees only x and t), shared by both passes; twice per step, the joint blocks, a
+    conditional and an unconditional pass, each cut to its own longest caption (the empty prompt is one token:
+    padding it to the prompt's length would cost tokens and an attention mask). `renorm`: see flow.cfg_velocity.
+    `passes` = (refine_image, forward), e.g. torch.compile'd. `cfg_trunc`: guide only while t < cfg_trunc, the
+    conditional velocity alone after it (the official `cfg_trunc` of `forward_with_cfg`, model_dino.py): it
+    spends guidance on the noisy steps, where the layout is decided, and saves the unconditional pass after.
+
+    Precision: the DiT runs in its own dtype (bf16 on GPUs) but the solver's state stays float32: each of ~50
+    steps adds a small update to x, which rounding x to bf16's 8 significant bits would mostly wipe out.
+    """
+    refine_image, forward = passes or (dit.refine_image, dit)
+    dtype = dit.x_embedder.weight.dtype
+    feats, mask = unpadded(feats, mask, dtype)                                  # [n, L, D], [n, L]
+    empty_feats, empty_mask = unpadded(empty_feats, empty_mask, dtype)          # [n, 1, D], [n, 1]
+    cap_tokens = dit.refine_captions(feats, mask)                               # [n, L, dim]
+    empty_tokens = dit.refine_captions(empty_feats, empty_mask)
+    cap_lens = mask.sum(1)
+
+    def velocity(x, t):                                                         # x float32 -> v float32
+        x = x.to(dtype)
+        img_tokens = refine_image(x, t, cap_lens)                               # [n, N, dim]
+        v_cond = forward(x, t, feats, mask, cap_tokens=cap_tokens, img_tokens=img_tokens).float()
+        if scale == 1 or (cfg_trunc is not None and float(t[0]) >= cfg_trunc):   # t is a host-made grid value
+            return v_cond
+        v_uncond = forward(x, t, empty_feats, empty_mask, cap_tokens=empty_tokens, img_tokens=img_tokens).float()
+        return flow.cfg_velocity(v_cond, v_uncond, scale, renorm=renorm)
+    return velocity
+
+
+def predicting_x1(velocity, guesses):
+    """velocity(x, t) that also appends (noise level 1 − t, the model's guess of the clean latent) to `guesses`.
+
+    On the path x_t = t·x1 + (1 − t)·x0 with v = x1 − x0, x1 = x_t + (1 − t)·v holds exactly; with the model's
+    (guided) velocity it is what the model believes the image is at this step -- DPM-Solver++'s data prediction
+    (flow.sample_dpm), and at the last step the output itself. The velocity is returned unchanged."""
+    def recorded(x, t):
+        v = velocity(x, t)
+        guesses.append((1 - float(t[0]), x + (1 - t).view(-1, *[1] * (x.dim() - 1)) * v))   # [n, C, h, w]
+        return v
+    return recorded
+
+
+def main(argv=None):
+    """Flags -> prompts and their files (jobs) -> one pipeline -> images written as each batch finishes."""
+    args = parse_args(argv)
+    with one_line_errors(args) as run:           # ValueError / OSError / out of memory -> one line; Ctrl-C: resume
+        run.jobs, run.layout = plan_jobs(args)   # the prompt files are read before gigabytes of weights
+        rank, world, device = setup_distributed(torch.device(args.device or ("cuda" if torch.cuda.is_available()
+                                                                             else "cpu")))
+        pipe = load_pipeline(args.ckpt, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                             compile=args.compile, dit=args.dit, decoder=args.decoder, gemma=args.gemma,
+                             stats=args.stats, lora=args.lora, lora_scale=args.lora_scale)
+        # Every image of the run gets these settings; all flags are checked here, before the first step.
+        width, height, steps, cfg, solver, shift = pipe.settings(args.size, args.steps, args.cfg, args.solver,
+                                                                 args.shift)
+        run.what = f"{args.batch_size} image(s) of {width}x{height} at once on {device}"
+        check_layout(args, run.layout, width, height)
+        if args.system == "enhance":
+            load_enhancer(pipe)
+        written = run_jobs(pipe, args, run.jobs, run.layout, rank, world, device,
+                           dict(steps=steps, cfg=cfg, solver=solver, shift=shift, renorm=args.renorm,
+                                system=args.system, size=f"{width}x{height}", checkpoint=pipe.source))
+    if run.layout == "prompts":
+        print("\n".join(written))
+    elif rank == 0:
+        print(f"{args.out}: {len(run.jobs)} prompts in {dict(geneval='GenEval', dpg='DPG-Bench')[run.layout]}'s layout")
+
+
+# ==========================================================================================================
+# Machinery. A first reading can skip everything below: finding files, checks, jobs, resuming, torchrun, files, flags.
+# ==========================================================================================================
+
 # ----- Finding the pieces of a model on disk -------------------------------------------------------------
 
-def _highest(pattern):
-    """The file matching `pattern` (with one {k} in a folder name) of the highest stage k, or None."""
-    # Sorted by the stage *number*: a plain string sort would put stage10 before stage2.
-    found = sorted(glob.glob(pattern.format(k="*")), key=lambda p: int(re.findall(r"stage(\d+)", p)[-1]))
-    return found[-1] if found else None
+def read_json(path):
+    """A JSON object from `path`, or one line naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); restore the file train.py wrote") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} should hold a JSON object, not {type(obj).__name__}; restore the file train.py wrote")
+    return obj
+
+
+def check_encoders_json(enc, path):
+    """encoders.json's paths, checked: DINOv3 and Gemma-2 are file paths, the statistics a path or null."""
+    for key in ("dino", "gemma", "stats"):
+        if not isinstance(enc.get(key), str) and not (key == "stats" and enc.get(key) is None):
+            raise ValueError(f"{path}: '{key}' must be a file path, got {enc.get(key)!r}; restore the file train.py "
+                             "wrote")
+    return enc
 
 
 def check_stage_config(config, where):
@@ -76,13 +241,20 @@ def check_stage_config(config, where):
     return config
 
 
+def _highest(pattern):
+    """The file matching `pattern` (with one {k} in a folder name) of the highest stage k, or None."""
+    # Sorted by the stage *number*: a plain string sort would put stage10 before stage2.
+    found = sorted(glob.glob(pattern.format(k="*")), key=lambda p: int(re.findall(r"stage(\d+)", p)[-1]))
+    return found[-1] if found else None
+
+
 def _find_run_parts(folder):
     """A training run folder (train.py's layout): DiT EMA weights of the last finished stage, its decoder."""
     # encoders.json names the frozen encoders: paths relative to the run folder for the small presets'
     # random encoders (so the folder can be moved or shipped, as assets/demo is), absolute for the user's
     # released DINOv3 / Gemma-2 files.
-    with open(os.path.join(folder, "encoders.json")) as f:
-        enc = json.load(f)
+    path = os.path.join(folder, "encoders.json")
+    enc = check_encoders_json(read_json(path), path)
     resolve = lambda p: p if p is None or os.path.isabs(p) else os.path.join(folder, p)
     # A finished stage holds ema.safetensors, or for a LoRA stage (train.py --lora) adapter.safetensors.
     dit_path = max([p for p in (_highest(os.path.join(folder, "stage{k}", name))
@@ -92,8 +264,8 @@ def _find_run_parts(folder):
     # size) and its caption limit; a stage still running has no ema.safetensors yet and is skipped.
     stage_cfg = {}
     if dit_path:
-        with open(os.path.join(os.path.dirname(dit_path), "config.json")) as f:
-            stage_cfg = check_stage_config(json.load(f), f.name)
+        path = os.path.join(os.path.dirname(dit_path), "config.json")
+        stage_cfg = check_stage_config(read_json(path), path)
     stats = resolve(enc.get("stats")) or os.path.join(folder, "encoders", "latent_stats.pt")
     parts = dict(dit=dit_path, decoder=_highest(os.path.join(folder, "autoencoder_P", "stage{k}", "model.safetensors")),
                  dino=resolve(enc["dino"]), gemma=resolve(enc["gemma"]), stats=stats,
@@ -138,158 +310,11 @@ def find_parts(ckpt):
         parts = _find_run_parts(os.path.dirname(ckpt.rstrip("/")))
         parts.update(dit=os.path.join(ckpt, "ema.safetensors"), lora=None)
         if os.path.exists(os.path.join(ckpt, "adapter.safetensors")):                    # a LoRA stage folder
-            with open(os.path.join(ckpt, "config.json")) as f:
-                parts.update(_lora_parts(ckpt, os.path.dirname(ckpt.rstrip("/")), json.load(f)))
+            path = os.path.join(ckpt, "config.json")
+            parts.update(_lora_parts(ckpt, os.path.dirname(ckpt.rstrip("/")), check_stage_config(read_json(path), path)))
         return parts
     return _find_released_parts(ckpt)
 
-
-# ----- The pipeline --------------------------------------------------------------------------------------
-
-class Pipeline:
-    """Frozen text encoder + trained Next-DiT + latent statistics + pixel decoder, ready to sample."""
-
-    def __init__(self, dit, autoencoder, stats, gemma, tokenizer, defaults, max_cap_len, source, compile=False):
-        self.dit, self.autoencoder, self.stats = dit, autoencoder, stats
-        self.gemma, self.tokenizer = gemma, tokenizer
-        self.defaults, self.max_cap_len, self.source = defaults, max_cap_len, source
-        self.device = next(dit.parameters()).device
-        # pixels per latent cell = the encoder's patch, which the decoder's upsampling undoes; the DiT then
-        # groups patch_size x patch_size cells into one token, so sizes must be multiples of both
-        self.pixels_per_latent = autoencoder.decoder.upsample_factor
-        self.latent_patch = self.pixels_per_latent * dit.config["patch_size"]
-        # compile: torch.compile the two DiT passes every step makes (noise refiner, joint blocks); the caption
-        # path runs once per batch and stays eager. A new size or caption length can cost another compilation.
-        self.dit_passes = (torch.compile(dit.refine_image), torch.compile(dit)) if compile else (dit.refine_image, dit)
-
-    def load_enhancer(self):
-        """Replace the text encoder by the whole Gemma-2 causal LM (all layers, final norm, tied LM head), which
-        computes the same caption features and can also rewrite prompts (enhance). Needs a full checkpoint."""
-        self.gemma = text.load_gemma2(self.gemma_folder, dtype=self.gemma.embed_tokens.weight.dtype,
-                                      use_softcapping=self.gemma.use_softcapping, causal_lm=True).to(self.device).eval()
-
-    def enhance(self, prompt):
-        """The official `--system_type enhance` rewrite of one prompt (text.enhance_prompt)."""
-        return text.enhance_prompt(self.gemma, self.tokenizer, prompt)
-
-    def settings(self, size=None, steps=None, cfg=None, solver=None, shift=None):
-        """The sampler settings a generate call uses -- each argument, or this model's default where it is None
-        -- checked, so that a bad value is refused before the first sampling step, not in the middle of it.
-        -> (width, height, steps, cfg, solver, shift); size and (width, height) are in pixels."""
-        d = self.defaults
-        # A run with no finished stage yet (train.py's previews during stage 1) has no defaults: the official
-        # steps, cfg and solver, and no shift.
-        steps = d.get("steps", flow.DEFAULT_STEPS) if steps is None else steps
-        cfg = d.get("cfg", flow.DEFAULT_CFG) if cfg is None else cfg
-        solver, shift = solver or d.get("solver", flow.DEFAULT_SOLVER), d.get("shift", 1.0) if shift is None else shift
-        flow.check_sampler(steps, solver, shift)
-        if not math.isfinite(cfg):
-            raise ValueError(f"--cfg {cfg}: the guidance scale must be a finite number (1 = no guidance)")
-        # Whole latent cells, and no more tokens per side than the DiT's RoPE tables have positions.
-        width, height = size or (d.get("size", 256),) * 2
-        cell = self.latent_patch
-        if min(width, height) < cell or width % cell or height % cell:
-            round_down = lambda v: max(cell, v // cell * cell)
-            raise ValueError(f"--size {width}x{height}: width and height must be positive multiples of {cell} (one "
-                             f"latent cell of this model), e.g. {round_down(width)}x{round_down(height)}")
-        max_h, max_w = (n * cell for n in self.dit.axes_lens[1:])      # RoPE positions: rows, then columns
-        if height > max_h or width > max_w:
-            raise ValueError(f"--size {width}x{height}: this model places at most {max_w}x{max_h} pixels (its RoPE "
-                             f"tables hold {max_h // cell} rows and {max_w // cell} columns of tokens)")
-        return width, height, steps, cfg, solver, shift
-
-    @torch.no_grad()
-    def generate(self, prompts, seed=0, size=None, steps=None, cfg=None, solver=None, shift=None,
-                 renorm=flow.DEFAULT_RENORM, system="base", progress=True, seeds=None, cfg_trunc=None):
-        """One image per prompt; image i uses noise seeded by `seeds[i]` (default `seed + i`), so an image does
-        not depend on what else is in the batch: a prompt generated alone or among others gives the same picture
-        to float precision (padding is masked; tests/test_sample.py measures it). `size` is (width, height) in
-        pixels; None picks the model's default for it and for steps, cfg, solver and shift (see settings).
-        renorm=False: CFG without the renorm clip (flow.cfg_velocity). cfg_trunc: guidance only while t < cfg_trunc
-        (guided_velocity). Returns a list of PIL images, their settings in img.info["svg_t2i"]."""
-        width, height, steps, cfg, solver, shift = self.settings(size, steps, cfg, solver, shift)
-        n = len(prompts)
-        seeds = [seed + i for i in range(n)] if seeds is None else list(seeds)
-        if len(seeds) != n:
-            raise ValueError(f"generate: {len(seeds)} seeds for {n} prompts")
-
-        # Text: each distinct prompt and the empty prompt in one Gemma call (a batch of one prompt's n images runs
-        # Gemma once); then the caption path of the DiT, once.
-        distinct = list(dict.fromkeys(prompts))
-        texts = [text.format_prompt(p, system) for p in distinct] + [""]
-        feats, mask = text.encode_prompts(self.gemma, self.tokenizer, texts, self.max_cap_len)
-        feats = feats.float()                                                       # [distinct + 1, L, D]
-        rows = torch.tensor([distinct.index(p) for p in prompts], device=feats.device)
-        velocity = guided_velocity(self.dit, feats[rows], mask[rows], feats[-1:].expand(n, -1, -1),
-                                   mask[-1:].expand(n, -1), cfg, renorm=renorm, passes=self.dit_passes,
-                                   cfg_trunc=cfg_trunc)
-
-        # Noise, H first: [n, C, H/p, W/p]
-        C, h, w = self.dit.config["in_channels"], height // self.pixels_per_latent, width // self.pixels_per_latent
-        noise = torch.cat([flow.seeded_noise(1, C, h, w, s) for s in seeds]).to(self.device)
-
-        latents = flow.sample(velocity, noise, steps, solver=solver, shift=shift, progress=progress)
-        # The DiT works in normalised latents; the decoder was trained on raw DINOv3 features.
-        decoder_dtype = next(self.autoencoder.decoder.parameters()).dtype
-        pixels = self.autoencoder.decode(self.stats.denormalize(latents).to(decoder_dtype)).float()  # [n, 3, H, W]
-        # to uint8 as the official sampler does: (x + 1) / 2, clamp, x 255, truncate (sample_svg_t2i.py)
-        pixels = ((pixels + 1) / 2).clamp(0, 1).mul(255).byte().permute(0, 2, 3, 1).cpu().numpy()
-        meta = dict(seed=None, steps=steps, cfg=cfg, solver=solver, shift=shift, renorm=renorm, system=system,
-                    size=f"{width}x{height}", checkpoint=self.source)
-        if cfg_trunc is not None:
-            meta["cfg_trunc"] = cfg_trunc
-        images = []
-        for i, prompt in enumerate(prompts):
-            img = Image.fromarray(pixels[i])
-            img.info["svg_t2i"] = json.dumps(dict(meta, prompt=prompt, seed=seeds[i]))
-            images.append(img)
-        return images
-
-
-def guided_velocity(dit, feats, mask, empty_feats, empty_mask, scale, renorm=flow.DEFAULT_RENORM, passes=None,
-                    cfg_trunc=None):
-    """velocity(x, t) with classifier-free guidance: the function the ODE solver calls at every step.
-
-    feats/mask [n, L, D] / [n, L] are the prompts' Gemma features, empty_* the empty prompt's, repeated n
-    times. Work is done as rarely as it can be:
-      - once: the caption path (embedder + context refiner) of both, which sees neither x nor t;
-      - once per step: the noise refiner, which sees only x and t (NextDiT.refine_image), shared by both passes;
-      - twice per step: the joint blocks, a conditional and an unconditional pass, each cut to its own longest
-        caption. The empty prompt is one token, and padding it to the prompt's length would cost tokens and an
-        attention mask; a single prompt has no padding at all, so attention runs unmasked (the faster kernel).
-    `renorm`: clip the guided velocity's norm to the conditional one's (flow.cfg_velocity says why). `passes` =
-    (refine_image, forward) of the DiT, e.g. torch.compile'd ones (default: the DiT's own). `cfg_trunc`: guide
-    only while t < cfg_trunc and take the conditional velocity alone after it -- the official `cfg_trunc`
-    (`forward_with_cfg` in svg_t2i/models/model_dino.py, default 100: always). With t = 0 noise, a value below 1
-    spends guidance on the noisy steps, where the layout is decided, and saves the unconditional pass on the rest.
-
-    Precision: the DiT runs in its own dtype (bf16 on GPUs, as the official sampler), but the ODE solver's state
-    -- x and the DPM-Solver++ history -- stays float32. Each of ~50 steps adds a small update to x, and bf16
-    keeps 8 significant bits: rounding x to it every step would wipe out much of each update. So the DiT's inputs
-    are cast to its dtype and its velocities back to float32; t stays float32 (the timestep embedding casts after
-    its sinusoids).
-    """
-    refine_image, forward = passes or (dit.refine_image, dit)
-    dtype = dit.x_embedder.weight.dtype
-
-    def unpadded(f, m):
-        length = int(m.sum(1).max())
-        return f[:, :length].to(dtype), m[:, :length]
-    feats, mask = unpadded(feats, mask)                                         # [n, L, D], [n, L]
-    empty_feats, empty_mask = unpadded(empty_feats, empty_mask)                 # [n, 1, D], [n, 1]
-    cap_tokens = dit.refine_captions(feats, mask)                               # [n, L, dim]
-    empty_tokens = dit.refine_captions(empty_feats, empty_mask)
-    cap_lens = mask.sum(1)
-
-    def velocity(x, t):                                                         # x float32 -> v float32
-        x = x.to(dtype)
-        img_tokens = refine_image(x, t, cap_lens)                               # [n, N, dim]
-        v_cond = forward(x, t, feats, mask, cap_tokens=cap_tokens, img_tokens=img_tokens).float()
-        if scale == 1 or (cfg_trunc is not None and float(t[0]) >= cfg_trunc):   # t is a host-made grid value
-            return v_cond
-        v_uncond = forward(x, t, empty_feats, empty_mask, cap_tokens=empty_tokens, img_tokens=img_tokens).float()
-        return flow.cfg_velocity(v_cond, v_uncond, scale, renorm=renorm)
-    return velocity
 
 
 def load_pipeline(ckpt=None, device=None, dit_model=None, dtype=None, compile=False, lora=None, lora_scale=1.0,
@@ -340,9 +365,88 @@ def load_pipeline(ckpt=None, device=None, dit_model=None, dtype=None, compile=Fa
     source = os.path.relpath(parts["dit"]) if parts.get("dit") else "in-memory"
     pipe = Pipeline(dit, autoencoder, stats, gemma, tokenizer, parts["sample"], parts["max_cap_len"], source,
                     compile=compile)
-    pipe.gemma_folder = parts["gemma"]           # Pipeline.load_enhancer reads the whole model from it
+    pipe.gemma_folder = parts["gemma"]           # load_enhancer reads the whole model from it
     return pipe
 
+
+def _check_lora_base(adapter, parts, explicit):
+    """An adapter is trained on one base: a LoRA run's base that changed since (another fingerprint) is an error;
+    an adapter passed with --lora on another base is applied, with a warning (that may be what is wanted)."""
+    import data                  # data.fingerprint: file names, sizes, first and last MiB
+    if not parts.get("dit") or not os.path.exists(parts["dit"]):
+        return
+    expected = parts.get("lora_base_fingerprint") if not explicit else \
+        dit_lib.read_lora(adapter)[1].get("base_fingerprint")
+    if expected and data.fingerprint(parts["dit"]) != expected:
+        msg = f"{adapter} was trained on a base with fingerprint {expected}, and {parts['dit']} is another file"
+        if not explicit:
+            raise ValueError(msg + "; put the base back (or pass --dit BASE) or train the adapter again")
+        tqdm.write(f"warning: {msg}; applying it anyway (--lora)")
+
+
+def load_enhancer(pipe):
+    """Replace the pipeline's text encoder by the whole Gemma-2 causal LM (all layers, final norm, tied LM head),
+    which computes the same caption features and can also rewrite prompts (--system enhance)."""
+    pipe.gemma = text.load_gemma2(pipe.gemma_folder, dtype=pipe.gemma.embed_tokens.weight.dtype,
+                                  use_softcapping=pipe.gemma.use_softcapping, causal_lm=True).to(pipe.device).eval()
+
+
+# ----- Checks: every setting before the first sampling step ------------------------------------------------
+
+def check_settings(pipe, width, height, steps, cfg, solver, shift):
+    """Pipeline.settings' checks: a bad value is refused before the first sampling step, not in the middle."""
+    flow.check_sampler(steps, solver, shift)
+    if not math.isfinite(cfg):
+        raise ValueError(f"--cfg {cfg}: the guidance scale must be a finite number (1 = no guidance)")
+    # Whole latent cells, and no more tokens per side than the DiT's RoPE tables have positions.
+    cell = pipe.latent_patch
+    if min(width, height) < cell or width % cell or height % cell:
+        round_down = lambda v: max(cell, v // cell * cell)
+        raise ValueError(f"--size {width}x{height}: width and height must be positive multiples of {cell} (one "
+                         f"latent cell of this model), e.g. {round_down(width)}x{round_down(height)}")
+    max_h, max_w = (n * cell for n in pipe.dit.axes_lens[1:])      # RoPE positions: rows, then columns
+    if height > max_h or width > max_w:
+        raise ValueError(f"--size {width}x{height}: this model places at most {max_w}x{max_h} pixels (its RoPE "
+                         f"tables hold {max_h // cell} rows and {max_w // cell} columns of tokens)")
+
+
+def check_layout(args, layout, width, height):
+    if layout == "dpg" and width != height:
+        raise ValueError(f"--size {width}x{height}: DPG-Bench crops its grid into square quarters; pass a square "
+                         f"size, e.g. {width}x{width}")
+
+
+def unpadded(feats, mask, dtype):
+    """A batch's caption features [n, L, D] (in `dtype`) and mask [n, L], cut to its longest caption: a single
+    prompt then has no padding at all, and attention runs unmasked (the faster kernel)."""
+    length = int(mask.sum(1).max())
+    return feats[:, :length].to(dtype), mask[:, :length]
+
+
+@contextmanager
+def one_line_errors(args):
+    """main's error handling. Everything that can be wrong with the flags and files is found before the first
+    sampling step; such an error (ValueError, OSError) ends in one line, running out of memory says which flags to
+    lower, Ctrl-C says how to finish the run; any other exception is a bug and keeps its traceback. Yields what
+    main has learnt so far (jobs, layout, what), for the messages."""
+    run = types.SimpleNamespace(jobs=[], layout=None, what=f"{args.batch_size} image(s) at once")
+    try:
+        yield run
+    except KeyboardInterrupt:
+        again = "the same command" + (" with --resume" if run.layout == "prompts" and not args.resume else "")
+        print(f"sample.py: interrupted; every file written is complete, none is half-written -- run {again} to "
+              "write the rest", file=sys.stderr)
+        raise SystemExit(130)
+    except (ValueError, OSError, RuntimeError) as err:
+        if is_out_of_memory(err):
+            raise SystemExit(f"sample.py: out of memory generating {run.what}: lower --batch-size (now "
+                             f"{args.batch_size}) or --size") from None
+        if isinstance(err, RuntimeError):
+            raise
+        raise SystemExit(f"sample.py: {err}") from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 # ----- Jobs: what to generate, and where it goes ----------------------------------------------------------
 # A job is one prompt: its n images (each with its own seed) and the files they end up in. Four layouts:
@@ -420,21 +524,24 @@ def plan_jobs(args):
             jobs.append(dict(prompt=entry["prompt"], seeds=[seed + i * n + j for j in range(n)],
                              images=[os.path.join(folder, "samples", f"{j:04d}.png") for j in range(n)],
                              grid=os.path.join(folder, "grid.png") if n > 1 else None,
-                             extra={os.path.join(folder, "metadata.jsonl"): json.dumps(entry) + "\n"}))
+                             extra={os.path.join(folder, "metadata.jsonl"): json.dumps(entry) + "\n"},
+                             trajectories=[None] * n))
         return jobs, "geneval"
     if args.dpg:
         for i, (name, prompt) in enumerate(read_dpg(args.dpg)):
             jobs.append(dict(prompt=prompt, seeds=[seed + i * n + j for j in range(n)], images=[None] * n,
-                             grid=os.path.join(out, f"{name}.png"), extra={}))
+                             grid=os.path.join(out, f"{name}.png"), extra={}, trajectories=[None] * n))
         return jobs, "dpg"
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     if args.resume:                              # a repeated prompt has the same files: generate it once
         prompts = list(dict.fromkeys(prompts))
-    for prompt in prompts:
-        stem = os.path.join(out, file_stem(prompt))
+    for prompt in prompts:                       # --tag: one more word in every name (NAME_TAG_SEED.png)
+        stem = os.path.join(out, file_stem(prompt) + (f"_{args.tag}" if args.tag else ""))
         jobs.append(dict(prompt=prompt, seeds=[seed + j for j in range(n)],
                          images=[f"{stem}_{seed + j}.png" for j in range(n)],
-                         grid=f"{stem}_grid.png" if n > 1 else None, extra={}))
+                         grid=f"{stem}_grid.png" if n > 1 else None, extra={},
+                         trajectories=[f"{stem}_{seed + j}_trajectory.png" if args.trajectory else None
+                                       for j in range(n)]))
     return jobs, "prompts"
 
 
@@ -472,9 +579,11 @@ def remove_stale_temporaries(path):
 
 def resume_state(job, expected):
     """For a job of a run that skips what is done: -> (todo, done): the image indices to generate and
-    {index: image} of those read back from disk because the grid still needs them. Checks every file found."""
+    {index: image} of those read back from disk because the grid still needs them. Checks every file found.
+    With --trajectory an image is done when its trajectory is there too; otherwise both are made again (and
+    the image file already there is kept)."""
     meta = lambda j: dict(expected, prompt=job["prompt"], seed=job["seeds"][j])
-    for path in [*job["images"], job["grid"], *job["extra"]]:
+    for path in [*job["images"], job["grid"], *job["extra"], *job["trajectories"]]:
         if path:
             remove_stale_temporaries(path)
     for path, content in job["extra"].items():
@@ -483,6 +592,11 @@ def resume_state(job, expected):
     have = {j for j, path in enumerate(job["images"]) if path and os.path.exists(path)}
     for j in have:
         check_existing(job["images"][j], meta(j))
+    for j, path in enumerate(job["trajectories"]):
+        if path and os.path.exists(path):
+            check_existing(path, meta(j))
+        elif path:
+            have.discard(j)
     grid_done = job["grid"] is None or os.path.exists(job["grid"])
     if job["grid"] and grid_done:
         check_existing(job["grid"], dict(meta(0), n=len(job["seeds"])))
@@ -522,22 +636,6 @@ def total_over_ranks(value, device, op=None):
     dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return int(t.item())
 
-
-def _check_lora_base(adapter, parts, explicit):
-    """An adapter is trained on one base: a LoRA run's base that changed since (another fingerprint) is an error;
-    an adapter passed with --lora on another base is applied, with a warning (that may be what is wanted)."""
-    import data                  # data.fingerprint: file names, sizes, first and last MiB
-    if not parts.get("dit") or not os.path.exists(parts["dit"]):
-        return
-    expected = parts.get("lora_base_fingerprint") if not explicit else \
-        dit_lib.read_lora(adapter)[1].get("base_fingerprint")
-    if expected and data.fingerprint(parts["dit"]) != expected:
-        msg = f"{adapter} was trained on a base with fingerprint {expected}, and {parts['dit']} is another file"
-        if not explicit:
-            raise ValueError(msg + "; put the base back (or pass --dit BASE) or train the adapter again")
-        tqdm.write(f"warning: {msg}; applying it anyway (--lora)")
-
-
 # ----- Files ---------------------------------------------------------------------------------------------
 
 def make_grid(images, cols=None):
@@ -550,6 +648,26 @@ def make_grid(images, cols=None):
         grid.paste(img, ((i % cols) * w, (i // cols) * h))
     return grid
 
+
+TRAJECTORY_FRAME = 256      # --trajectory: pixels on a frame's long side at most (50 frames of 1024 px are 51k wide)
+
+
+def trajectory_strip(frames, sigmas, image):
+    """One row of frames [H, W, 3] uint8 (Pipeline.generate's guesses of x1), each with its noise level below it;
+    its settings are `image`'s and the noise levels."""
+    h, w = frames[0].shape[:2]
+    scale = min(1.0, TRAJECTORY_FRAME / max(h, w))
+    fw, fh = max(1, round(w * scale)), max(1, round(h * scale))
+    font = ImageFont.load_default()
+    strip = Image.new("RGB", (fw * len(frames), fh + 14), "white")
+    draw = ImageDraw.Draw(strip)
+    for k, (frame, sigma) in enumerate(zip(frames, sigmas)):
+        strip.paste(Image.fromarray(frame).resize((fw, fh), Image.LANCZOS) if scale < 1 else Image.fromarray(frame),
+                    (k * fw, 0))
+        draw.text((k * fw + 2, fh + 1), f"noise {sigma:.2f}" if fw >= 56 else f"{sigma:.2f}", fill="black", font=font)
+    levels = [round(sigma, 4) for sigma in sigmas]
+    strip.info["svg_t2i"] = json.dumps(dict(json.loads(image.info["svg_t2i"]), trajectory=levels))
+    return strip
 
 def write_new_file(path, write, number=False):
     """Write a file that appears whole or not at all, and never over an existing one. `write(f)` fills an open
@@ -602,6 +720,14 @@ def file_stem(prompt, limit=60):
     a name ("a red circle" -> "a_red_circle_35a5b3")."""
     words = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:limit] or "prompt"
     return f"{words}_{hashlib.sha1(prompt.encode()).hexdigest()[:6]}"
+
+
+def tag_name(s):
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+=-]{0,39}", s):
+        raise argparse.ArgumentTypeError(f"{s!r}: a tag is 1 to 40 letters, digits, '.', '+', '=' or '-' (it goes "
+                                         "into file names, where '_' separates the parts), starting with a letter "
+                                         "or digit")
+    return s
 
 
 def parse_size(s):
@@ -701,6 +827,13 @@ def parse_args(argv=None):
                    "are fast only with bf16 units such as AMX). The ODE solver's state is float32 either way")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT's per-step passes: faster steps "
                    "after a one-off compilation (seconds to minutes), worth it for many images of one size")
+    p.add_argument("--tag", type=tag_name, metavar="LABEL", help="a label for this variant of an experiment: it "
+                   "goes into every file name (NAME_LABEL_SEED.png, NAME_LABEL_grid.png) and into the PNG's settings, "
+                   "so variants written into one --out keep apart, and benchmarks/compare.py labels them by it")
+    p.add_argument("--trajectory", action="store_true", help="also write NAME_SEED_trajectory.png for each image: "
+                   "one row of the model's guess of the clean image, x1 = x_t + (1 - t) v, decoded at every model "
+                   f"evaluation and labelled with its noise level 1 - t (frames at most {TRAJECTORY_FRAME} px); costs "
+                   "one decode per step, the images themselves are unchanged")
     p.add_argument("--dit", help="override: DiT weights file")
     p.add_argument("--decoder", help="override: autoencoder .ckpt / .safetensors")
     p.add_argument("--gemma", help="override: Gemma-2 folder")
@@ -712,56 +845,14 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.dpg and args.n not in (None, 4):
         p.error(f"argument --n: DPG-Bench scores a 2x2 grid of 4 images per prompt; --dpg takes --n 4 (got {args.n})")
+    for flag in ("tag", "trajectory"):
+        if getattr(args, flag) and (args.geneval or args.dpg):
+            p.error(f"argument --{flag}: names files of --prompt / --prompts runs; the GenEval and DPG-Bench layouts "
+                    "have fixed names (and their scorers read every file there)")
     if args.resume and (args.geneval or args.dpg):
         p.error("argument --resume: --geneval and --dpg always resume (their file names are fixed); drop --resume")
     args.n = args.n or (4 if args.geneval or args.dpg else 1)
     return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    layout, what = None, f"{args.batch_size} image(s) at once"
-    # Everything that can be wrong with the flags and files is found here, before the first sampling step. Such
-    # an error (ValueError, OSError) ends in one line; any other exception is a bug and keeps its traceback.
-    try:
-        jobs, layout = plan_jobs(args)           # the prompt files are read before gigabytes of weights
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        rank, world, device = setup_distributed(device)
-        # One pipeline for all prompts: the encoders and weights load once. Each image's noise is seeded by its
-        # own seed, so a result never depends on what else ran, in its batch or on another process.
-        pipe = load_pipeline(args.ckpt, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                             compile=args.compile, dit=args.dit, decoder=args.decoder, gemma=args.gemma,
-                             stats=args.stats, lora=args.lora, lora_scale=args.lora_scale)
-        width, height, steps, cfg, solver, shift = pipe.settings(args.size, args.steps, args.cfg, args.solver,
-                                                                 args.shift)
-        what = f"{args.batch_size} image(s) of {width}x{height} at once on {device}"
-        if layout == "dpg" and width != height:
-            raise ValueError(f"--size {width}x{height}: DPG-Bench crops its grid into square quarters; pass a square "
-                             f"size, e.g. {width}x{width}")
-        if args.system == "enhance":
-            pipe.load_enhancer()
-        written = run_jobs(pipe, args, jobs, layout, rank, world, device,
-                           dict(steps=steps, cfg=cfg, solver=solver, shift=shift, renorm=args.renorm,
-                                system=args.system, size=f"{width}x{height}", checkpoint=pipe.source))
-    except KeyboardInterrupt:
-        again = "the same command" + (" with --resume" if layout == "prompts" and not args.resume else "")
-        print(f"sample.py: interrupted; every file written is complete, none is half-written -- run {again} to "
-              "write the rest", file=sys.stderr)
-        raise SystemExit(130)
-    except (ValueError, OSError, RuntimeError) as err:
-        if is_out_of_memory(err):
-            raise SystemExit(f"sample.py: out of memory generating {what}: lower --batch-size (now "
-                             f"{args.batch_size}) or --size") from None
-        if isinstance(err, RuntimeError):
-            raise
-        raise SystemExit(f"sample.py: {err}") from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if layout == "prompts":
-        print("\n".join(written))
-    elif rank == 0:
-        print(f"{args.out}: {len(jobs)} prompts in {'GenEval' if layout == 'geneval' else 'DPG-Bench'}'s layout")
 
 
 def run_jobs(pipe, args, jobs, layout, rank, world, device, expected):
@@ -770,7 +861,8 @@ def run_jobs(pipe, args, jobs, layout, rank, world, device, expected):
     alone, so N processes write what one does. `expected`: the settings every image gets, which files already
     there must have been made with."""
     resume = args.resume or layout != "prompts"
-    expected = dict(expected, cfg_trunc=args.cfg_trunc)    # a file without the key was guided on every step: None
+    # A file without the key was guided on every step, and has no tag: None.
+    expected = dict(expected, cfg_trunc=args.cfg_trunc, tag=args.tag)
     written = []
 
     def write_grid(job):
@@ -819,19 +911,29 @@ def run_jobs(pipe, args, jobs, layout, rank, world, device, expected):
             if args.system == "enhance":         # once per prompt (greedy decoding: the same text every time)
                 for job, _ in chunk:
                     if job["prompt"] not in enhanced:
-                        enhanced[job["prompt"]] = pipe.enhance(job["prompt"])
+                        enhanced[job["prompt"]] = text.enhance_prompt(pipe.gemma, pipe.tokenizer, job["prompt"])
             encoded = [enhanced.get(job["prompt"], job["prompt"]) for job, _ in chunk]
             images = pipe.generate(encoded, size=args.size, steps=args.steps, cfg=args.cfg, solver=args.solver,
                                    shift=args.shift, renorm=args.renorm,
                                    system="align" if args.system == "enhance" else args.system,
                                    progress=rank == 0 and len(jobs) == 1, seeds=[job["seeds"][j] for job, j in chunk],
-                                   cfg_trunc=args.cfg_trunc) if chunk else []
+                                   cfg_trunc=args.cfg_trunc, trajectory=args.trajectory) if chunk else []
             for (job, j), img, prompt in zip(chunk, images, encoded):
-                if args.system == "enhance":     # the user's prompt stays "prompt"; what was encoded goes beside it
-                    img.info["svg_t2i"] = json.dumps(dict(json.loads(img.info["svg_t2i"]), prompt=job["prompt"],
-                                                          system="enhance", enhanced_prompt=prompt))
-                if job["images"][j]:
+                for png in [img, getattr(img, "trajectory", None)]:
+                    if png is None:
+                        continue
+                    meta = json.loads(png.info["svg_t2i"])
+                    if args.system == "enhance":   # the user's prompt stays "prompt"; what was encoded goes beside it
+                        meta.update(prompt=job["prompt"], system="enhance", enhanced_prompt=prompt)
+                    if args.tag:
+                        meta["tag"] = args.tag
+                    png.info["svg_t2i"] = json.dumps(meta)
+                # Resumed, an image file already there (its trajectory was missing) is kept as it is.
+                if job["images"][j] and not (resume and os.path.exists(job["images"][j])):
                     written.append(save_png(img, job["images"][j], img.info["svg_t2i"], number=not resume))
+                if job["trajectories"][j]:
+                    written.append(save_png(img.trajectory, job["trajectories"][j], img.trajectory.info["svg_t2i"],
+                                            number=not resume))
                 if job["grid_left"]:
                     job["ready"][j] = img
                 job["left"] -= 1

@@ -2,9 +2,10 @@
 
     python benchmarks/bench_speed.py [--quick] [--out benchmarks/results/speed.json] [--threads N]
 
-What it measures (project issue 7), every figure in one process, on the same inputs and the same weights,
-after warm-up, as the median of several interleaved runs (A, B, A, B, ... so that drift in the machine's
-speed hits both sides alike), with the thread count pinned:
+What it measures: how fast each of our models runs against the implementation it is tested against, every
+figure in one process, on the same inputs and the same weights, after warm-up, as the median of several
+interleaved runs (A, B, A, B, ... so that drift in the machine's speed hits both sides alike), with the thread
+count pinned:
 
   * Next-DiT training step (forward + backward + AdamW, float32) against diffusers'
     `Lumina2Transformer2DModel` of the same configuration, a small and a mid size; ours eager and under

@@ -386,3 +386,70 @@ def test_system_enhance_rewrites_the_prompt_with_gemma_and_keeps_both_in_the_png
     with pytest.raises(SystemExit, match="hidden_states.-2. only"):
         sample.main([*argv, "--out", str(tmp_path / "refused")])
     assert not (tmp_path / "refused").exists() or not os.listdir(tmp_path / "refused")
+
+
+def test_trajectory_and_tag_leave_the_images_as_they_were_and_name_every_file(tiny_run, tmp_path):
+    import numpy as np
+    args = ["--prompt", "a red circle", "--ckpt", str(tiny_run), "--steps", "3", "--n", "2"]
+    sample.main([*args, "--out", str(tmp_path / "plain")])
+    sample.main([*args, "--out", str(tmp_path / "both"), "--trajectory", "--tag", "v1"])
+    stem = sample.file_stem("a red circle")
+    assert sorted(os.listdir(tmp_path / "plain")) == [f"{stem}_0.png", f"{stem}_1.png", f"{stem}_grid.png"]
+    assert sorted(os.listdir(tmp_path / "both")) == [f"{stem}_v1_0.png", f"{stem}_v1_0_trajectory.png", f"{stem}_v1_1.png",
+                                                     f"{stem}_v1_1_trajectory.png", f"{stem}_v1_grid.png"]
+    for plain, both in ((f"{stem}_0.png", f"{stem}_v1_0.png"), (f"{stem}_grid.png", f"{stem}_v1_grid.png")):
+        a, b = Image.open(tmp_path / "plain" / plain), Image.open(tmp_path / "both" / both)
+        assert a.tobytes() == b.tobytes()                                   # the same pixels
+        assert dict(json.loads(a.text["svg_t2i"]), tag="v1") == json.loads(b.text["svg_t2i"])
+    strip = Image.open(tmp_path / "both" / f"{stem}_v1_1_trajectory.png")
+    meta = json.loads(strip.text["svg_t2i"])
+    assert (meta["tag"], meta["seed"], len(meta["trajectory"])) == ("v1", 1, 3)
+    image = np.asarray(Image.open(tmp_path / "both" / f"{stem}_v1_1.png"), dtype=int)
+    h, w = image.shape[:2]
+    assert strip.size[0] == 3 * w                                           # one frame per model evaluation
+    last = np.asarray(strip.convert("RGB"))[:h, -w:].astype(int)
+    assert np.abs(last - image).max() <= 1                                  # the last guess is the image
+
+
+def test_resume_writes_a_missing_trajectory_and_keeps_the_image(tiny_run, tmp_path):
+    argv = ["--prompt", "a red circle", "--ckpt", str(tiny_run), "--steps", "2", "--trajectory", "--resume",
+            "--out", str(tmp_path)]
+    sample.main(argv)
+    stem = sample.file_stem("a red circle")
+    image = (tmp_path / f"{stem}_0.png").read_bytes()
+    os.remove(tmp_path / f"{stem}_0_trajectory.png")
+    sample.main(argv)
+    assert sorted(os.listdir(tmp_path)) == [f"{stem}_0.png", f"{stem}_0_trajectory.png"]
+    assert (tmp_path / f"{stem}_0.png").read_bytes() == image
+
+
+def test_bad_tag_and_trajectory_in_a_benchmark_layout_are_refused_at_the_command_line(tmp_path, capsys):
+    for argv, message in ((["--prompt", "x", "--tag", "a b"], "a tag is 1 to 40 letters"),
+                          (["--prompt", "x", "--tag", "a_b"], "a tag is 1 to 40 letters"),
+                          (["--geneval", "m.jsonl", "--tag", "a"], "argument --tag: names files"),
+                          (["--dpg", "prompts", "--trajectory"], "argument --trajectory: names files")):
+        with pytest.raises(SystemExit) as e:
+            sample.main([*argv, "--out", str(tmp_path)])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_garbage_encoders_json_or_stage_config_is_one_line_naming_the_file(tiny_run, tmp_path):
+    import shutil
+    for content, message in (("{not json", "is not valid JSON"), ("[1, 2]", "should hold a JSON object"),
+                             ('{"dino": 3, "gemma": "g", "stats": null}', "'dino' must be a file path")):
+        run = tmp_path / f"run{len(os.listdir(tmp_path))}"
+        run.mkdir()
+        (run / "encoders.json").write_text(content)
+        path = str(run / "encoders.json")
+        with pytest.raises(ValueError, match=f"^{path}.*{message}"):
+            sample.find_parts(str(run))
+        with pytest.raises(SystemExit, match=f"^sample.py: {path}"):
+            sample.main(["--prompt", "x", "--ckpt", str(run), "--out", str(tmp_path / "o")])
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    (run / "stage1" / "config.json").write_text("{")
+    with pytest.raises(ValueError, match=f"^{run / 'stage1' / 'config.json'} is not valid JSON"):
+        sample.find_parts(str(run))
+    with pytest.raises(ValueError, match="^where.json: wrong types for \\['steps'\\]"):
+        sample.check_stage_config({"sample": {"steps": "8"}}, "where.json")
