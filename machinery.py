@@ -875,13 +875,13 @@ def prepare_encoders(run_dir, preset, args, rank, make_random_encoders):
     return check_encoders_json(read_json(path), path, args.preset)
 
 
-def check_encoders_json(paths, path, preset_name):
-    """encoders.json's contents, checked: file paths (stats may be null) and the --preset the run was made with
-    (files of an older train.py have none)."""
+def check_encoders_json(paths, path, preset_name=None):
+    """encoders.json's contents, checked: file paths (stats may be null) and, when training (`preset_name`), the
+    --preset the run was made with (files of an older train.py have none)."""
     for key in ("dino", "gemma", "stats"):
         if not isinstance(paths.get(key), str) and not (key == "stats" and paths.get(key) is None):
             raise ValueError(f"{path}: '{key}' must be a file path, got {paths.get(key)!r}; restore the file")
-    if paths.setdefault("preset", preset_name) != preset_name:
+    if preset_name is not None and paths.setdefault("preset", preset_name) != preset_name:
         raise SystemExit(f"{path}: this run folder was made with --preset {paths['preset']}, not {preset_name}; "
                          f"pass --preset {paths['preset']}, or another --out for a {preset_name} model")
     return paths

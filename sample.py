@@ -38,6 +38,7 @@ from tqdm import tqdm
 import autoencoder as ae_lib
 import dino
 import flow
+import machinery
 import model as dit_lib
 import text
 
@@ -176,7 +177,7 @@ def main(argv=None):
     args = parse_args(argv)
     with one_line_errors(args) as run:           # ValueError / OSError / out of memory -> one line; Ctrl-C: resume
         run.jobs, run.layout = plan_jobs(args)   # the prompt files are read before gigabytes of weights
-        rank, world, device = setup_distributed(torch.device(args.device or ("cuda" if torch.cuda.is_available()
+        rank, world, device = machinery.setup_distributed(torch.device(args.device or ("cuda" if torch.cuda.is_available()
                                                                              else "cpu")))
         pipe = load_pipeline(args.ckpt, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None,
                              compile=args.compile, dit=args.dit, decoder=args.decoder, gemma=args.gemma,
@@ -202,27 +203,6 @@ def main(argv=None):
 # ==========================================================================================================
 
 # ----- Finding the pieces of a model on disk -------------------------------------------------------------
-
-def read_json(path):
-    """A JSON object from `path`, or one line naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); restore the file train.py wrote") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} should hold a JSON object, not {type(obj).__name__}; restore the file train.py wrote")
-    return obj
-
-
-def check_encoders_json(enc, path):
-    """encoders.json's paths, checked: DINOv3 and Gemma-2 are file paths, the statistics a path or null."""
-    for key in ("dino", "gemma", "stats"):
-        if not isinstance(enc.get(key), str) and not (key == "stats" and enc.get(key) is None):
-            raise ValueError(f"{path}: '{key}' must be a file path, got {enc.get(key)!r}; restore the file train.py "
-                             "wrote")
-    return enc
-
 
 def check_stage_config(config, where):
     """A stage's config.json as train.py writes it, its types checked (the sampler defaults and the caption
@@ -254,8 +234,8 @@ def _find_run_parts(folder):
     # random encoders (so the folder can be moved or shipped, as assets/demo is), absolute for the user's
     # released DINOv3 / Gemma-2 files.
     path = os.path.join(folder, "encoders.json")
-    enc = check_encoders_json(read_json(path), path)
-    resolve = lambda p: p if p is None or os.path.isabs(p) else os.path.join(folder, p)
+    enc = machinery.check_encoders_json(machinery.read_json(path), path)
+    resolve = lambda p: machinery.resolve(folder, p)
     # A finished stage holds ema.safetensors, or for a LoRA stage (train.py --lora) adapter.safetensors.
     dit_path = max([p for p in (_highest(os.path.join(folder, "stage{k}", name))
                                 for name in ("ema.safetensors", "adapter.safetensors")) if p],
@@ -265,7 +245,7 @@ def _find_run_parts(folder):
     stage_cfg = {}
     if dit_path:
         path = os.path.join(os.path.dirname(dit_path), "config.json")
-        stage_cfg = check_stage_config(read_json(path), path)
+        stage_cfg = check_stage_config(machinery.read_json(path), path)
     stats = resolve(enc.get("stats")) or os.path.join(folder, "encoders", "latent_stats.pt")
     parts = dict(dit=dit_path, decoder=_highest(os.path.join(folder, "autoencoder_P", "stage{k}", "model.safetensors")),
                  dino=resolve(enc["dino"]), gemma=resolve(enc["gemma"]), stats=stats,
@@ -311,7 +291,7 @@ def find_parts(ckpt):
         parts.update(dit=os.path.join(ckpt, "ema.safetensors"), lora=None)
         if os.path.exists(os.path.join(ckpt, "adapter.safetensors")):                    # a LoRA stage folder
             path = os.path.join(ckpt, "config.json")
-            parts.update(_lora_parts(ckpt, os.path.dirname(ckpt.rstrip("/")), check_stage_config(read_json(path), path)))
+            parts.update(_lora_parts(ckpt, os.path.dirname(ckpt.rstrip("/")), check_stage_config(machinery.read_json(path), path)))
         return parts
     return _find_released_parts(ckpt)
 
@@ -612,21 +592,6 @@ def resume_state(job, expected):
 
 
 # ----- Several processes (torchrun) ----------------------------------------------------------------------
-
-def setup_distributed(device):
-    """(rank, world, device) under torchrun (RANK / WORLD_SIZE set): NCCL on CUDA, one GPU per process, gloo on
-    the CPU -- as train.py's setup_distributed, repeated here because train.py imports this file."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
-    return rank, world, device
-
 
 def total_over_ranks(value, device, op=None):
     """The sum (or max) of an int over the processes; the value itself in one process."""
