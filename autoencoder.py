@@ -1,7 +1,6 @@
 """Autoencoder-P and Autoencoder-R: the pixel decoder that turns DINOv3 features back into images.
 
-SVG-T2I has no VAE. Its latent space is the frozen DINOv3 ViT-S+/16 feature map (dino.py), and this file
-holds everything on the other side of that latent:
+SVG-T2I has no VAE: its latent is the frozen DINOv3 ViT-S+/16 feature map (dino.py). This file is the rest:
 
     image [-1,1] ─► ImageNet-norm ─► DINOv3 (frozen) ────────────────────► [B,384,H/16,W/16] ─┐
                                └──► ResidualViT (R) ─► match_distribution ─► [B,8,H/16,W/16] ─┤ concat
@@ -13,14 +12,11 @@ holds everything on the other side of that latent:
 - The decoder's training loss (AutoencoderLoss): L1 + LPIPS + a hinge PatchGAN with an adaptive weight.
 
 Why R exists, and why generation still uses P: DINOv3 was trained to describe an image, not to redraw it,
-so fine texture, small text and exact colours are partly lost in its features, most at low resolution.
-R's 8 channels carry what the decoder still misses and reconstruct better, but the released DiT was trained
-on the 384 P channels (`in_channels=384` in KlingTeam/SVG-T2I `svg_t2i/train_svg_t2i.py`), and the authors
-state that no T2I model was trained on R (KlingTeam/SVG-T2I GitHub issues #1, #2). Sampling decodes with P.
-
-Numbers follow the official code, KlingTeam/SVG-T2I `svg_t2i/ldm/`, and the released configs
-`svg_t2i/pre-trained/autoencoder/*.yaml`, unless a comment says otherwise. Below the banner: the decoder's
-standard blocks, the residual ViT's blocks, the LPIPS and discriminator networks, input checks, checkpoints.
+so fine texture, small text and exact colours are partly lost in its features. R's 8 channels carry what the
+decoder still misses and reconstruct better, but the released DiT was trained on the 384 P channels
+(`in_channels=384` in KlingTeam/SVG-T2I `svg_t2i/train_svg_t2i.py`; no T2I model was trained on R, say the
+authors in its GitHub issues #1, #2). Numbers follow the official code (`svg_t2i/ldm/`) and the released
+configs (`svg_t2i/pre-trained/autoencoder/*.yaml`) unless a comment says otherwise.
 """
 import json
 import math
@@ -141,13 +137,9 @@ class ResidualViT(nn.Module):
         _deit_init(self)
 
     def rope_angles(self, grid_h, grid_w):
-        """cos/sin of every block's rotation angles: two [depth, heads, N, head_dim/2] tensors."""
-        if grid_h == grid_w == self.stored_grid:
-            t_x, t_y = self.freqs_t_x, self.freqs_t_y
-        else:
-            # The official code reuses the stored 64×64 positions for *any* grid of 4096 patches (e.g.
-            # 32×128), which scrambles non-square grids; here every other grid gets its own positions.
-            t_x, t_y = patch_positions(grid_h, grid_w, device=self.freqs.device)
+        """cos/sin of every block's rotation angles, angle = x·freqs[0] + y·freqs[1]: two [depth, heads, N,
+        head_dim/2] tensors."""
+        t_x, t_y = _grid_positions(self, grid_h, grid_w)    # integer (x, y) of each patch, [N] each
         depth, n = self.freqs.shape[1], t_x.numel()
         # Angles stay in float32 even under autocast: positions reach 63 and need the mantissa.
         with torch.autocast(self.freqs.device.type, enabled=False):
@@ -514,6 +506,15 @@ def _check_multiple(H, W, p, what):
     if H % p or W % p:
         raise ValueError(f"{what} {H}x{W} is not a multiple of the patch size {p}; "
                          f"resize or crop the image to multiples of {p}")
+
+
+def _grid_positions(vit, grid_h, grid_w):
+    """The stored positions for the stored grid, recomputed ones for every other grid. The official code
+    reuses the stored 64×64 positions for *any* grid of 4096 patches (e.g. 32×128), which scrambles
+    non-square grids."""
+    if grid_h == grid_w == vit.stored_grid:
+        return vit.freqs_t_x, vit.freqs_t_y
+    return patch_positions(grid_h, grid_w, device=vit.freqs.device)
 
 
 def _deit_init(vit):
