@@ -55,12 +55,11 @@ class RopePositionEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, base: float, rescale_coords: float | None = None):
         super().__init__()
-        if head_dim % 4:
-            raise ValueError(f"RoPE needs a head dim divisible by 4 (2 axes x cos/sin pairs), got {head_dim}")
-        n_freq = head_dim // 4
-        # periods[k] = base ** (4k / Dh): 1 ... ~75 for Dh = 64, base = 100. Persistent: the Meta files store
-        # it (bf16-rounded), and those values are what SVG-T2I's latent statistics were computed with.
-        self.register_buffer("periods", base ** (2 * torch.arange(n_freq, dtype=torch.float32) / (head_dim // 2)))
+        _check_head_dim(head_dim)
+        # periods[k] = base ** (4k / Dh), k < Dh/4: 1 ... ~75 for Dh = 64, base = 100. Persistent: the Meta files
+        # store it (bf16-rounded), and those values are what SVG-T2I's latent statistics were computed with.
+        k = torch.arange(head_dim // 4, dtype=torch.float32)
+        self.register_buffer("periods", base ** (2 * k / (head_dim // 2)))
         # The official training-time augmentation (coords times a log-uniform factor in [1/r, r]); a frozen
         # encoder must never use it, so it is off unless asked for.
         self.rescale_coords = rescale_coords
@@ -438,6 +437,11 @@ class LinearKMaskedBias(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias * self.bias_mask)
+
+
+def _check_head_dim(head_dim: int):
+    if head_dim % 4:
+        raise ValueError(f"RoPE needs a head dim divisible by 4 (2 axes x cos/sin pairs), got {head_dim}")
 
 
 def _check_config(embed_dim: int, num_heads: int, ffn_layer: str, ffn_ratio: float):
