@@ -445,7 +445,6 @@ def patch_positions(grid_h, grid_w, device=None):
     return idx % grid_w, torch.div(idx, grid_w, rounding_mode="floor")
 
 
-
 def rotate_pairs(x, cos, sin):
     """Rotate adjacent channel pairs (x[2j], x[2j+1]) by the angles behind cos/sin [.., N, head_dim/2]."""
     pairs = x.unflatten(-1, (-1, 2))                        # [B, heads, N, head_dim/2, 2]
