@@ -32,13 +32,6 @@ from safetensors.torch import save_file
 
 import dino
 
-# The released decoder (`ddconfig` of every released yaml): 5 levels → 4 upsamplings → ×16.
-# `z_channels` is 384 for P (DINOv3 ViT-S+ width) and 392 for R (+ 8 residual); nothing else differs.
-DECODER_CONFIG = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2)
-RELEASED_Z_CHANNELS = dict(P=384, R=392)
-# The released residual branch: `rope_mixed_deit_small_patch16_LS(img_size=1024)` with an 8-channel head.
-RESIDUAL_VIT_CONFIG = dict(embed_dim=384, depth=12, num_heads=6, out_dim=8, patch_size=16, img_size=1024)
-
 
 # ----- Decoder --------------------------------------------------------------------------------------
 
@@ -252,7 +245,7 @@ class Autoencoder(nn.Module):
 # (`NLayerDiscriminator`: 4×4 convs with BatchNorm and LeakyReLU, one real/fake logit per ~70×70 patch).
 
 def adaptive_gan_weight(rec_loss, gan_loss, last_layer):
-    """VQGAN's λ (Esser et al. 2021; δ is 1e-6 there, 1e-4 in the code): ‖∇_W rec‖ / (‖∇_W gan‖ + δ), clamped
+    """VQGAN's λ (Esser et al. 2021; δ is 1e-6 there, 1e-4 in taming's code): ‖∇_W rec‖ / (‖∇_W gan‖ + δ), clamped
     to [0, 1e4], W = the decoder's last conv. Times disc_weight (0.5), it keeps the GAN gradient at the output
     layer half the reconstruction one however the two losses drift: no GAN weight to tune by hand."""
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
@@ -262,8 +255,8 @@ def adaptive_gan_weight(rec_loss, gan_loss, last_layer):
 
 class AutoencoderLoss(nn.Module):
     """L1 + LPIPS + hinge PatchGAN: taming's recipe, as LDM and VA-VAE (Yao et al. 2025, "Reconstruction vs.
-    Generation", arXiv 2501.01423, whose code the official training follows) use it
-    (`svg_t2i/ldm/modules/losses/contperceptual_decoder.py`).
+    Generation", arXiv 2501.01423, a VAE aligned to vision-foundation-model features) train with it; the
+    official one is `svg_t2i/ldm/modules/losses/contperceptual_decoder.py`.
 
     Generator:  L_rec = mean over images of Σ_{c,h,w} (|x − x̂| + LPIPS(x, x̂))   (the official sum scale)
                 L_G   = L_rec + d_w · [step ≥ disc_start] · (−mean D(x̂)),  d_w = adaptive weight × disc_weight
@@ -289,8 +282,7 @@ class AutoencoderLoss(nn.Module):
         self.discriminator = PatchDiscriminator()
         self.perceptual_loss = _load_lpips(lpips_path, vgg_path)   # None (with a warning) without the files
 
-    def disc_active(self, step):
-        """Whether the GAN terms are on at this iteration."""
+    def disc_active(self, step):                            # whether the GAN terms are on at this iteration
         return step >= self.disc_start
 
     def _reconstruction(self, recons, targets):
@@ -716,6 +708,13 @@ def _as_groups(images):
 #     loss.*}, 'epoch', 'global_step', ...}; the config is read off the tensor shapes;
 #   - decode-only files: a state dict with only `decoder.*` keys, or a bare decoder state dict;
 #   - our own `.safetensors` (save_autoencoder): the same prefixes, config JSON in the file's metadata.
+
+# The released decoder (`ddconfig` of every released yaml): 5 levels → 4 upsamplings → ×16.
+# `z_channels` is 384 for P (DINOv3 ViT-S+ width) and 392 for R (+ 8 residual); nothing else differs.
+DECODER_CONFIG = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2)
+RELEASED_Z_CHANNELS = dict(P=384, R=392)
+# The released residual branch: `rope_mixed_deit_small_patch16_LS(img_size=1024)` with an 8-channel head.
+RESIDUAL_VIT_CONFIG = dict(embed_dim=384, depth=12, num_heads=6, out_dim=8, patch_size=16, img_size=1024)
 
 FILE_FORMAT = "svg-t2i-autoencoder"
 # Released keys that the models here do not use: the training loss (LPIPS + discriminator + a fixed
