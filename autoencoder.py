@@ -1,7 +1,6 @@
 """Autoencoder-P and Autoencoder-R: the pixel decoder that turns DINOv3 features back into images.
 
-SVG-T2I has no VAE. Its latent space is the frozen DINOv3 ViT-S+/16 feature map (dino.py), and this file
-holds everything on the other side of that latent:
+SVG-T2I has no VAE: its latent is the frozen DINOv3 ViT-S+/16 feature map (dino.py). This file is the rest:
 
     image [-1,1] ─► ImageNet-norm ─► DINOv3 (frozen) ────────────────────► [B,384,H/16,W/16] ─┐
                                └──► ResidualViT (R) ─► match_distribution ─► [B,8,H/16,W/16] ─┤ concat
@@ -10,25 +9,14 @@ holds everything on the other side of that latent:
 
 - Autoencoder-P ("pure"): z is the DINOv3 features alone (384 channels). The released DiT uses these.
 - Autoencoder-R ("residual"): a small RoPE ViT adds 8 channels of detail DINOv3 drops (392 in all).
-- The training losses of the decoder: L1 + LPIPS + a hinge PatchGAN with the LDM adaptive weight.
-- Checkpoints: the released Lightning `.ckpt` files (P or R), decode-only files, and our own safetensors.
+- The decoder's training loss (AutoencoderLoss): L1 + LPIPS + a hinge PatchGAN with an adaptive weight.
 
-What R adds, and why generation still uses P. DINOv3 was trained to describe an image, not to
-redraw it: fine texture, small text and exact colours are partly lost in its features, most at low
-resolution, where each 16 x 16 patch covers more of the image. R trains a second, small ViT with the decoder
-whose 8 extra channels per patch carry what the decoder still misses; `match_distribution` gives them
-DINOv3's overall scale, and they are concatenated: 384 + 8 = 392 channels. R reconstructs better, but the
-released DiT was trained on the 384 P channels (`in_channels=384` in KlingTeam/SVG-T2I
-`svg_t2i/train_svg_t2i.py`; its sampler draws 384-channel noise), and the authors state that no T2I model
-was trained on R and that at high resolution DINOv3 alone keeps enough detail (KlingTeam/SVG-T2I GitHub
-issues #1, #2). Sampling therefore decodes with P; using R would mean training a DiT on 392 channels.
-
-Numbers follow the official code, KlingTeam/SVG-T2I `svg_t2i/ldm/`
-(`models/dinov3_decoder_native_resolution.py`, `modules/diffusionmodules/model.py`, `rope_vit/vit_rope.py`,
-`modules/losses/contperceptual_decoder.py`), and the released configs `svg_t2i/pre-trained/autoencoder/*.yaml`,
-unless a comment says otherwise.
-Reading order: Decoder, ResidualViT, Autoencoder, the training losses (LPIPS, PatchGAN, AutoencoderLoss),
-then checkpoint loading, which a first reading can skip.
+Why R exists, and why generation still uses P: DINOv3 was trained to describe an image, not to redraw it,
+so fine texture, small text and exact colours are partly lost in its features. R's 8 channels carry what the
+decoder still misses and reconstruct better, but the released DiT was trained on the 384 P channels
+(`in_channels=384` in KlingTeam/SVG-T2I `svg_t2i/train_svg_t2i.py`; no T2I model was trained on R, say the
+authors in its GitHub issues #1, #2). Numbers follow the official code (`svg_t2i/ldm/`) and the released
+configs (`svg_t2i/pre-trained/autoencoder/*.yaml`) unless a comment says otherwise.
 """
 import json
 import math
@@ -44,13 +32,313 @@ from safetensors.torch import save_file
 
 import dino
 
-# The released decoder (`ddconfig` of every released yaml): 5 levels → 4 upsamplings → ×16.
-# `z_channels` is 384 for P (DINOv3 ViT-S+ width) and 392 for R (+ 8 residual); nothing else differs.
-DECODER_CONFIG = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2)
-RELEASED_Z_CHANNELS = dict(P=384, R=392)
-# The released residual branch: `rope_mixed_deit_small_patch16_LS(img_size=1024)` with an 8-channel head.
-RESIDUAL_VIT_CONFIG = dict(embed_dim=384, depth=12, num_heads=6, out_dim=8, patch_size=16, img_size=1024)
 
+# ----- Decoder --------------------------------------------------------------------------------------
+
+class Decoder(nn.Module):
+    """LDM's convolutional decoder (Rombach et al. 2022), from taming-transformers (Esser et al. 2021, "Taming
+    Transformers for High-Resolution Image Synthesis", arXiv 2012.09841, the VQGAN code), with the released
+    SVG-T2I key layout (`svg_t2i/ldm/modules/diffusionmodules/model.py`, `Decoder`).
+
+    z [B, z_channels, h, w] → image [B, out_ch, h·2^(L-1), w·2^(L-1)], L = len(ch_mult), unbounded (trained
+    towards [-1, 1]). Level widths are ch·ch_mult[i]; each level has num_res_blocks+1 ResnetBlocks (GroupNorm →
+    swish → 3×3 conv, twice, plus a skip), then an Upsample (nearest ×2, 3×3 conv): standard LDM blocks, below
+    the banner. Attention (one head over all h·w positions) once in the middle and after *every* ResnetBlock
+    of the lowest level: the released configs say `attn_resolutions: []`, but the official `model.py`
+    hard-codes it and the released weights contain those blocks.
+    """
+
+    def __init__(self, z_channels, ch, ch_mult, num_res_blocks, out_ch=3):
+        super().__init__()
+        ch_mult = tuple(int(m) for m in ch_mult)
+        self.config = dict(z_channels=z_channels, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+                           out_ch=out_ch)
+        self.z_channels = z_channels
+        self.upsample_factor = 2 ** (len(ch_mult) - 1)
+        widths = [ch * m for m in ch_mult]                  # released: 128, 128, 256, 256, 512
+        lowest = len(ch_mult) - 1
+        block_in = widths[lowest]
+        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.mid = nn.ModuleDict(OrderedDict(block_1=ResnetBlock(block_in, block_in), attn_1=AttnBlock(block_in),
+                                             block_2=ResnetBlock(block_in, block_in)))
+        # `up[i]` is level i (up[0] = full resolution); it is *built* and *run* from the lowest level up,
+        # but registered in index order, which is the official state-dict order.
+        levels = [None] * len(ch_mult)
+        for level in reversed(range(len(ch_mult))):
+            blocks, attns = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResnetBlock(block_in, widths[level]))
+                block_in = widths[level]
+                if level == lowest:
+                    attns.append(AttnBlock(block_in))
+            stage = nn.ModuleDict(OrderedDict(block=blocks, attn=attns))
+            if level != 0:
+                stage["upsample"] = Upsample(block_in)
+            levels[level] = stage
+        self.up = nn.ModuleList(levels)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
+
+    def forward(self, z):                                   # [B, Z, h, w]
+        _check_latent(self, z)
+        h = self.conv_in(z)                                 # [B, ch*ch_mult[-1], h, w]
+        h = self.mid["block_2"](self.mid["attn_1"](self.mid["block_1"](h)))
+        for level in reversed(range(len(self.up))):
+            stage = self.up[level]
+            for i, block in enumerate(stage["block"]):
+                h = block(h)
+                if len(stage["attn"]):
+                    h = stage["attn"][i](h)
+            if level != 0:
+                h = stage["upsample"](h)                    # spatial ×2
+        return self.conv_out(swish(self.norm_out(h)))       # [B, out_ch, h·f, w·f]
+
+
+# ----- Residual ViT ---------------------------------------------------------------------------------
+
+class ResidualViT(nn.Module):
+    """Autoencoder-R's residual branch: a RoPE-Mixed DeiT-S/16 with LayerScale and an MLP head.
+
+    image (ImageNet-normalised) [B,3,H,W] → patch conv → [CLS; patches] → depth × LayerScaleBlock →
+    LayerNorm → drop CLS → heads (Linear, GELU, Linear) → [B, out_dim, H/p, W/p]. The blocks are dino.py's
+    pre-norm LayerScale blocks (below the banner) with RoPE-Mixed attention (Heo et al. 2024, "Rotary Position
+    Embedding for Vision Transformer"): each head rotates (even, odd) pairs of the patch tokens' q/k by an
+    angle that is a *learned* linear function of the patch's (x, y) index (the other RoPEs of this project
+    use fixed frequencies). With no absolute position embedding, any H, W that are multiples of the patch
+    size work. Its 1000-way `head` is kept (frozen, never called) only so the released file loads strictly.
+    """
+
+    def __init__(self, embed_dim, depth, num_heads, out_dim, patch_size=16, img_size=1024):
+        super().__init__()
+        _check_residual_config(embed_dim, num_heads)
+        self.config = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, out_dim=out_dim,
+                           patch_size=patch_size, img_size=img_size)
+        self.patch_size, self.num_heads, self.out_dim = patch_size, num_heads, out_dim
+        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
+        # The RoPE-Mixed frequencies, [2 (x, y), depth, heads·head_dim/2]: learned, trained with the rest.
+        self.freqs = nn.Parameter(init_mixed_rope_freqs(depth, num_heads, embed_dim // num_heads))
+        # Positions of the img_size² grid, stored in the released file; other grids recompute them.
+        self.stored_grid = img_size // patch_size
+        t_x, t_y = patch_positions(self.stored_grid, self.stored_grid)
+        self.register_buffer("freqs_t_x", t_x)
+        self.register_buffer("freqs_t_y", t_y)
+        self.patch_embed = nn.ModuleDict({"proj": nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)})
+        self.blocks = nn.ModuleList(LayerScaleBlock(embed_dim, num_heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, NUM_CLASSES).requires_grad_(False)   # unused, see docstring
+        self.heads = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, out_dim))
+        _deit_init(self)
+
+    def rope_angles(self, grid_h, grid_w):
+        """cos/sin of every block's rotation angles, angle = x·freqs[0] + y·freqs[1]: two [depth, heads, N,
+        head_dim/2] tensors."""
+        t_x, t_y = _grid_positions(self, grid_h, grid_w)    # integer (x, y) of each patch, [N] each
+        depth, n = self.freqs.shape[1], t_x.numel()
+        # Angles stay in float32 even under autocast: positions reach 63 and need the mantissa.
+        with torch.autocast(self.freqs.device.type, enabled=False):
+            angles = t_x[None, :, None] * self.freqs[0].float()[:, None, :] \
+                + t_y[None, :, None] * self.freqs[1].float()[:, None, :]          # [depth, N, heads·hd/2]
+            angles = angles.view(depth, n, self.num_heads, -1).permute(0, 2, 1, 3)   # [depth, heads, N, hd/2]
+            return angles.cos(), angles.sin()
+
+    def forward(self, x):                                   # [B, 3, H, W], ImageNet-normalised
+        B, _, H, W = x.shape
+        p = self.patch_size
+        _check_multiple(H, W, p, "ResidualViT: image size")
+        tokens = self.patch_embed["proj"](x).flatten(2).transpose(1, 2)            # [B, N, D]
+        tokens = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)      # [B, 1+N, D]
+        cos, sin = self.rope_angles(H // p, W // p)
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, cos[i].to(tokens.dtype), sin[i].to(tokens.dtype))
+        out = self.heads(self.norm(tokens)[:, 1:])          # [B, N, out_dim]
+        return out.transpose(1, 2).reshape(B, self.out_dim, H // p, W // p)
+
+
+def match_distribution(dino_feats, res_feats, eps=1e-6):
+    """Give the residual channels DINOv3's overall scale: a *scalar* mean/std transfer (the `use_outnorm`
+    step of `svg_t2i/ldm/models/dinov3_decoder_native_resolution.py`).
+
+    dino_feats [B, C, ...], res_feats [B, R, ...]. Why: the 8 channels are concatenated to DINOv3's and enter
+    the same first conv, so they are put on DINOv3's scale, one mean and one std for all channels (the mean
+    over channels of per-channel means and unbiased stds over batch and positions). The statistics are
+    detached, so gradients flow only through the residual values. They are pooled over the batch, so an
+    image's latent depends on its batch mates: encode one image per call when that matters (as the official
+    native-resolution trainer did).
+    """
+    def scalar_stats(t):
+        dims = [0] + list(range(2, t.dim()))
+        return t.mean(dim=dims).mean().detach(), t.std(dim=dims).mean().detach()
+
+    mean_d, std_d = scalar_stats(dino_feats)
+    mean_r, std_r = scalar_stats(res_feats)
+    return (res_feats - mean_r) / (std_r + eps) * std_d + mean_d
+
+
+# ----- The autoencoder ----------------------------------------------------------------------------
+
+class Autoencoder(nn.Module):
+    """Frozen DINOv3 encoder + trained Decoder (+ trained ResidualViT for R).
+
+    encode(images in [-1, 1], [B,3,H,W]) → z [B, Z, H/p, W/p] with Z = DINOv3 width (P) or width + 8 (R);
+    decode(z) → images [B,3,H,W], roughly in [-1, 1] (unclamped). The encoder is frozen: eval mode whatever
+    `.train()` says, and no_grad (the official code computed and discarded its gradients, and its `ImageLogger`
+    callback flipped it to train mode). `encoder` may be None for a decode-only model. No latent statistics
+    are applied here: those belong to the DiT side.
+    """
+
+    def __init__(self, encoder, decoder, residual=None):
+        super().__init__()
+        _check_parts(encoder, decoder, residual)
+        self.encoder = encoder.requires_grad_(False).eval() if encoder is not None else None
+        self.decoder = decoder
+        # Named `extra_vit` so that our state dict uses the released prefixes (encoder., decoder., extra_vit.).
+        self.extra_vit = residual
+
+    @property
+    def kind(self):
+        """'R' (DINOv3 ⊕ residual channels) or 'P' (DINOv3 channels only)."""
+        # A decode-only file has no residual ViT; its 392-channel conv_in still says R.
+        decode_only_r = self.encoder is None and self.decoder.z_channels == RELEASED_Z_CHANNELS["R"]
+        return "R" if self.extra_vit is not None or decode_only_r else "P"
+
+    @property
+    def config(self):
+        """A plain dict enough to rebuild the model (save_autoencoder writes it into the file)."""
+        return dict(kind=self.kind, decoder=dict(self.decoder.config),
+                    encoder=dict(self.encoder.config) if self.encoder is not None else None,
+                    residual=dict(self.extra_vit.config) if self.extra_vit is not None else None)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.encoder is not None:
+            self.encoder.eval()   # always (the official one, left in train mode, jittered its RoPE coordinates)
+        return self
+
+    def trainable_parameters(self):
+        """What the optimiser updates: the decoder, and for R the residual ViT (incl. its RoPE freqs)."""
+        params = list(self.decoder.parameters())
+        if self.extra_vit is not None:
+            params += [p for p in self.extra_vit.parameters() if p.requires_grad]   # not the unused `head`
+        return params
+
+    def encode(self, images):                              # [B, 3, H, W] in [-1, 1]
+        _check_encode_input(self, images)
+        x_in = dino.imagenet_normalize(images.float())     # DINOv3 and the residual ViT both read this
+        # DINOv3 runs in fp32 (as the official code), even inside a caller's bf16 autocast region.
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+            z = self.encoder.encode(x_in)                  # [B, D, H/p, W/p]
+        if self.extra_vit is not None:
+            residual = self.extra_vit(x_in)                # [B, 8, H/p, W/p]; has grad when training R
+            z = torch.cat([z, match_distribution(z, residual)], dim=1)   # [B, D+8, H/p, W/p]
+        return z
+
+    def decode(self, z):                                   # [B, Z, h, w] -> [B, 3, h·f, w·f]
+        return self.decoder(z)
+
+    def forward(self, images):
+        return self.decode(self.encode(images))
+
+
+# ----- Training loss -------------------------------------------------------------------------------
+# Its two networks stand below the banner: LPIPS (Zhang et al. 2018, VGG16 variant: five VGG feature maps,
+# unit-normalised over channels, squared differences weighted by learned 1×1 convs) and taming's PatchGAN
+# (`NLayerDiscriminator`: 4×4 convs with BatchNorm and LeakyReLU, one real/fake logit per ~70×70 patch).
+
+def adaptive_gan_weight(rec_loss, gan_loss, last_layer):
+    """VQGAN's λ (Esser et al. 2021; δ is 1e-6 there, 1e-4 in taming's code): ‖∇_W rec‖ / (‖∇_W gan‖ + δ), clamped
+    to [0, 1e4], W = the decoder's last conv. Times disc_weight (0.5), it keeps the GAN gradient at the output
+    layer half the reconstruction one however the two losses drift: no GAN weight to tune by hand."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+class AutoencoderLoss(nn.Module):
+    """L1 + LPIPS + hinge PatchGAN: taming's recipe, as LDM and VA-VAE (Yao et al. 2025, "Reconstruction vs.
+    Generation", arXiv 2501.01423, a VAE aligned to vision-foundation-model features) train with it; the
+    official one is `svg_t2i/ldm/modules/losses/contperceptual_decoder.py`.
+
+    Generator:  L_rec = mean over images of Σ_{c,h,w} (|x − x̂| + LPIPS(x, x̂))   (the official sum scale)
+                L_G   = L_rec + d_w · [step ≥ disc_start] · (−mean D(x̂)),  d_w = adaptive weight × disc_weight
+    Discriminator: L_D = [step ≥ disc_start] · ½(mean relu(1 − D(x)) + mean relu(1 + D(x̂)))
+
+    Why each term (weights as released: L1 1, LPIPS 1 per pixel, GAN 0.5 × the adaptive weight):
+    - L1, pixel fidelity. Not L2: where the decoder is unsure, L2's optimum is the mean of the possible
+      pixels, a blur, and it squares large errors, so a few outliers dominate; L1 takes the median.
+    - LPIPS, perceptual: it compares VGG16 features instead of pixels, so a sharp texture a pixel off costs
+      little and a blur costs a lot: it buys the sharp textures pixel losses give away.
+    - GAN: the PatchGAN tells real from decoded patches, which pushes the remaining high-frequency detail to
+      look real. It starts late, at disc_start = 2,500 iterations (the official 5000 are Lightning global
+      steps, 2 per iteration): against a decoder that cannot yet reconstruct, a discriminator wins easily and
+      its gradients would fight the reconstruction terms; once L1 + LPIPS have the picture, the GAN refines.
+      (The demo trains its autoencoder 700 + 150 steps: its GAN never starts.)
+    Without the LPIPS files (`_load_lpips`) the loss is L1 + GAN. Inputs may be lists of images of different
+    sizes (`_as_groups`): each image counts in proportion to its pixel count.
+    """
+
+    def __init__(self, lpips_path=None, vgg_path=None, disc_start=2500, disc_weight=0.5, perceptual_weight=1.0):
+        super().__init__()
+        self.disc_start, self.disc_weight, self.perceptual_weight = disc_start, disc_weight, perceptual_weight
+        self.discriminator = PatchDiscriminator()
+        self.perceptual_loss = _load_lpips(lpips_path, vgg_path)   # None (with a warning) without the files
+
+    def disc_active(self, step):                            # whether the GAN terms are on at this iteration
+        return step >= self.disc_start
+
+    def _reconstruction(self, recons, targets):
+        """Per-image Σ|x − x̂| and mean LPIPS; returns (L_rec, mean L1 per pixel, mean LPIPS)."""
+        rec_sums, l1_means, lpips_vals = [], [], []
+        for x_hat, x in zip(recons, targets):
+            _check_same_shape(x_hat, x)
+            l1 = (x - x_hat).abs()                          # [b, 3, H, W]
+            per_image = l1.sum(dim=(1, 2, 3))               # [b]
+            l1_means.append(l1.mean(dim=(1, 2, 3)))
+            if self.perceptual_loss is not None:
+                p = self.perceptual_loss(x.contiguous(), x_hat.contiguous())   # [b]
+                per_image = per_image + self.perceptual_weight * p * x[0].numel()   # broadcast over C·H·W
+                lpips_vals.append(p)
+            rec_sums.append(per_image)
+        lpips_mean = torch.cat(lpips_vals).mean() if lpips_vals else torch.zeros(())
+        return torch.cat(rec_sums).mean(), torch.cat(l1_means).mean(), lpips_mean
+
+    def generator_loss(self, recon, target, step, last_layer):
+        """(L_G, log) for the decoder (and residual ViT) update. `last_layer` = decoder.conv_out.weight."""
+        recons, targets = _as_groups(recon), _as_groups(target)
+        rec_loss, l1, lp = self._reconstruction(recons, targets)
+        log = dict(rec_loss=rec_loss.detach(), l1=l1.detach(), lpips=lp.detach())
+        if not self.disc_active(step):
+            # Before disc_start the GAN factor is 0: skip the discriminator pass and the two extra backward
+            # passes of the adaptive weight (the official code ran and then zeroed them).
+            log.update(g_loss=torch.zeros(()), d_weight=torch.zeros(()), total=rec_loss.detach())
+            return rec_loss, log
+        logits = [self.discriminator(x_hat).mean(dim=(1, 2, 3)) for x_hat in recons]   # [b] each
+        g_loss = -torch.cat(logits).mean()
+        if torch.is_grad_enabled():
+            d_weight = adaptive_gan_weight(rec_loss, g_loss, last_layer) * self.disc_weight
+        else:
+            d_weight = torch.zeros((), device=rec_loss.device)   # evaluation: no gradients to balance
+        total = rec_loss + d_weight * g_loss
+        log.update(g_loss=g_loss.detach(), d_weight=d_weight.detach(), total=total.detach())
+        return total, log
+
+    def discriminator_loss(self, recon, target, step):
+        """(L_D, log) for the discriminator update; the reconstructions are detached here. Hinge: a logit
+        already beyond ±1 on the right side costs nothing, so D stops pushing on patches it has settled."""
+        recons, targets = _as_groups(recon), _as_groups(target)
+        real, fake = [], []
+        for x_hat, x in zip(recons, targets):
+            real.append(F.relu(1.0 - self.discriminator(x.contiguous())).mean(dim=(1, 2, 3)))       # [b]
+            fake.append(F.relu(1.0 + self.discriminator(x_hat.detach().contiguous())).mean(dim=(1, 2, 3)))
+        factor = 1.0 if self.disc_active(step) else 0.0
+        d_loss = factor * 0.5 * (torch.cat(real).mean() + torch.cat(fake).mean())
+        return d_loss, dict(d_loss=d_loss.detach(), hinge_real=torch.cat(real).detach().mean(),
+                            hinge_fake=torch.cat(fake).detach().mean())
+
+
+# ==================================================================================================
+# Building blocks, loss networks, checks, files. A first reading can skip everything below: the standard
+# LDM and DeiT blocks, the LPIPS and PatchGAN networks, input checks, and the checkpoint files.
+# ==================================================================================================
 
 # ----- Decoder building blocks ----------------------------------------------------------------------
 
@@ -123,76 +411,7 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-# ----- Decoder --------------------------------------------------------------------------------------
-
-class Decoder(nn.Module):
-    """The LDM/taming convolutional decoder, with the released SVG-T2I key layout (KlingTeam/SVG-T2I
-    `svg_t2i/ldm/modules/diffusionmodules/model.py`, `Decoder`).
-
-    z [B, z_channels, h, w] → image [B, out_ch, h·2^(L-1), w·2^(L-1)], L = len(ch_mult), unbounded (no tanh;
-    trained towards [-1, 1]). Level widths are ch·ch_mult[i]; each level has num_res_blocks+1 ResnetBlocks.
-
-    Attention: one block in the middle and one after *every* ResnetBlock of the lowest-resolution level.
-    The released configs say `attn_resolutions: []`, but SVG-T2I's `model.py` hard-codes attention on the
-    last level (`if i_level == num_resolutions-1`), and the released weights contain those blocks; so there
-    is no option here.
-    """
-
-    def __init__(self, z_channels, ch, ch_mult, num_res_blocks, out_ch=3):
-        super().__init__()
-        ch_mult = tuple(int(m) for m in ch_mult)
-        self.config = dict(z_channels=z_channels, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-                           out_ch=out_ch)
-        self.z_channels = z_channels
-        self.upsample_factor = 2 ** (len(ch_mult) - 1)
-        widths = [ch * m for m in ch_mult]                  # released: 128, 128, 256, 256, 512
-        lowest = len(ch_mult) - 1
-
-        block_in = widths[lowest]
-        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = nn.ModuleDict(OrderedDict(block_1=ResnetBlock(block_in, block_in), attn_1=AttnBlock(block_in),
-                                             block_2=ResnetBlock(block_in, block_in)))
-
-        # `up[i]` is level i (up[0] = full resolution); it is *built* and *run* from the lowest level up,
-        # but registered in index order, which is the official state-dict order.
-        levels = [None] * len(ch_mult)
-        for level in reversed(range(len(ch_mult))):
-            blocks, attns = nn.ModuleList(), nn.ModuleList()
-            for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, widths[level]))
-                block_in = widths[level]
-                if level == lowest:
-                    attns.append(AttnBlock(block_in))
-            stage = nn.ModuleDict(OrderedDict(block=blocks, attn=attns))
-            if level != 0:
-                stage["upsample"] = Upsample(block_in)
-            levels[level] = stage
-        self.up = nn.ModuleList(levels)
-
-        self.norm_out = group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
-
-    def forward(self, z):                                   # [B, Z, h, w]
-        if z.dim() != 4 or z.shape[1] != self.z_channels:
-            raise ValueError(f"Decoder expects latents [B, {self.z_channels}, h, w], got {tuple(z.shape)}")
-        h = self.conv_in(z)                                 # [B, ch*ch_mult[-1], h, w]
-        h = self.mid["block_2"](self.mid["attn_1"](self.mid["block_1"](h)))
-        for level in reversed(range(len(self.up))):
-            stage = self.up[level]
-            for i, block in enumerate(stage["block"]):
-                h = block(h)
-                if len(stage["attn"]):
-                    h = stage["attn"][i](h)
-            if level != 0:
-                h = stage["upsample"](h)                    # spatial ×2
-        return self.conv_out(swish(self.norm_out(h)))       # [B, out_ch, h·f, w·f]
-
-
-# ----- Residual ViT: RoPE-Mixed attention ------------------------------------------------------------
-# Heo et al. 2024, "Rotary Position Embedding for Vision Transformer": each head rotates (even, odd)
-# pairs of its q/k channels by an angle that is a *learned* linear function of the patch's (x, y) index.
-# The fourth RoPE of this project: DINOv3's fixed axial 2-D one (dino.py), Gemma's 1-D one (text.py) and
-# the DiT's 3-axis one (model.py) use fixed frequencies.
+# ----- Residual ViT building blocks: RoPE-Mixed attention, LayerScale block, init ---------------------
 
 ROPE_THETA = 10.0          # `rope_mixed_deit_*` in `svg_t2i/ldm/rope_vit/vit_rope.py`: rope_theta=10
 LAYERSCALE_INIT = 1e-4     # DeiT-III `Layer_scale_init_Block` init_values
@@ -243,27 +462,16 @@ class RoPEAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
 
-class Mlp(nn.Module):
-    """fc1 → exact (erf) GELU → fc2, the timm `Mlp` with the DeiT ratio of 4."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class LayerScaleBlock(nn.Module):
-    """Pre-norm transformer block whose two branches are scaled by learned per-channel gammas (DeiT-III)."""
+    """Pre-norm transformer block whose two branches are scaled by learned per-channel gammas (DeiT-III).
+    The MLP is DINOv3's (`dino.Mlp`, the timm `Mlp`: fc1 → exact GELU → fc2), with the DeiT ratio of 4."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = RoPEAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, 4 * dim)
+        self.mlp = dino.Mlp(dim, 4 * dim)
         self.gamma_1 = nn.Parameter(torch.full((dim,), LAYERSCALE_INIT))
         self.gamma_2 = nn.Parameter(torch.full((dim,), LAYERSCALE_INIT))
 
@@ -272,188 +480,76 @@ class LayerScaleBlock(nn.Module):
         return x + self.gamma_2 * self.mlp(self.norm2(x))
 
 
-# ----- Residual ViT --------------------------------------------------------------------------------
+# ----- Input checks and initialisation ------------------------------------------------------------
 
-class ResidualViT(nn.Module):
-    """Autoencoder-R's residual branch: a RoPE-Mixed DeiT-S/16 with LayerScale and an MLP head.
-
-    image (ImageNet-normalised) [B,3,H,W] → patch conv → [CLS; patches] → depth × LayerScaleBlock →
-    LayerNorm → drop CLS → heads (Linear, GELU, Linear) → [B, out_dim, H/p, W/p].
-    There is no absolute position embedding: positions enter only through RoPE, so any H, W that are
-    multiples of the patch size work. The key layout is the released one (`extra_vit.*`); its 1000-way
-    `head` is kept (frozen, never called) only so the released file loads strictly and the parameter count
-    matches (22,139,760 at the released size).
-    """
-
-    def __init__(self, embed_dim, depth, num_heads, out_dim, patch_size=16, img_size=1024):
-        super().__init__()
-        if embed_dim % num_heads or (embed_dim // num_heads) % 4:
-            raise ValueError(f"ResidualViT: embed_dim {embed_dim} / num_heads {num_heads} must give a head "
-                             f"width divisible by 4 (RoPE-Mixed rotates pairs, split between x and y)")
-        self.config = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, out_dim=out_dim,
-                           patch_size=patch_size, img_size=img_size)
-        self.patch_size, self.num_heads, self.out_dim = patch_size, num_heads, out_dim
-        head_dim = embed_dim // num_heads
-
-        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
-        self.freqs = nn.Parameter(init_mixed_rope_freqs(depth, num_heads, head_dim))   # learned, trained
-        # Positions of the img_size² grid, stored in the released file; other grids recompute them.
-        self.stored_grid = img_size // patch_size
-        t_x, t_y = patch_positions(self.stored_grid, self.stored_grid)
-        self.register_buffer("freqs_t_x", t_x)
-        self.register_buffer("freqs_t_y", t_y)
-        self.patch_embed = nn.ModuleDict({"proj": nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)})
-        self.blocks = nn.ModuleList(LayerScaleBlock(embed_dim, num_heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.head = nn.Linear(embed_dim, NUM_CLASSES).requires_grad_(False)   # unused, see docstring
-        self.heads = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, out_dim))
-        # DeiT init for the transformer's Linear layers; `heads` keeps PyTorch's default (it was swapped
-        # in after the DeiT init in the official code).
-        for module in [self.blocks, self.head]:
-            for m in module.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.trunc_normal_(m.weight, std=0.02)
-                    nn.init.zeros_(m.bias)
-
-    def rope_angles(self, grid_h, grid_w):
-        """cos/sin of every block's rotation angles: two [depth, heads, N, head_dim/2] tensors."""
-        if grid_h == grid_w == self.stored_grid:
-            t_x, t_y = self.freqs_t_x, self.freqs_t_y
-        else:
-            # The official code reuses the stored 64×64 positions for *any* grid of 4096 patches (e.g.
-            # 32×128), which scrambles non-square grids; here every other grid gets its own positions.
-            t_x, t_y = patch_positions(grid_h, grid_w, device=self.freqs.device)
-        depth, n = self.freqs.shape[1], t_x.numel()
-        # Angles stay in float32 even under autocast: positions reach 63 and need the mantissa.
-        with torch.autocast(self.freqs.device.type, enabled=False):
-            angles = t_x[None, :, None] * self.freqs[0].float()[:, None, :] \
-                + t_y[None, :, None] * self.freqs[1].float()[:, None, :]          # [depth, N, heads·hd/2]
-            angles = angles.view(depth, n, self.num_heads, -1).permute(0, 2, 1, 3)   # [depth, heads, N, hd/2]
-            return angles.cos(), angles.sin()
-
-    def forward(self, x):                                   # [B, 3, H, W], ImageNet-normalised
-        B, _, H, W = x.shape
-        p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f"ResidualViT: image size {H}x{W} is not a multiple of the patch size {p}; "
-                             f"resize or crop the image to multiples of {p}")
-        tokens = self.patch_embed["proj"](x).flatten(2).transpose(1, 2)            # [B, N, D]
-        tokens = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)      # [B, 1+N, D]
-        cos, sin = self.rope_angles(H // p, W // p)
-        for i, block in enumerate(self.blocks):
-            tokens = block(tokens, cos[i].to(tokens.dtype), sin[i].to(tokens.dtype))
-        out = self.heads(self.norm(tokens)[:, 1:])          # [B, N, out_dim]
-        return out.transpose(1, 2).reshape(B, self.out_dim, H // p, W // p)
+def _check_latent(decoder, z):
+    if z.dim() != 4 or z.shape[1] != decoder.z_channels:
+        raise ValueError(f"Decoder expects latents [B, {decoder.z_channels}, h, w], got {tuple(z.shape)}")
 
 
-def match_distribution(dino_feats, res_feats, eps=1e-6):
-    """Give the residual channels DINOv3's overall scale: a *scalar* mean/std transfer (the `use_outnorm`
-    step of `svg_t2i/ldm/models/dinov3_decoder_native_resolution.py`).
-
-    dino_feats [B, C, ...], res_feats [B, R, ...]. The target mean is the mean over channels of the
-    per-channel means, over (batch, positions); the std likewise from per-channel unbiased stds (both stds
-    share the B·N count, so the Bessel factor cancels). The four statistics are detached, so gradients flow
-    only through the residual values themselves.
-
-    Batch dependence: the statistics are pooled over the whole batch, so an image's latent depends on its
-    batch mates. The official native-resolution trainer encoded one image at a time (B = 1), its ImageNet
-    trainer whole batches of 16-64; encode one image per call when exact per-image latents matter.
-    """
-    def scalar_stats(t):
-        dims = [0] + list(range(2, t.dim()))
-        return t.mean(dim=dims).mean().detach(), t.std(dim=dims).mean().detach()
-
-    mean_d, std_d = scalar_stats(dino_feats)
-    mean_r, std_r = scalar_stats(res_feats)
-    return (res_feats - mean_r) / (std_r + eps) * std_d + mean_d
+def _check_residual_config(embed_dim, num_heads):
+    if embed_dim % num_heads or (embed_dim // num_heads) % 4:
+        raise ValueError(f"ResidualViT: embed_dim {embed_dim} / num_heads {num_heads} must give a head "
+                         f"width divisible by 4 (RoPE-Mixed rotates pairs, split between x and y)")
 
 
-# ----- The autoencoder ----------------------------------------------------------------------------
+def _check_multiple(H, W, p, what):
+    if H % p or W % p:
+        raise ValueError(f"{what} {H}x{W} is not a multiple of the patch size {p}; "
+                         f"resize or crop the image to multiples of {p}")
 
-class Autoencoder(nn.Module):
-    """Frozen DINOv3 encoder + trained Decoder (+ trained ResidualViT for R).
 
-    encode(images in [-1, 1], [B,3,H,W]) → z [B, Z, H/p, W/p] with Z = DINOv3 width (P) or width + 8 (R);
-    decode(z) → images [B,3,H,W], roughly in [-1, 1] (unclamped). The encoder is frozen: it stays in eval
-    mode whatever `.train()` says, and runs under no_grad (the official code computed and discarded its
-    gradients, and its `ImageLogger` callback, `autoencoder/utils/callbacks_allinone.py`, flipped it to
-    train mode on the logging rank). `encoder` may be None
-    for a decode-only model. No latent statistics are applied here: those belong to the DiT side.
-    """
+def _grid_positions(vit, grid_h, grid_w):
+    """The stored positions for the stored grid, recomputed ones for every other grid. The official code
+    reuses the stored 64×64 positions for *any* grid of 4096 patches (e.g. 32×128), which scrambles
+    non-square grids."""
+    if grid_h == grid_w == vit.stored_grid:
+        return vit.freqs_t_x, vit.freqs_t_y
+    return patch_positions(grid_h, grid_w, device=vit.freqs.device)
 
-    def __init__(self, encoder, decoder, residual=None):
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-        # Named `extra_vit` so that our state dict uses the released prefixes (encoder., decoder., extra_vit.).
-        self.extra_vit = residual
-        if encoder is not None:
-            encoder.requires_grad_(False).eval()
-            z_expected = encoder.embed_dim + (residual.out_dim if residual is not None else 0)
-            if decoder.z_channels != z_expected:
-                raise ValueError(f"Autoencoder: the decoder takes {decoder.z_channels} latent channels, but the "
-                                 f"encoder gives {encoder.embed_dim}"
-                                 + (f" + {residual.out_dim} residual" if residual is not None else "")
-                                 + f" = {z_expected}: a P decoder needs no residual ViT, an R decoder needs one")
-            if residual is not None and residual.patch_size != encoder.patch_size:
-                raise ValueError(f"Autoencoder: residual ViT patch {residual.patch_size} != DINOv3 patch "
-                                 f"{encoder.patch_size}; their token grids must line up")
 
-    @property
-    def kind(self):
-        """'R' (DINOv3 ⊕ residual channels) or 'P' (DINOv3 channels only)."""
-        # A decode-only file has no residual ViT; its 392-channel conv_in still says R.
-        decode_only_r = self.encoder is None and self.decoder.z_channels == RELEASED_Z_CHANNELS["R"]
-        return "R" if self.extra_vit is not None or decode_only_r else "P"
+def _deit_init(vit):
+    """DeiT init for the transformer's Linear layers; `heads` keeps PyTorch's default (it was swapped in
+    after the DeiT init in the official code)."""
+    for module in [vit.blocks, vit.head]:
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
 
-    @property
-    def config(self):
-        """A plain dict enough to rebuild the model (save_autoencoder writes it into the file)."""
-        return dict(kind=self.kind, decoder=dict(self.decoder.config),
-                    encoder=dict(self.encoder.config) if self.encoder is not None else None,
-                    residual=dict(self.extra_vit.config) if self.extra_vit is not None else None)
 
-    def train(self, mode=True):
-        super().train(mode)
-        if self.encoder is not None:
-            # Always eval. This DINOv3 differs in train mode only if built with pos_embed_rope_rescale_coords,
-            # which nothing here sets; the official one, left in train mode by accident (class docstring),
-            # scaled its RoPE coordinates by a random factor in [1/2, 2] on every call.
-            self.encoder.eval()
-        return self
+def _check_parts(encoder, decoder, residual):
+    """An Autoencoder's parts must fit: decoder input width = DINOv3 width (+ residual channels), equal patches."""
+    if encoder is None:
+        return
+    z_expected = encoder.embed_dim + (residual.out_dim if residual is not None else 0)
+    if decoder.z_channels != z_expected:
+        raise ValueError(f"Autoencoder: the decoder takes {decoder.z_channels} latent channels, but the "
+                         f"encoder gives {encoder.embed_dim}"
+                         + (f" + {residual.out_dim} residual" if residual is not None else "")
+                         + f" = {z_expected}: a P decoder needs no residual ViT, an R decoder needs one")
+    if residual is not None and residual.patch_size != encoder.patch_size:
+        raise ValueError(f"Autoencoder: residual ViT patch {residual.patch_size} != DINOv3 patch "
+                         f"{encoder.patch_size}; their token grids must line up")
 
-    def trainable_parameters(self):
-        """What the optimiser updates: the decoder, and for R the residual ViT (incl. its RoPE freqs)."""
-        params = list(self.decoder.parameters())
-        if self.extra_vit is not None:
-            params += [p for p in self.extra_vit.parameters() if p.requires_grad]   # not the unused `head`
-        return params
 
-    def encode(self, images):                              # [B, 3, H, W] in [-1, 1]
-        if self.encoder is None:
-            raise RuntimeError("this autoencoder was loaded decode-only (the file has no `encoder.*` weights): "
-                               "pass a DINOv3 as load_autoencoder(path, encoder=load_dinov3(...)) to encode")
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"Autoencoder.encode expects images [B, 3, H, W] in [-1, 1], got {tuple(images.shape)}")
-        p = self.encoder.patch_size
-        H, W = images.shape[-2:]
-        if H % p or W % p:
-            raise ValueError(f"Autoencoder.encode: image size {H}x{W} is not a multiple of the patch size {p}; "
-                             f"resize or crop to multiples of {p} (the official P code silently cropped)")
-        x_in = dino.imagenet_normalize(images.float())     # DINOv3 and the residual ViT both read this
-        # DINOv3 runs in fp32 (as the official code), even inside a caller's bf16 autocast region.
-        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
-            z = self.encoder.encode(x_in)                  # [B, D, H/p, W/p]
-        if self.extra_vit is not None:
-            residual = self.extra_vit(x_in)                # [B, 8, H/p, W/p]; has grad when training R
-            z = torch.cat([z, match_distribution(z, residual)], dim=1)   # [B, D+8, H/p, W/p]
-        return z
+def _check_encode_input(ae, images):
+    if ae.encoder is None:
+        raise RuntimeError("this autoencoder was loaded decode-only (the file has no `encoder.*` weights): "
+                           "pass a DINOv3 as load_autoencoder(path, encoder=load_dinov3(...)) to encode")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"Autoencoder.encode expects images [B, 3, H, W] in [-1, 1], got {tuple(images.shape)}")
+    p = ae.encoder.patch_size
+    H, W = images.shape[-2:]
+    if H % p or W % p:
+        raise ValueError(f"Autoencoder.encode: image size {H}x{W} is not a multiple of the patch size {p}; "
+                         f"resize or crop to multiples of {p} (the official P code silently cropped)")
 
-    def decode(self, z):                                   # [B, Z, h, w] -> [B, 3, h·f, w·f]
-        return self.decoder(z)
 
-    def forward(self, images):
-        return self.decode(self.encode(images))
+def _check_same_shape(x_hat, x):
+    if x_hat.shape != x.shape:
+        raise ValueError(f"AutoencoderLoss: reconstruction {tuple(x_hat.shape)} and target "
+                         f"{tuple(x.shape)} differ in shape")
 
 
 # ----- LPIPS (taming / LPIPS v0.1 "vgg") ---------------------------------------------------------------
@@ -583,112 +679,28 @@ class PatchDiscriminator(nn.Module):
         return self.main(x)
 
 
-def adaptive_gan_weight(rec_loss, gan_loss, last_layer):
-    """LDM's balance: ‖∇_W rec‖ / (‖∇_W gan‖ + 1e-4), clamped to [0, 1e4], W = the decoder's last conv.
+# ----- The loss's inputs: LPIPS weights, image lists ----------------------------------------------
 
-    It makes the GAN gradient at the output layer a fixed fraction (disc_weight) of the reconstruction one.
-    """
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+def _load_lpips(lpips_path, vgg_path):
+    """LPIPS from two user-supplied files (torchvision `vgg16` and LPIPS v0.1 `vgg.pth`), or None with one
+    warning when either is missing: the loss is then L1 + GAN."""
+    missing = [p for p in (lpips_path, vgg_path) if p is None or not os.path.isfile(p)]
+    if missing:
+        warnings.warn("AutoencoderLoss: LPIPS weights not found (need vgg_path = torchvision vgg16 .pth and "
+                      f"lpips_path = LPIPS v0.1 vgg.pth; missing: {missing}); training on L1 + GAN only")
+        return None
+    return LPIPS().load_weights(lpips_path, vgg_path)
 
-
-# ----- Training loss -------------------------------------------------------------------------------
 
 def _as_groups(images):
-    """A [B,3,H,W] batch, or a list of [3,H,W] / [b,3,H,W] images of different sizes → list of 4-D tensors."""
+    """A [B,3,H,W] batch, or a list of [3,H,W] / [b,3,H,W] images of different sizes → list of 4-D tensors.
+
+    Every image of a list counts, in proportion to its pixel count as in the official batched path (the
+    official list path overwrote the loss in its loop, so only the last image of each list counted)."""
     if torch.is_tensor(images):
         return [images if images.dim() == 4 else images.unsqueeze(0)]
     return [im if im.dim() == 4 else im.unsqueeze(0) for im in images]
 
-
-class AutoencoderLoss(nn.Module):
-    """L1 + LPIPS + hinge PatchGAN, the VA-VAE/LDM recipe of the official decoder training
-    (`svg_t2i/ldm/modules/losses/contperceptual_decoder.py`).
-
-    Generator:  L_rec = mean over images of Σ_{c,h,w} (|x − x̂| + LPIPS(x, x̂))   (the official sum scale)
-                L_G   = L_rec + d_w · [step ≥ disc_start] · (−mean D(x̂)),  d_w = adaptive weight × disc_weight
-    Discriminator: L_D = [step ≥ disc_start] · ½(mean relu(1 − D(x)) + mean relu(1 + D(x̂)))
-
-    `disc_start` counts optimisation iterations (the official 5000 were Lightning global steps, 2 per
-    iteration: 2,500 iterations). LPIPS needs two user-supplied files (torchvision `vgg16` and LPIPS v0.1
-    `vgg.pth`); without them the loss is L1 + GAN and says so once. Inputs may be lists of images of
-    different sizes: every image counts (the official list path overwrote the loss in its loop, so only the
-    last image of each list counted), in
-    proportion to its pixel count, as in the official batched path.
-    """
-
-    def __init__(self, lpips_path=None, vgg_path=None, disc_start=2500, disc_weight=0.5, perceptual_weight=1.0):
-        super().__init__()
-        self.disc_start, self.disc_weight, self.perceptual_weight = disc_start, disc_weight, perceptual_weight
-        self.discriminator = PatchDiscriminator()
-        missing = [p for p in (lpips_path, vgg_path) if p is None or not os.path.isfile(p)]
-        if missing:
-            self.perceptual_loss = None
-            warnings.warn("AutoencoderLoss: LPIPS weights not found (need vgg_path = torchvision vgg16 .pth and "
-                          f"lpips_path = LPIPS v0.1 vgg.pth; missing: {missing}); training on L1 + GAN only")
-        else:
-            self.perceptual_loss = LPIPS().load_weights(lpips_path, vgg_path)
-
-    def disc_active(self, step):
-        """Whether the GAN terms are on at this iteration."""
-        return step >= self.disc_start
-
-    def _reconstruction(self, recons, targets):
-        """Per-image Σ|x − x̂| and mean LPIPS; returns (L_rec, mean L1 per pixel, mean LPIPS)."""
-        rec_sums, l1_means, lpips_vals = [], [], []
-        for x_hat, x in zip(recons, targets):
-            if x_hat.shape != x.shape:
-                raise ValueError(f"AutoencoderLoss: reconstruction {tuple(x_hat.shape)} and target "
-                                 f"{tuple(x.shape)} differ in shape")
-            l1 = (x - x_hat).abs()                          # [b, 3, H, W]
-            per_image = l1.sum(dim=(1, 2, 3))               # [b]
-            l1_means.append(l1.mean(dim=(1, 2, 3)))
-            if self.perceptual_loss is not None:
-                p = self.perceptual_loss(x.contiguous(), x_hat.contiguous())   # [b]
-                per_image = per_image + self.perceptual_weight * p * x[0].numel()   # broadcast over C·H·W
-                lpips_vals.append(p)
-            rec_sums.append(per_image)
-        lpips_mean = torch.cat(lpips_vals).mean() if lpips_vals else torch.zeros(())
-        return torch.cat(rec_sums).mean(), torch.cat(l1_means).mean(), lpips_mean
-
-    def generator_loss(self, recon, target, step, last_layer):
-        """(L_G, log) for the decoder (and residual ViT) update. `last_layer` = decoder.conv_out.weight."""
-        recons, targets = _as_groups(recon), _as_groups(target)
-        rec_loss, l1, lp = self._reconstruction(recons, targets)
-        log = dict(rec_loss=rec_loss.detach(), l1=l1.detach(), lpips=lp.detach())
-        if not self.disc_active(step):
-            # Before disc_start the GAN factor is 0: skip the discriminator pass and the two extra backward
-            # passes of the adaptive weight (the official code ran and then zeroed them).
-            log.update(g_loss=torch.zeros(()), d_weight=torch.zeros(()), total=rec_loss.detach())
-            return rec_loss, log
-        logits = [self.discriminator(x_hat).mean(dim=(1, 2, 3)) for x_hat in recons]   # [b] each
-        g_loss = -torch.cat(logits).mean()
-        if torch.is_grad_enabled():
-            d_weight = adaptive_gan_weight(rec_loss, g_loss, last_layer) * self.disc_weight
-        else:
-            d_weight = torch.zeros((), device=rec_loss.device)   # evaluation: no gradients to balance
-        total = rec_loss + d_weight * g_loss
-        log.update(g_loss=g_loss.detach(), d_weight=d_weight.detach(), total=total.detach())
-        return total, log
-
-    def discriminator_loss(self, recon, target, step):
-        """(L_D, log) for the discriminator update; the reconstructions are detached here."""
-        recons, targets = _as_groups(recon), _as_groups(target)
-        real, fake = [], []
-        for x_hat, x in zip(recons, targets):
-            real.append(F.relu(1.0 - self.discriminator(x.contiguous())).mean(dim=(1, 2, 3)))       # [b]
-            fake.append(F.relu(1.0 + self.discriminator(x_hat.detach().contiguous())).mean(dim=(1, 2, 3)))
-        factor = 1.0 if self.disc_active(step) else 0.0
-        d_loss = factor * 0.5 * (torch.cat(real).mean() + torch.cat(fake).mean())
-        return d_loss, dict(d_loss=d_loss.detach(), hinge_real=torch.cat(real).detach().mean(),
-                            hinge_fake=torch.cat(fake).detach().mean())
-
-
-# ==================================================================================================
-# Checkpoint files. A first reading can skip everything below: it reads and writes the released files and
-# our own, and adds no maths.
-# ==================================================================================================
 
 # ----- Checkpoints ---------------------------------------------------------------------------------
 # Three kinds of file, one loader:
@@ -696,6 +708,13 @@ class AutoencoderLoss(nn.Module):
 #     loss.*}, 'epoch', 'global_step', ...}; the config is read off the tensor shapes;
 #   - decode-only files: a state dict with only `decoder.*` keys, or a bare decoder state dict;
 #   - our own `.safetensors` (save_autoencoder): the same prefixes, config JSON in the file's metadata.
+
+# The released decoder (`ddconfig` of every released yaml): 5 levels → 4 upsamplings → ×16.
+# `z_channels` is 384 for P (DINOv3 ViT-S+ width) and 392 for R (+ 8 residual); nothing else differs.
+DECODER_CONFIG = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2)
+RELEASED_Z_CHANNELS = dict(P=384, R=392)
+# The released residual branch: `rope_mixed_deit_small_patch16_LS(img_size=1024)` with an 8-channel head.
+RESIDUAL_VIT_CONFIG = dict(embed_dim=384, depth=12, num_heads=6, out_dim=8, patch_size=16, img_size=1024)
 
 FILE_FORMAT = "svg-t2i-autoencoder"
 # Released keys that the models here do not use: the training loss (LPIPS + discriminator + a fixed
@@ -706,11 +725,8 @@ IGNORED_PREFIXES = ("loss", "norm_vit", "mask_token")
 def _load_strict(module, state, where):
     """load_state_dict(strict=True), failing with one message that lists every missing, unexpected and
     misshapen key."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshapen = [f"{k}: file {list(state[k].shape)} vs model {list(expected[k].shape)}"
-                 for k in expected if k in state and state[k].shape != expected[k].shape]
+    from model import key_report  # the DiT chapter's rule, shared by every loader of this project
+    missing, unexpected, misshapen = key_report({k: tuple(v.shape) for k, v in module.state_dict().items()}, state)
     if missing or unexpected or misshapen:
         def show(items):
             return ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "") or "none"
@@ -837,3 +853,4 @@ def load_autoencoder(path, map_location="cpu", encoder=None, kind=None):
                          f"{decoder.z_channels} channels, {'with' if residual is not None else 'no'} extra_vit.*), "
                          f"but kind={kind!r} was asked for; load the matching file (R files take 392 channels)")
     return ae.eval()
+

@@ -7,30 +7,20 @@ through DINOv3 ViT-S+/16; the final-LayerNorm patch tokens, reshaped to `[B, 384
 the latent is normalised per channel with released statistics (`LatentStats`).
 
 Why a self-supervised encoder's features can be a diffusion latent (paper §3.1): a VAE latent is trained
-only to reconstruct pixels and has little semantic structure. DINOv3's patch features were trained to
-describe what an image contains, so nearby features mean similar content, and one frozen encoder can serve
-both understanding and generation. They were never trained to reconstruct, so a pixel decoder is trained
-afterwards on the frozen features (autoencoder.py). The price is width: 384 channels at 1/16 of the
-resolution are 384 / (16*16) = 1.5 numbers per pixel, against 4 / (8*8) = 0.0625 for Stable Diffusion's
-VAE (4 channels at 1/8), 24 times more. The DiT's sequence stays ordinary: it uses patch size 1, so a
-1024^2 image is 64 x 64 = 4,096 tokens, as many as SD's 128 x 128 latent cut into 2 x 2 patches; each token
-is just 384 wide instead of 16.
+only to reconstruct pixels and has little semantic structure. DINOv3 (Siméoni et al. 2025, arXiv 2508.10104)
+was trained without labels to describe what an image contains, so nearby features mean similar content, and
+one frozen encoder can serve both understanding and generation. Its training set is LVD-1689M, 1.689 billion
+web images that Meta curated for diversity (Meta also released a ViT-L and a 7B trained on SAT-493M, 493
+million satellite images). The features were never trained to reconstruct, so a pixel decoder is trained afterwards
+on the frozen features (autoencoder.py). The price is width: 384 channels at 1/16 of the resolution are
+384 / (16*16) = 1.5 numbers per pixel, against 4 / (8*8) = 0.0625 for Stable Diffusion's VAE (4 channels at
+1/8), 24 times more. The DiT's sequence stays ordinary: it uses patch size 1, so a 1024^2 image is
+64 x 64 = 4,096 tokens, as many as SD's 128 x 128 latent cut into 2 x 2 patches; each token is just 384 wide.
 
-This file is a from-scratch re-implementation of Meta's `DinoVisionTransformer` (facebookresearch/dinov3
-`dinov3/models/vision_transformer.py`). Its `state_dict()` is exactly the layout of Meta's released `.pth`
-files, so they load strictly; HF `DINOv3ViTModel` safetensors are converted on the fly. Reading order:
-
-    presets (DINOV3_CONFIGS) -> RoPE -> attention -> feed-forward -> block -> DINOv3
-    -> imagenet_normalize, LatentStats (pixels in, the DiT's latent out)
-    -> [a first reading can skip the rest] loading / saving released files, image files to tensors
-
-Numerical traps this file reproduces on purpose:
-  * LayerNorm eps is 1e-5 (the official "layernormbf16"), not the 1e-6 many ViTs use;
-  * `rope_embed.periods` is a persistent buffer, and the released Meta files store it rounded to bf16:
-    the loader keeps whatever the file holds;
-  * the qkv bias is multiplied by a persistent `bias_mask` buffer, which is all zeros in the released files.
-And one it deliberately does not: the official code silently crops images whose size is not a multiple of
-the patch size; here that is an error.
+This file re-implements Meta's `DinoVisionTransformer` (facebookresearch/dinov3
+`dinov3/models/vision_transformer.py`) from scratch, with the key layout of Meta's released `.pth` files.
+Reading order: RoPE -> attention -> block -> DINOv3 -> imagenet_normalize, LatentStats (pixels in, the DiT's
+latent out). Below the banner: the released variants (DINOV3_CONFIGS), loading files, image files to tensors.
 """
 import hashlib
 import json
@@ -45,94 +35,38 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-# ----- Presets ---------------------------------------------------------------------------------------------
-# The released ViTs, from facebookresearch/dinov3 `dinov3/hub/backbones.py`. Keys are the official
-# constructor argument names, so `DINOv3(**DINOV3_CONFIGS['vits16plus'])` reads like the hub code.
-# Shared by every release: patch 16, 4 storage (register) tokens, RoPE base 100, LayerScale (init 1e-5).
-_SHARED = dict(patch_size=16, n_storage_tokens=4, layerscale_init=1e-5, pos_embed_rope_base=100.0)
-
-DINOV3_CONFIGS = {
-    # name           width          depth      heads         FFN type and ratio               qkv bias
-    "vits16": dict(_SHARED, embed_dim=384, depth=12, num_heads=6, ffn_layer="mlp", ffn_ratio=4.0,
-                   qkv_bias=True, untie_global_and_local_cls_norm=False),
-    "vits16plus": dict(_SHARED, embed_dim=384, depth=12, num_heads=6, ffn_layer="swiglu", ffn_ratio=6.0,
-                       qkv_bias=True, untie_global_and_local_cls_norm=False),  # SVG-T2I's encoder
-    "vitb16": dict(_SHARED, embed_dim=768, depth=12, num_heads=12, ffn_layer="mlp", ffn_ratio=4.0,
-                   qkv_bias=True, untie_global_and_local_cls_norm=False),
-    # 'vitl16' is the LVD-1689M release; the SAT-493M one additionally has `local_cls_norm` (untie=True),
-    # which `load_dinov3` infers from the file.
-    "vitl16": dict(_SHARED, embed_dim=1024, depth=24, num_heads=16, ffn_layer="mlp", ffn_ratio=4.0,
-                   qkv_bias=True, untie_global_and_local_cls_norm=False),
-    "vitl16plus": dict(_SHARED, embed_dim=1024, depth=24, num_heads=16, ffn_layer="swiglu", ffn_ratio=6.0,
-                       qkv_bias=True, untie_global_and_local_cls_norm=False),
-    "vith16plus": dict(_SHARED, embed_dim=1280, depth=32, num_heads=20, ffn_layer="swiglu", ffn_ratio=6.0,
-                       qkv_bias=True, untie_global_and_local_cls_norm=False),
-    # 7B: head dim 128, no qkv bias at all, SwiGLU hidden rounded up to a multiple of 64.
-    "vit7b16": dict(_SHARED, embed_dim=4096, depth=40, num_heads=32, ffn_layer="swiglu64", ffn_ratio=3.0,
-                    qkv_bias=False, untie_global_and_local_cls_norm=True),
-}
-
-# SwiGLU hidden sizes are rounded up to a multiple of this (official `ffn_layer_dict`; plain "swiglu" is 8).
-SWIGLU_ALIGN = {"swiglu": 8, "swiglu32": 32, "swiglu64": 64, "swiglu128": 128}
-
-# LayerNorm epsilon of every release: the official norm_layer "layernormbf16" is LayerNorm(eps=1e-5).
-NORM_EPS = 1e-5
-
-# ImageNet statistics used by the LVD-1689M models (official README "Image transforms"; SVG-T2I uses these).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
+# SVG-T2I's encoder is DINOV3_CONFIGS['vits16plus'] (the table of released variants is below the banner):
+# width 384, 12 blocks of 6 heads, SwiGLU feed-forward, patch 16, 4 register tokens, RoPE base 100.
+NORM_EPS = 1e-5                           # every release: the official "layernormbf16" is LayerNorm(eps=1e-5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)     # the LVD-1689M models' input statistics (official README); SVG-T2I's
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def ffn_hidden_dim(embed_dim: int, ffn_layer: str, ffn_ratio: float) -> int:
-    """Hidden width of the feed-forward net, computed exactly as the official code does.
-
-    "mlp": int(D * ratio). SwiGLU keeps the parameter count of an MLP with that width: two thirds of it,
-    rounded *up* to the alignment (ViT-S+: int(int(384*6) * 2/3) = 1536; 7B: 8192).
-    """
-    hidden = int(embed_dim * ffn_ratio)
-    if ffn_layer == "mlp":
-        return hidden
-    if ffn_layer not in SWIGLU_ALIGN:
-        raise ValueError(f"unknown ffn_layer {ffn_layer!r}: use 'mlp' or one of {sorted(SWIGLU_ALIGN)}")
-    hidden = int(hidden * 2 / 3)
-    return hidden + (-hidden % SWIGLU_ALIGN[ffn_layer])
 
 
 # ----- Rotary position embedding (RoPE) --------------------------------------------------------------------
 
 class RopePositionEmbedding(nn.Module):
-    """Axial 2-D RoPE tables for an h x w grid of patches (facebookresearch/dinov3
-    `dinov3/layers/rope_position_encoding.py`).
+    """Axial 2-D RoPE tables for an h x w grid of patches (dinov3 `dinov3/layers/rope_position_encoding.py`).
 
-    The first of this project's four RoPE variants: the others are Gemma's 1-D token positions
-    (text.py), the DiT's three axes (caption index, row, column; model.py) and the residual ViT's
-    RoPE-Mixed with learned directions (autoencoder.py). Here each patch centre gets coordinates in
-    (-1, 1), normalised separately along y and x, so any grid size and aspect ratio works without
-    interpolation. A head of width Dh spends Dh/4 frequencies on y and Dh/4 on x; the angle tables are laid
-    out [y, x, y, x] over Dh to fit the rotate-half convention.
-
-    `periods` is a *persistent* buffer: the released Meta files store it (rounded to bf16), and those stored
-    values are what the released model -- and SVG-T2I's latent statistics -- were computed with.
+    The first of this project's four RoPEs (then Gemma's 1-D one, text.py; the DiT's three axes, model.py;
+    the residual ViT's learned RoPE-Mixed, autoencoder.py). Patch centres get coordinates in (-1, 1) along y
+    and x separately, so any grid size and aspect ratio works without interpolation. A head of width Dh
+    spends Dh/4 frequencies on y and Dh/4 on x, laid out [y, x, y, x] over Dh for the rotate-half pairing.
     """
 
     def __init__(self, head_dim: int, base: float, rescale_coords: float | None = None):
         super().__init__()
-        if head_dim % 4:
-            raise ValueError(f"RoPE needs a head dim divisible by 4 (2 axes x cos/sin pairs), got {head_dim}")
-        n_freq = head_dim // 4
-        # periods[k] = base ** (4k / Dh): 1 ... ~75 for Dh = 64, base = 100.
-        self.register_buffer("periods", base ** (2 * torch.arange(n_freq, dtype=torch.float32) / (head_dim // 2)))
-        # Training-time augmentation of the official code (coords times a log-uniform factor in
-        # [1/r, r], r = 2 in the released configs). Off unless asked for: a frozen encoder must never use
-        # it. The official autoencoder training met it by accident: its `ImageLogger` callback
-        # (KlingTeam/SVG-T2I `autoencoder/utils/callbacks_allinone.py`) calls eval() then train() on the
-        # whole model, which leaves the frozen DINOv3 in train mode on the logging rank.
+        _check_head_dim(head_dim)
+        # periods[k] = base ** (4k / Dh), k < Dh/4: 1 ... ~75 for Dh = 64, base = 100. Persistent: the Meta files
+        # store it (bf16-rounded), and those values are what SVG-T2I's latent statistics were computed with.
+        k = torch.arange(head_dim // 4, dtype=torch.float32)
+        self.register_buffer("periods", base ** (2 * k / (head_dim // 2)))
+        # The official training-time augmentation (coords times a log-uniform factor in [1/r, r]); a frozen
+        # encoder must never use it, so it is off unless asked for.
         self.rescale_coords = rescale_coords
 
     def _apply(self, fn, recurse=True):
-        # `model.to(torch.bfloat16)` must not round the periods a second time (fp32 ones from HF would
-        # change): keep the buffer's fp32 values and only follow the device. The official model keeps
-        # them fp32 too: its RoPE module computes in its own dtype, fp32, whatever the weights are cast to.
+        # `model.to(torch.bfloat16)` must not round the periods again: keep the fp32 buffer, follow the device
+        # (the official RoPE module, too, computes in fp32 whatever the weights are cast to).
         before = self.periods
         super()._apply(fn, recurse)
         if not before.is_meta:
@@ -140,8 +74,7 @@ class RopePositionEmbedding(nn.Module):
         return self
 
     def forward(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (sin, cos), each [h*w, Dh], for patches in row-major order."""
-        # RoPE is always computed in fp32, even if the model was cast to bf16 (as the official code).
+        """Return (sin, cos), each [h*w, Dh], for patches in row-major order; always in fp32."""
         periods = self.periods
         dev = periods.device
         coords_y = torch.arange(0.5, h, device=dev, dtype=torch.float32) / h  # patch centres in (0, 1)
@@ -157,43 +90,18 @@ class RopePositionEmbedding(nn.Module):
         return torch.sin(angles), torch.cos(angles)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """[a, b] -> [-b, a] over the two halves of the last dim: dim i is paired with dim i + Dh/2."""
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat([-b, a], dim=-1)
-
-
 def apply_rope(t: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """Rotate t [..., N, Dh] by tables [N, Dh]; in fp32 whatever the activation dtype (official behaviour).
+    """Rotate t [..., N, Dh] by tables [N, Dh], in fp32 whatever the activation dtype (official behaviour).
 
-    DINOv3 rotates only the patch tokens. DINOv3.forward_features gives the leading CLS and register rows
-    angle 0 (cos 1, sin 0), which leaves them exactly as they are, so no split and re-concatenation of
-    the sequence is needed.
+    DINOv3 rotates only the patch tokens: forward_features gives the leading CLS and register rows angle 0
+    (cos 1, sin 0), which leaves them as they are, with no split and re-concatenation of the sequence.
     """
-    rotated = t.float() * cos + rotate_half(t.float()) * sin
-    return rotated.to(t.dtype)
+    t32 = t.float()
+    a, b = t32.chunk(2, dim=-1)  # rotate-half pairing: dim i turns with dim i + Dh/2
+    return (t32 * cos + torch.cat([-b, a], dim=-1) * sin).to(t.dtype)
 
 
-# ----- Attention -------------------------------------------------------------------------------------------
-
-class LinearKMaskedBias(nn.Linear):
-    """The fused q|k|v projection. Its bias is multiplied by the persistent buffer `bias_mask`.
-
-    The official model was meant to have q and v biases but no k bias (a k bias is nearly pointless), and
-    implemented that with a mask: [1]*D + [0]*D + [1]*D. The *released* files store an all-zero mask (and
-    all-zero biases, facebookresearch/dinov3#195), so the loaded model has no qkv bias at all; we apply
-    whatever mask the file holds.
-    """
-
-    def __init__(self, dim: int):
-        super().__init__(dim, 3 * dim, bias=True)
-        mask = torch.ones(3 * dim)
-        mask[dim: 2 * dim] = 0.0  # the k third
-        self.register_buffer("bias_mask", mask)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias * self.bias_mask)
-
+# ----- Attention, feed-forward, block ----------------------------------------------------------------------
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention over [CLS, registers, patches] with RoPE on the patch tokens only."""
@@ -201,7 +109,8 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()
         self.num_heads = num_heads
-        # Rows of qkv.weight: [0:D] q, [D:2D] k, [2D:3D] v; head i owns rows i*Dh:(i+1)*Dh of each.
+        # Rows of qkv.weight: [0:D] q, [D:2D] k, [2D:3D] v. The bias goes through a mask that the released
+        # files set to zero (LinearKMaskedBias, below the banner), so the loaded model has no qkv bias.
         self.qkv = LinearKMaskedBias(dim) if qkv_bias else nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
@@ -214,10 +123,8 @@ class SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
-# ----- Feed-forward ----------------------------------------------------------------------------------------
-
 class Mlp(nn.Module):
-    """fc2(GELU(fc1(x))), exact erf GELU (ViT-S, B, L)."""
+    """fc2(GELU(fc1(x))), exact erf GELU (ViT-S, B, L; also the residual ViT's, autoencoder.py)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -241,10 +148,9 @@ class SwiGLUFFN(nn.Module):
         return self.w3(F.silu(self.w1(x)) * self.w2(x))
 
 
-# ----- Transformer block -----------------------------------------------------------------------------------
-
 class LayerScale(nn.Module):
-    """Per-channel learned scale of a residual branch (gamma starts at 1e-5 so blocks start near identity)."""
+    """Per-channel learned scale of a residual branch; gamma starts at 1e-5, so each block starts near the
+    identity and a deep stack trains stably (CaiT, Touvron et al. 2021)."""
 
     def __init__(self, dim: int, init: float):
         super().__init__()
@@ -259,7 +165,7 @@ class Block(nn.Module):
 
     def __init__(self, dim, num_heads, ffn_layer, ffn_ratio, qkv_bias, layerscale_init):
         super().__init__()
-        hidden = ffn_hidden_dim(dim, ffn_layer, ffn_ratio)
+        hidden = ffn_hidden_dim(dim, ffn_layer, ffn_ratio)  # official rounding (below the banner); ViT-S+: 1536
         self.norm1 = nn.LayerNorm(dim, eps=NORM_EPS)
         self.attn = SelfAttention(dim, num_heads, qkv_bias)
         self.ls1 = LayerScale(dim, layerscale_init)
@@ -288,18 +194,16 @@ class PatchEmbed(nn.Module):
 class DINOv3(nn.Module):
     """DINOv3 Vision Transformer; `state_dict()` has exactly the keys and shapes of Meta's `.pth` files.
 
-    Arguments are the official constructor names (see DINOV3_CONFIGS). Nothing assumes patch 16: the demo
-    encoder uses e.g. patch_size=8, embed_dim=64. `pos_embed_rope_rescale_coords` enables the official
-    train-mode RoPE augmentation; leave it None for a frozen encoder.
+    Arguments are the official constructor names (DINOV3_CONFIGS). Nothing assumes patch 16: the demo encoder
+    uses e.g. patch_size=8, embed_dim=64. `pos_embed_rope_rescale_coords` enables the official train-mode RoPE
+    augmentation; leave it None for a frozen encoder.
     """
 
     def __init__(self, patch_size=16, embed_dim=384, depth=12, num_heads=6, ffn_layer="mlp", ffn_ratio=4.0,
                  n_storage_tokens=4, qkv_bias=True, layerscale_init=1e-5, pos_embed_rope_base=100.0,
                  untie_global_and_local_cls_norm=False, in_chans=3, pos_embed_rope_rescale_coords=None):
         super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-        ffn_hidden_dim(embed_dim, ffn_layer, ffn_ratio)  # validates ffn_layer early, with a clear message
+        _check_config(embed_dim, num_heads, ffn_layer, ffn_ratio)
         self.config = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                            ffn_layer=ffn_layer, ffn_ratio=ffn_ratio, n_storage_tokens=n_storage_tokens,
                            qkv_bias=qkv_bias, layerscale_init=layerscale_init,
@@ -309,8 +213,12 @@ class DINOv3(nn.Module):
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         if n_storage_tokens > 0:
+            # Register tokens (Darcet et al. 2024, "Vision Transformers Need Registers"): extra learned tokens
+            # that give attention a place to store global information, so patch features stay clean.
             self.storage_tokens = nn.Parameter(torch.zeros(1, n_storage_tokens, embed_dim))
-        # Only used in training (iBOT masked patches); kept so that the released files load strictly.
+        # Used only in training, by iBOT (Zhou et al. 2022, arXiv 2111.07832), DINOv2/v3's masked-image-
+        # modelling loss: masked patches are replaced by this token and the student predicts the teacher's
+        # features for them. Kept so that the released files load strictly.
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.rope_embed = RopePositionEmbedding(embed_dim // num_heads, pos_embed_rope_base,
@@ -319,37 +227,9 @@ class DINOv3(nn.Module):
             Block(embed_dim, num_heads, ffn_layer, ffn_ratio, qkv_bias, layerscale_init) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=NORM_EPS)
         if untie_global_and_local_cls_norm:
-            # Training-only norm for the CLS token of local crops (ViT-L SAT, 7B). In eval every token goes
-            # through `norm`; this exists so those checkpoints load strictly.
+            # Training-only norm for the CLS token of local crops (ViT-L SAT, 7B); kept to load strictly.
             self.local_cls_norm = nn.LayerNorm(embed_dim, eps=NORM_EPS)
-        self._init_weights()
-
-    @torch.no_grad()
-    def _init_weights(self):
-        """The official random init: truncated-normal(0.02) linears with zero bias, N(0, 0.02) tokens.
-
-        Only matters for models that are not loaded from a file (the demo encoder); LayerScale gammas
-        and the bias mask are already set by their modules, the patch conv keeps PyTorch's default.
-        """
-        nn.init.normal_(self.cls_token, std=0.02)
-        if self.n_storage_tokens > 0:
-            nn.init.normal_(self.storage_tokens, std=0.02)
-        for m in self.blocks.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-    def _check_input(self, x: torch.Tensor):
-        if x.ndim != 4 or x.shape[1] != self.patch_embed.proj.in_channels:
-            raise ValueError(f"DINOv3 expects images [B, {self.patch_embed.proj.in_channels}, H, W], "
-                             f"got shape {list(x.shape)}")
-        H, W = x.shape[-2:]
-        p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f"image size {H}x{W} (HxW) is not a multiple of the patch size {p}: resize or "
-                             f"crop it to e.g. {max(p, H // p * p)}x{max(p, W // p * p)} first (the official "
-                             f"code would silently drop the last rows/columns)")
+        _init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> dict:
         """x [B, 3, H, W] ImageNet-normalised, H and W multiples of the patch size.
@@ -357,7 +237,7 @@ class DINOv3(nn.Module):
         Returns the official dict: x_norm_clstoken [B, D], x_storage_tokens [B, R, D] (normalised, despite
         the name), x_norm_patchtokens [B, h*w, D] (row-major), x_prenorm [B, 1+R+h*w, D] (last block output).
         """
-        self._check_input(x)
+        _check_images(self, x)
         B = x.shape[0]
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         patches = self.patch_embed(x)  # [B, hw, D]
@@ -367,12 +247,11 @@ class DINOv3(nn.Module):
         tokens = torch.cat(prefix + [patches], dim=1)  # [B, 1+R+hw, D]; no additive position embedding
         sin, cos = self.rope_embed(h, w)  # [hw, Dh], computed once: every block and head shares them
         # Angle 0 for the 1 + R prefix tokens (CLS, registers): DINOv3 does not rotate them.
-        n_prefix = tokens.shape[1] - h * w
+        n_prefix = 1 + self.n_storage_tokens
         rope = (F.pad(sin, (0, 0, n_prefix, 0)), F.pad(cos, (0, 0, n_prefix, 0), value=1.0))  # [N, Dh] each
         for block in self.blocks:
             tokens = block(tokens, rope)
         normed = self.norm(tokens)
-        n_prefix = 1 + self.n_storage_tokens
         return dict(x_norm_clstoken=normed[:, 0], x_storage_tokens=normed[:, 1:n_prefix],
                     x_norm_patchtokens=normed[:, n_prefix:], x_prenorm=tokens)
 
@@ -380,8 +259,7 @@ class DINOv3(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The SVG-T2I latent: final-norm patch tokens as a feature map [B, D, H/p, W/p].
 
-        Under no_grad because the encoder is frozen: the official training computed (and discarded)
-        gradients through it.
+        Under no_grad because the encoder is frozen (the official training computed and discarded its gradients).
         """
         patch_tokens = self.forward_features(x)["x_norm_patchtokens"]  # [B, hw, D]
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
@@ -514,9 +392,116 @@ class LatentStats:
 
 
 # ===========================================================================================================
-# Loading released files, and image files to tensors. A first reading can skip everything below: it turns
-# Meta / Hugging Face checkpoints and PIL images into what the model above takes, and adds no maths.
+# Released variants, checks, files. A first reading can skip everything below: the variant table, input
+# checks, loading Meta / HF checkpoints and turning PIL images into tensors; no new maths.
 # ===========================================================================================================
+
+# ----- Presets ---------------------------------------------------------------------------------------------
+# The released ViTs, from facebookresearch/dinov3 `dinov3/hub/backbones.py`. Keys are the official
+# constructor argument names, so `DINOv3(**DINOV3_CONFIGS['vits16plus'])` reads like the hub code.
+# Shared by every release: patch 16, 4 storage (register) tokens, RoPE base 100, LayerScale (init 1e-5).
+_SHARED = dict(patch_size=16, n_storage_tokens=4, layerscale_init=1e-5, pos_embed_rope_base=100.0)
+
+DINOV3_CONFIGS = {
+    # name           width          depth      heads         FFN type and ratio               qkv bias
+    "vits16": dict(_SHARED, embed_dim=384, depth=12, num_heads=6, ffn_layer="mlp", ffn_ratio=4.0,
+                   qkv_bias=True, untie_global_and_local_cls_norm=False),
+    "vits16plus": dict(_SHARED, embed_dim=384, depth=12, num_heads=6, ffn_layer="swiglu", ffn_ratio=6.0,
+                       qkv_bias=True, untie_global_and_local_cls_norm=False),  # SVG-T2I's encoder
+    "vitb16": dict(_SHARED, embed_dim=768, depth=12, num_heads=12, ffn_layer="mlp", ffn_ratio=4.0,
+                   qkv_bias=True, untie_global_and_local_cls_norm=False),
+    # 'vitl16' is the LVD-1689M release; the SAT-493M one additionally has `local_cls_norm` (untie=True),
+    # which `load_dinov3` infers from the file.
+    "vitl16": dict(_SHARED, embed_dim=1024, depth=24, num_heads=16, ffn_layer="mlp", ffn_ratio=4.0,
+                   qkv_bias=True, untie_global_and_local_cls_norm=False),
+    "vitl16plus": dict(_SHARED, embed_dim=1024, depth=24, num_heads=16, ffn_layer="swiglu", ffn_ratio=6.0,
+                       qkv_bias=True, untie_global_and_local_cls_norm=False),
+    "vith16plus": dict(_SHARED, embed_dim=1280, depth=32, num_heads=20, ffn_layer="swiglu", ffn_ratio=6.0,
+                       qkv_bias=True, untie_global_and_local_cls_norm=False),
+    # 7B: head dim 128, no qkv bias at all, SwiGLU hidden rounded up to a multiple of 64.
+    "vit7b16": dict(_SHARED, embed_dim=4096, depth=40, num_heads=32, ffn_layer="swiglu64", ffn_ratio=3.0,
+                    qkv_bias=False, untie_global_and_local_cls_norm=True),
+}
+
+# SwiGLU hidden sizes are rounded up to a multiple of this (official `ffn_layer_dict`; plain "swiglu" is 8).
+SWIGLU_ALIGN = {"swiglu": 8, "swiglu32": 32, "swiglu64": 64, "swiglu128": 128}
+
+
+def ffn_hidden_dim(embed_dim: int, ffn_layer: str, ffn_ratio: float) -> int:
+    """Hidden width of the feed-forward net, exactly as the official code computes it.
+
+    "mlp": int(D * ratio). SwiGLU keeps the parameter count of an MLP of that width: two thirds of it,
+    rounded *up* to the alignment of its kind (ViT-S+: int(int(384*6) * 2/3) = 1536; 7B: 8192).
+    """
+    hidden = int(embed_dim * ffn_ratio)
+    if ffn_layer == "mlp":
+        return hidden
+    hidden = int(hidden * 2 / 3)
+    if ffn_layer not in SWIGLU_ALIGN:
+        raise ValueError(f"unknown ffn_layer {ffn_layer!r}: use 'mlp' or one of {sorted(SWIGLU_ALIGN)}")
+    return hidden + (-hidden % SWIGLU_ALIGN[ffn_layer])
+
+
+# ----- The parts of the model that only serve the released files and bad input -----------------------------
+
+class LinearKMaskedBias(nn.Linear):
+    """The fused q|k|v projection. Its bias is multiplied by the persistent buffer `bias_mask`.
+
+    The official model was meant to have q and v biases but no k bias (a k bias is nearly pointless), and
+    implemented that with a mask: [1]*D + [0]*D + [1]*D. The *released* files store an all-zero mask (and
+    all-zero biases, facebookresearch/dinov3#195), so the loaded model has no qkv bias at all; we apply
+    whatever mask the file holds.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__(dim, 3 * dim, bias=True)
+        mask = torch.ones(3 * dim)
+        mask[dim: 2 * dim] = 0.0  # the k third
+        self.register_buffer("bias_mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias * self.bias_mask)
+
+
+def _check_head_dim(head_dim: int):
+    if head_dim % 4:
+        raise ValueError(f"RoPE needs a head dim divisible by 4 (2 axes x cos/sin pairs), got {head_dim}")
+
+
+def _check_config(embed_dim: int, num_heads: int, ffn_layer: str, ffn_ratio: float):
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+    ffn_hidden_dim(embed_dim, ffn_layer, ffn_ratio)  # validates ffn_layer early, with a clear message
+
+
+@torch.no_grad()
+def _init_weights(model: DINOv3):
+    """The official random init: truncated-normal(0.02) linears with zero bias, N(0, 0.02) tokens.
+
+    Only matters for models that are not loaded from a file (the demo encoder); LayerScale gammas
+    and the bias mask are already set by their modules, the patch conv keeps PyTorch's default.
+    """
+    nn.init.normal_(model.cls_token, std=0.02)
+    if model.n_storage_tokens > 0:
+        nn.init.normal_(model.storage_tokens, std=0.02)
+    for m in model.blocks.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def _check_images(model: DINOv3, x: torch.Tensor):
+    if x.ndim != 4 or x.shape[1] != model.patch_embed.proj.in_channels:
+        raise ValueError(f"DINOv3 expects images [B, {model.patch_embed.proj.in_channels}, H, W], "
+                         f"got shape {list(x.shape)}")
+    H, W = x.shape[-2:]
+    p = model.patch_size
+    if H % p or W % p:
+        raise ValueError(f"image size {H}x{W} (HxW) is not a multiple of the patch size {p}: resize or "
+                         f"crop it to e.g. {max(p, H // p * p)}x{max(p, W // p * p)} first (the official "
+                         f"code would silently drop the last rows/columns)")
+
 
 # ----- Loading and saving ----------------------------------------------------------------------------------
 # Three file kinds load through one door, all ending as a Meta-layout state dict:
@@ -683,11 +668,8 @@ def _closest_variant(sd: dict) -> str:
 
 def _strict_load(model: DINOv3, sd: dict, where: str):
     """load_state_dict(strict=True) with one message listing every missing, unexpected and misshapen key."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    misshapen = [f"{k}: file {list(sd[k].shape)} vs model {list(expected[k].shape)}"
-                 for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    from model import key_report  # the DiT chapter's rule, shared by every loader of this project
+    missing, unexpected, misshapen = key_report({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd)
     if missing or unexpected or misshapen:
         def show(items):
             return ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "") or "none"

@@ -446,3 +446,16 @@ def test_bad_checkpoints(tmp_path):
         A.Autoencoder(ae.encoder, A.Decoder(64, 32, (1, 2, 2, 4), 1), ae.extra_vit)
     with pytest.raises(FileNotFoundError):
         A.load_autoencoder(tmp_path / "nope.ckpt")
+
+
+def test_one_mlp_and_one_key_report(tmp_path):
+    """The residual ViT's MLP is DINOv3's class (same keys, same maths), and a misshapen key is reported in
+    the project's one format (model.key_report: shapes as tuples), with the file named."""
+    ae = tiny_autoencoder("R", seed=3)
+    assert not hasattr(A, "Mlp") and type(ae.extra_vit.blocks[0].mlp) is dino.Mlp
+    sd = {f"decoder.{k}": v for k, v in ae.decoder.state_dict().items()}
+    sd["decoder.conv_out.bias"] = torch.zeros(4)
+    torch.save({"state_dict": sd}, tmp_path / "misshapen.ckpt")
+    with pytest.raises(ValueError, match=r"misshapen.ckpt.*\(decoder\.\*\)[\s\S]*"
+                                         r"misshapen keys: conv_out.bias: file \(4,\) vs model \(3,\)"):
+        A.load_autoencoder(tmp_path / "misshapen.ckpt")

@@ -276,7 +276,7 @@ def test_misshapen_and_unexpected_keys(tmp_path):
     with pytest.raises(ValueError) as err:
         dino.load_dinov3(str(tmp_path / "bad.pth"))
     msg = str(err.value)
-    assert "blocks.1.norm1.weight: file [31] vs model [32]" in msg and "unexpected keys: head.weight" in msg
+    assert "blocks.1.norm1.weight: file (31,) vs model (32,)" in msg and "unexpected keys: head.weight" in msg
 
 
 def test_bad_image_sizes():
