@@ -8,27 +8,22 @@ Images of any aspect ratio train at their own aspect, as the official trainer do
 `svg_t2i/train_svg_t2i.py`): each is assigned the nearest *bucket* (a pixel size whose token grid holds at most
 (resolution/patch)² tokens), resized to cover it and centre-cropped, never stretched; a batch comes from one
 bucket, so it stacks into one tensor. Three datasets share one interface (`len`, `bucket_of(i)`, `ds[i]`,
-`ds.skipped`): JsonlDataset, FolderDataset, ShapesDataset (the CPU demo's). Images leave here in [-1, 1].
-A malformed JSONL line stops start-up with its file and line; an unreadable image is skipped, counted, named.
+`ds.skipped`): JsonlDataset, FolderDataset, ShapesDataset (the CPU demo's). A malformed JSONL line stops start-up
+with its file and line; an unreadable image is skipped, counted, named.
 """
-import math
 import os
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
-
-import dino
 
 
 # ----- Aspect-ratio buckets ---------------------------------------------------------------------------------
 
 def buckets(resolution, patch=16, max_ratio=4.0):
-    """All training sizes for one stage, as a list of (height, width) in pixels: the official enumeration
-    (`generate_crop_size_list`, KlingTeam/SVG-T2I `svg_t2i/util/imgproc.py`) walks the boundary of the token-grid
-    region w·h ≤ N = (resolution/patch)², widest grid (N × 1) to tallest, keeping grids of aspect ≤ max_ratio whose
-    floor(w/2) and floor(h/2) are even: 15 buckets at 256 px, 27 at 512, 51 at 1024 (patch 16). Written in tokens
-    (the official test is in pixels, the same for patch 16), so patch 8 at 128 px has the 256-px / 16 grids."""
+    """A stage's training sizes [(height, width)] in pixels, as the official `generate_crop_size_list`
+    (svg_t2i/util/imgproc.py): walk the boundary of the token grids w·h ≤ N = (resolution/patch)², widest (N × 1)
+    to tallest, keeping aspect ≤ max_ratio with floor(w/2), floor(h/2) even: 15 buckets at 256 px, 27 at 512, 51 at
+    1024 (patch 16). In tokens (the official test is in pixels, alike at patch 16): patch 8, 128 px = 256 px / 16."""
     check_bucket_args(resolution, patch, max_ratio)
     num_tokens = (resolution // patch) ** 2
     out = []
@@ -53,93 +48,22 @@ def nearest_bucket(height, width, bucket_list):
     return max(bucket_list, key=keep)
 
 
-def resize_to_cover(image, size_hw):
-    """Resize a PIL image to cover (height, width), keeping its aspect, then centre-crop to exactly that, as the
-    official `center_crop`: box-filter halvings (cheap, alias-free), then one bicubic resize. Never stretches."""
-    th, tw = size_hw
-    while image.width >= 2 * tw and image.height >= 2 * th:
-        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
-    scale = max(tw / image.width, th / image.height)
-    # max(): float rounding must never leave the covering side one pixel short of the target
-    new_w, new_h = max(tw, round(image.width * scale)), max(th, round(image.height * scale))
-    image = image.resize((new_w, new_h), resample=Image.BICUBIC)
-    left, top = (new_w - tw) // 2, (new_h - th) // 2
-    return image.crop((left, top, left + tw, top + th))
-
-
 def image_to_tensor(image):
     """PIL RGB -> [3, H, W] in [-1, 1], what the decoder's losses compare (dino.imagenet_normalize comes later)."""
     arr = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-# ----- Datasets of real images: JSONL and folder ------------------------------------------------------------
-
-class _ImageListDataset(torch.utils.data.Dataset):
-    """Shared body of JsonlDataset and FolderDataset: records {path, caption, system, size}, each item's bucket
-    fixed at start-up from its size (read_sizes). square=True, the official autoencoder recipe: shorter side to
-    `resolution`, one bucket, the random square cut by the trainer. `skipped`: unusable images in this process."""
-
-    def __init__(self, records, resolution, patch, max_ratio, source, square=False):
-        self.resolution, self.source, self.square = resolution, source, square
-        self.bucket_list = [(resolution, resolution)] if square else buckets(resolution, patch, max_ratio)
-        self._bad = _BadImageLog()
-        if len(self.bucket_list) > 1:
-            records = read_sizes(records, self._bad, source)
-        self.records = records
-        self.bucket_ids = [0 if len(self.bucket_list) == 1 else
-                           self.bucket_list.index(nearest_bucket(*r["size"], self.bucket_list)) for r in records]
-        check_records(self)
-
-    @property
-    def skipped(self):
-        return self._bad.count
-
-    def __len__(self):
-        return len(self.records)
-
-    def bucket_of(self, i):
-        """(height, width) in pixels that item i is cropped to."""
-        return self.bucket_list[self.bucket_ids[i]]
-
-    def __getitem__(self, i):
-        rec = self.records[i]
-        image = load_rgb(rec, self._bad)           # upright (EXIF), RGB; an Unreadable(path) if it cannot be read
-        if not image:
-            return image
-        if self.square:                            # [3, resolution, >= resolution] or the transpose
-            return dict(image=image_to_tensor(resize_shorter_side(image, self.resolution)),
-                        caption=rec["caption"], system=rec["system"])
-        image = resize_to_cover(image, self.bucket_of(i))      # the bucket fixed at start-up: batches stack
-        return dict(image=image_to_tensor(image), caption=rec["caption"], system=rec["system"])
-
-
-class JsonlDataset(_ImageListDataset):
-    """The official JSONL format: {"path", "prompt"} per line (system prompt 'base') or {"image_path",
-    "super_high_quality_caption"} ('align'), or a .json array of them; read_jsonl checks every line at start-up."""
-
-    def __init__(self, path, resolution, patch=16, max_ratio=4.0, limit=None, square=False):
-        super().__init__(read_jsonl(path, limit), resolution, patch, max_ratio, source=path, square=square)
-
-
-class FolderDataset(_ImageListDataset):
-    """Every image under a folder (recursively, sorted) with a same-stem `.txt` caption beside it; system 'base'."""
-
-    def __init__(self, path, resolution, patch=16, max_ratio=4.0, limit=None, square=False):
-        super().__init__(read_folder(path)[:limit], resolution, patch, max_ratio, source=path, square=square)
-
-
-# ----- The shapes world ---------------------------------------------------------------------------------------
+# ----- Datasets: the shapes world; real images (JsonlDataset, FolderDataset: file handling) below the banner ---
 # The demo's data: learnable on a CPU, and prompt adherence measurable pixel by pixel (benchmarks/eval_shapes.py).
 
 class ShapesDataset(torch.utils.data.Dataset):
     """Procedural shapes: item i is a pure function of (seed, i), the same in any worker, rank or resumed run;
-    the data is infinite (`length` only sets an epoch). A scene is one object or two on different corners, each a
-    palette colour, a shape, a position with its centre jittered by ±4%, a side of 30-40% of the canvas (a pair
-    shrunk to keep a 3% gap). 18.7% of object phrases differ from the canonical "a red circle in the top left"
-    ("at the", "upper left", "middle": measured over 29,928 phrases of 20,000 scenes; a quarter are paraphrased,
-    a quarter of those draw the canonical words again). clean=True is the demo's SFT (supervised fine-tuning)
-    subset: canonical captions, exact positions, a fixed side of 35%. Square images: one bucket; system 'base'."""
+    infinite (`length` only sets an epoch). A scene: one object, or two on different corners; each a palette colour
+    and shape, centre jittered ±4%, side 30-40% of the canvas (a pair shrunk to keep a 3% gap). 18.7% of object
+    phrases are not canonical ("at the", "upper left", "middle"; 29,928 phrases of 20,000 scenes: a quarter are
+    paraphrased, a quarter of those redraw the canonical words). clean=True, the demo's SFT (supervised fine-tuning)
+    subset: canonical captions, exact positions, side 35%. Square images: one bucket; system 'base'."""
 
     def __init__(self, resolution, seed=0, length=100_000, clean=False, two_object_prob=0.5, star_fraction=0.0):
         if seed < 0:
@@ -186,15 +110,14 @@ def open_dataset(spec, resolution, seed=0, patch=16, max_ratio=4.0, limit=None, 
 # ----- Batching: one bucket per batch, one share per rank ---------------------------------------------------
 
 class BucketBatchSampler(torch.utils.data.Sampler):
-    """Yields this rank's indices for every step of an epoch (`DataLoader(batch_sampler=...)`). Per epoch, with a
-    numpy rng seeded by (seed, epoch): 1. each bucket queues what the previous epoch left over, then a shuffle of
-    its indices, cut into *global* batches of batch_size × world_size, the rest carried to the next epoch; 2. the
-    global batches are shuffled (buckets interleave); 3. rank r takes slice [r·B, (r+1)·B) of each. So every image
-    trains once per epoch (at most one epoch late), each batch is one size, and 1-2 depend on the global batch
-    alone: one process with batch B·W sees exactly what W ranks with batch B see, and every rank the same number
-    of batches. A resume: the training loop counts `batches_done` (the DataLoader prefetches, so the sampler
-    cannot); state_dict saves it with the epoch, and iter() starts there. (The official trainer also takes every
-    image every epoch, in batches of mixed sizes; its seed, global_seed + 100·resolution, a trainer can pass.)"""
+    """This rank's indices for every step of an epoch (`DataLoader(batch_sampler=...)`). Per epoch, rng seeded by
+    (seed, epoch): 1. each bucket queues the previous epoch's leftovers, then a shuffle of its indices, cut into
+    *global* batches of batch_size × world_size, the rest carried over; 2. the global batches are shuffled (buckets
+    interleave); 3. rank r takes slice [r·B, (r+1)·B) of each. So every image trains once per epoch (at most one
+    late), a batch is one size, and one process with batch B·W sees what W ranks with batch B see. A resume: the
+    loop counts `batches_done` (the DataLoader prefetches, so the sampler cannot), state_dict saves it, iter()
+    starts there. (The official trainer: each image once per epoch too, batches of mixed sizes, seed global_seed
+    + 100·resolution.)"""
 
     def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0):
         check_sampler_args(dataset, rank, world_size)
@@ -213,8 +136,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return sum((len(c) + len(m)) // self.global_batch for c, m in zip(self.carry, self.members))
 
     def _plan(self):
-        """The current epoch: (its global batches in order, each an int64 array of batch_size × world_size;
-        what each bucket carries into the next epoch)."""
+        """This epoch's global batches in order (int64 [batch_size × world_size] each), and each bucket's carry."""
         rng = np.random.default_rng([self.seed, self.epoch])
         G, batches, carry_out = self.global_batch, [], []
         for idx, carried in zip(self.members, self.carry):
@@ -229,15 +151,13 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return [batches[k] for k in rng.permutation(len(batches))], carry_out
 
     def __iter__(self):
-        # Sliced here, eagerly: a generator body would only read batches_done at the first next(), by which
-        # time the training loop may already have advanced it.
+        # Sliced now: a generator body would read batches_done at the first next(), after the loop may move it.
         batches = self._plan()[0][self.batches_done:]
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
         return (gb[lo:hi].tolist() for gb in batches)
 
     def set_epoch(self, epoch):
-        """Select the epoch (the shuffle). A new epoch starts at batch 0; setting the current epoch again
-        keeps a resume point loaded for it. Going forward replays the epochs in between (for the carry)."""
+        """Select the epoch (the shuffle), from batch 0; the current one again keeps a loaded resume point."""
         if epoch == self.epoch:
             return
         if epoch < self.epoch:
@@ -259,7 +179,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 def collate(items):
     """Dataset items (an unusable one is None or an Unreadable) -> {images [B, 3, H, W] (a list if sizes differ),
     captions, systems, dropped, dropped_files (the only record of bad files that crosses DataLoader workers)}; a
-    batch can come out short or empty. FeatureCache items give latents [B, C, h, w] and cap_feats [L_i, D] each."""
+    batch can come out short or empty. FeatureCache items give latents and cap_feats instead."""
     good = [it for it in items if it]
     dropped = dict(dropped=len(items) - len(good), dropped_files=[str(it) for it in items if isinstance(it, str)])
     if good and "latent" in good[0]:                       # from a FeatureCache: the encoders already ran
@@ -274,20 +194,23 @@ def collate(items):
 
 
 # ==============================================================================================================
-# Files, checks and scenes. A first reading can skip everything below: bad images, parsing, scenes, the cache.
+# Files, checks and scenes. A first reading can skip everything below: image datasets, parsing, scenes, cache.
 # ==============================================================================================================
 
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from PIL import ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
+
+import dino
 
 log = logging.getLogger("data")
 
@@ -344,6 +267,76 @@ def random_square_crops(images, size, generators):
         left = int(torch.randint(w - size + 1, (1,), generator=gen))
         out.append(image[:, top:top + size, left:left + size])
     return torch.stack(out)
+
+
+# ----- The JSONL and folder datasets --------------------------------------------------------------------
+
+def resize_to_cover(image, size_hw):
+    """Resize a PIL image to cover (height, width), keeping its aspect, then centre-crop to exactly that, as the
+    official `center_crop`: box-filter halvings (cheap, alias-free), then one bicubic resize. Never stretches."""
+    th, tw = size_hw
+    while image.width >= 2 * tw and image.height >= 2 * th:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    scale = max(tw / image.width, th / image.height)
+    # max(): float rounding must never leave the covering side one pixel short of the target
+    new_w, new_h = max(tw, round(image.width * scale)), max(th, round(image.height * scale))
+    image = image.resize((new_w, new_h), resample=Image.BICUBIC)
+    left, top = (new_w - tw) // 2, (new_h - th) // 2
+    return image.crop((left, top, left + tw, top + th))
+
+
+class _ImageListDataset(torch.utils.data.Dataset):
+    """Shared body of JsonlDataset and FolderDataset: records {path, caption, system, size}, each item's bucket
+    fixed at start-up from its size (read_sizes). square=True, the official autoencoder recipe: shorter side to
+    `resolution`, one bucket, the random square cut by the trainer. `skipped`: unusable images in this process."""
+
+    def __init__(self, records, resolution, patch, max_ratio, source, square=False):
+        self.resolution, self.source, self.square = resolution, source, square
+        self.bucket_list = [(resolution, resolution)] if square else buckets(resolution, patch, max_ratio)
+        self._bad = _BadImageLog()
+        if len(self.bucket_list) > 1:
+            records = read_sizes(records, self._bad, source)
+        self.records = records
+        self.bucket_ids = [0 if len(self.bucket_list) == 1 else
+                           self.bucket_list.index(nearest_bucket(*r["size"], self.bucket_list)) for r in records]
+        check_records(self)
+
+    @property
+    def skipped(self):
+        return self._bad.count
+
+    def __len__(self):
+        return len(self.records)
+
+    def bucket_of(self, i):
+        """(height, width) in pixels that item i is cropped to."""
+        return self.bucket_list[self.bucket_ids[i]]
+
+    def __getitem__(self, i):
+        rec = self.records[i]
+        image = load_rgb(rec, self._bad)           # upright (EXIF), RGB; an Unreadable(path) if it cannot be read
+        if not image:
+            return image
+        if self.square:                            # [3, resolution, >= resolution] or the transpose
+            return dict(image=image_to_tensor(resize_shorter_side(image, self.resolution)),
+                        caption=rec["caption"], system=rec["system"])
+        image = resize_to_cover(image, self.bucket_of(i))      # the bucket fixed at start-up: batches stack
+        return dict(image=image_to_tensor(image), caption=rec["caption"], system=rec["system"])
+
+
+class JsonlDataset(_ImageListDataset):
+    """The official JSONL format: {"path", "prompt"} per line (system prompt 'base') or {"image_path",
+    "super_high_quality_caption"} ('align'), or a .json array of them; read_jsonl checks every line at start-up."""
+
+    def __init__(self, path, resolution, patch=16, max_ratio=4.0, limit=None, square=False):
+        super().__init__(read_jsonl(path, limit), resolution, patch, max_ratio, source=path, square=square)
+
+
+class FolderDataset(_ImageListDataset):
+    """Every image under a folder (recursively, sorted) with a same-stem `.txt` caption beside it; system 'base'."""
+
+    def __init__(self, path, resolution, patch=16, max_ratio=4.0, limit=None, square=False):
+        super().__init__(read_folder(path)[:limit], resolution, patch, max_ratio, source=path, square=square)
 
 
 # ----- Bad-image reporting ----------------------------------------------------------------------------------
