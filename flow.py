@@ -6,10 +6,9 @@ velocity field from noise (t = 0) to data (t = 1) with an ODE solver, under clas
 The official code is KlingTeam/SVG-T2I `svg_t2i/transport/` (path.py, transport.py, dpm_solver.py) and
 `forward_with_cfg` in `svg_t2i/models/model_dino.py`.
 
-WARNING, the direction of time. Here, as in the official code, t = 0 is NOISE and t = 1 is DATA. minRF,
-SD3 and diffusers' FlowMatchEulerDiscreteScheduler use the reverse (x_t = (1 − t)·x_data + t·noise, t = 1
-is noise, and the velocity they learn, noise − data, is minus ours). Carry a formula over from one of them and
-flip t -> 1 − t and the sign of v. Conventions used everywhere in this file:
+WARNING, the direction of time. Here, as in the official code, t = 0 is NOISE and t = 1 is DATA. minRF, SD3
+and diffusers' FlowMatchEulerDiscreteScheduler use the reverse (x_t = (1 − t)·x_data + t·noise; their velocity,
+noise − data, is minus ours): a formula carried over from one flips t -> 1 − t and the sign of v. Conventions:
   * t is the DATA time: t = 0 is pure noise, t = 1 is data. NextDiT receives t itself, not 1000·t.
   * σ = 1 − t is the NOISE LEVEL (DPM-Solver's τ). A "shift" s > 1 moves time towards noise:
         σ' = s·σ / (1 + (s − 1)·σ)           (the same formula in training and in every sampler)
@@ -68,11 +67,10 @@ def training_loss(v_pred, x0_noise, x1_data):
 def flow_matching_loss(velocity_fn, x1_data, generators, shift, *cond):
     """The whole training loss of one micro-batch (paper §3.3), a scalar: per sample a flow time t (logit-normal,
     shifted towards noise by `shift`) and Gaussian noise x0, the mix x_t = t·x1 + (1 − t)·x0, the model's
-    velocity there regressed onto x1 − x0; each sample's MSE, averaged over the batch.
-
-    x1_data [B, C, h, w] (normalised latents); generators: one CPU torch.Generator per sample, which draws its
-    t and then its x0, so the draws depend on the sample's generator alone (train.py keys each by the sample's
-    place in the global batch); velocity_fn(x_t, t, *cond) -> v [B, C, h, w], `cond` the caption features."""
+    velocity there regressed onto x1 − x0; each sample's MSE, averaged over the batch. x1_data [B, C, h, w]
+    (normalised latents); generators: one CPU torch.Generator per sample, which draws its t and then its x0, so
+    the draws depend on the sample's generator alone (train.py keys each by the sample's place in the global
+    batch); velocity_fn(x_t, t, *cond) -> v [B, C, h, w], `cond` the caption features."""
     t = shift_timesteps(torch.cat([sample_timesteps(1, generator=g) for g in generators]), shift)   # [B]
     x0 = torch.stack([torch.randn(x1_data.shape[1:], generator=g) for g in generators])             # [B, C, h, w]
     # Host-to-device copies are non_blocking: the host queues them and goes on (from pinned memory on CUDA).
@@ -84,18 +82,15 @@ def flow_matching_loss(velocity_fn, x1_data, generators, shift, *cond):
 # ----- Timestep sampling and the resolution shift -----------------------------------------------------
 
 def sample_timesteps(n, generator=None, mode="lognorm", mu=LOGNORM_MU, device=None):
-    """Draw n training times t in (0, 1) -> [n] float32.
-
-    'lognorm': t = sigmoid(u), u ~ N(mu, 1)   (what every official training script uses)
-    'uniform': t ~ U(0, 1)                     (the argparse default)
-    Drawn on the generator's device (CPU by default) for reproducibility, then moved to `device`.
+    """n training times t in (0, 1) -> [n] float32: 'lognorm' t = sigmoid(N(mu, 1)) (every official training
+    script), 'uniform' U(0, 1) (the argparse default); drawn on the generator's device (CPU by default, for
+    reproducibility), then moved to `device`.
 
     Why logit-normal: SD3 (Esser et al., arXiv 2403.03206, §3.1; best of the t samplers it compared) argues
     the middle of the path is the hard part. At t = 0, x_t = x0 is known and the best velocity is E[x1] − x0;
     at t = 1, x_t = x1 and it is x1 − E[x0] = x1: a mean plus what x_t shows. In between the model has to
     tell which image and which noise were mixed. sigmoid(N(0, 1)) has its mode at t = 0.5, puts 68% of
-    draws in (0.27, 0.73), 95% in (0.12, 0.88), and 1.4% below 0.1 (as many above 0.9), where uniform puts 10%.
-    """
+    draws in (0.27, 0.73), 95% in (0.12, 0.88), and 1.4% below 0.1 (as many above 0.9), where uniform puts 10%."""
     gen_device = generator.device if generator is not None else "cpu"
     if mode == "lognorm":
         t = torch.sigmoid(torch.randn(n, generator=generator, device=gen_device) + mu)
@@ -117,24 +112,20 @@ def resolution_shift(num_tokens):
     spend many steps on noise levels that are easy at high resolution. The shift moves the drawn times toward
     noise, more for more tokens: the median draw, σ = 0.5, becomes σ' = 0.62 at 256 px and 0.76 at 1024 px.
     (SD3, arXiv 2403.03206, "resolution-dependent shifting of timestep schedules", derives a shift of
-    √(4096/256) = 4 from the same argument; the official formula is gentler.)
-    """
+    √(4096/256) = 4 from the same argument; the official formula is gentler.)"""
     (n0, n1), (mu0, mu1) = SHIFT_TOKENS, SHIFT_MU
     mu = mu0 + (mu1 - mu0) * (num_tokens - n0) / (n1 - n0)
     return math.exp(mu)
 
 
 def shift_sigma(sigma, s):
-    """Shift a NOISE LEVEL σ = 1 − t: σ' = s·σ / (1 + (s − 1)·σ). s > 1 raises σ (more time near noise);
-    σ = 0 and σ = 1 are fixed points."""
+    """Shift a NOISE LEVEL σ = 1 − t: σ' = s·σ / (1 + (s − 1)·σ); s > 1 raises σ; σ = 0, 1 stay fixed."""
     return s * sigma / (1 + (s - 1) * sigma)
 
 
 def shift_timesteps(t, s):
-    """Shift DATA times t (0 = noise) towards noise: t' = 1 − shift_sigma(1 − t, s), so t' ≤ t for s > 1.
-
-    This is the official training shift t <- 1 − e^μ / (e^μ + (1/(1 − t) − 1)) with s = e^μ, written in σ.
-    """
+    """Shift DATA times t (0 = noise) towards noise: t' = 1 − shift_sigma(1 − t, s) ≤ t for s > 1; the official
+    training shift t <- 1 − e^μ / (e^μ + (1/(1 − t) − 1)) with s = e^μ, written in σ."""
     return 1 - shift_sigma(1 - t, s)
 
 
@@ -156,8 +147,7 @@ def _call(velocity_fn, x, t_value):
 
 
 def euler_midpoint_grid(intervals, shift):
-    """Data-time grid 0 = t_0 < ... < t_n = 1: a uniform grid in σ, shifted (the official `ode` in
-    svg_t2i/transport/integrators.py)."""
+    """Data-time grid 0 = t_0 < ... < t_n = 1, uniform in σ, shifted (the official `ode`, transport/integrators.py)."""
     sigma = 1 - torch.linspace(0, 1, intervals + 1, dtype=torch.float64)
     return (1 - shift_sigma(sigma, shift)).tolist()
 
@@ -168,8 +158,7 @@ def dpm_sigma_grid(steps, shift):
     Why 0.999, not 1: DPM-Solver steps in λ = log(α/σ) = log((1 − σ)/σ), −∞ at σ = 1 (α = 0), so its grid
     cannot start there. The official `DPM_Solver.sample` (svg_t2i/transport/dpm_solver.py) keeps its usual end
     time t_0 = 1/total_N = 1/1000 (a 1000-step discrete model's first time) and the flow grid spaces 1 − t over
-    [t_0, 1]: the first level is 1 − 0.001, σ = 0.9999 after shift 10 (pure noise treated as 0.01% data).
-    """
+    [t_0, 1]: the first level is 1 − 0.001, σ = 0.9999 after shift 10 (pure noise treated as 0.01% data)."""
     u = DPM_SIGMA_MAX * (steps - torch.arange(steps + 1, dtype=torch.float64)) / steps
     return shift_sigma(u, shift).tolist()
 
@@ -203,15 +192,13 @@ def sample_dpm(velocity_fn, x, steps, shift, progress=False):
         x_k = (τ_k / τ_{k−1})·x_{k−1} − (1 − τ_k)·(e^{−h_k} − 1)·D_k,
         D_k = x̂1_{k−1} + (x̂1_{k−1} − x̂1_{k−2}) / (2·r_k)      (D_k = x̂1_{k−1} on a first-order step)
 
-    The first step is first order (no history yet), and so is the last (to τ = 0, where λ = ∞), which
-    lands exactly on x̂1 of the previous point. N steps cost N evaluations.
+    The first step is first order (no history yet), so is the last (to τ = 0, λ = ∞: x lands on the last x̂1).
 
     Why the default, when Euler gives the same picture at 8 steps on the demo (README, exercise 3): it is
     the official sampler (svg_t2i/scripts/sample.sh), the one the released model's images were made with;
     its global error falls as h² where Euler's falls as h, which matters where paths bend -- the demo's are
     nearly straight, the 2B model's at 1024 px under CFG 4 need not be (not measured: it needs a GPU). The
-    paper recommends 2M for guided sampling, since higher orders become unstable at large guidance scales.
-    """
+    paper recommends 2M for guided sampling, since higher orders become unstable at large guidance scales."""
     taus = dpm_sigma_grid(steps, shift)
     lam = [math.log((1 - tau) / tau) if tau > 0 else math.inf for tau in taus]
 
@@ -239,12 +226,9 @@ SOLVERS = {"euler": sample_euler, "midpoint": sample_midpoint, "dpm": sample_dpm
 
 
 def sample(velocity_fn, noise, steps=DEFAULT_STEPS, solver=DEFAULT_SOLVER, shift=None, progress=False):
-    """Integrate the flow from `noise` (t = 0) to data (t = 1) with `steps` model evaluations.
-
-    velocity_fn(x, t): x [B, ...] float32, t [B] float32 in [0, 1] (0 = noise) -> v, same shape as x.
-    solver: 'dpm', 'euler' or 'midpoint'; shift: the time shift s (None = 1), one for every solver (README,
-    differences table: the official --t_shift 6 for euler / midpoint). Float32, as the official sampler.
-    """
+    """Integrate the flow from `noise` (t = 0) to data (t = 1) with `steps` model evaluations of velocity_fn(x, t)
+    -> v like x. solver: 'dpm', 'euler' or 'midpoint'; shift: the time shift s (None = 1), one for every solver
+    (README, differences table: the official --t_shift 6 for euler / midpoint). Float32, as the official sampler."""
     check_sampler(steps, solver, shift)
     with torch.no_grad():
         return SOLVERS[solver](velocity_fn, noise.float(), steps, 1.0 if shift is None else float(shift), progress)
@@ -253,15 +237,12 @@ def sample(velocity_fn, noise, steps=DEFAULT_STEPS, solver=DEFAULT_SOLVER, shift
 # ----- Classifier-free guidance (the official `forward_with_cfg`, svg_t2i/models/model_dino.py) --------
 
 def cfg_velocity(v_cond, v_uncond, scale, renorm=DEFAULT_RENORM):
-    """Guided velocity v = v_u + scale·(v_c − v_u).
-
-    What renorm fixes: v = v_c + (scale − 1)·(v_c − v_u) pushes past the conditional velocity and makes v
-    longer than any the model learnt; integrated, the latent overshoots and the image comes out over-saturated
-    and over-contrasted. On the demo (128 px, 20 steps) ‖v‖ averages 1.25x ‖v_c‖ at its scale 3 (up to
-    2.6x), 1.39x at the official 4 (up to 3.5x), 2.05x at 8 (up to 7.2x). With `renorm` (the official default)
-    each sample's v is scaled down so that its L2 norm over the whole latent is at most that of v_c:
-    v *= min(1, ‖v_c‖ / ‖v‖). The direction guidance chose is kept; only the length is clipped.
-    """
+    """Guided velocity v = v_u + scale·(v_c − v_u). What renorm fixes: v = v_c + (scale − 1)·(v_c − v_u) pushes
+    past the conditional velocity, longer than any the model learnt; integrated, the latent overshoots and the
+    image comes out over-saturated and over-contrasted. On the demo (128 px, 20 steps) ‖v‖ averages 1.25x ‖v_c‖
+    at its scale 3 (up to 2.6x), 1.39x at the official 4 (up to 3.5x), 2.05x at 8 (up to 7.2x). `renorm` (the
+    official default) scales each sample's v by min(1, ‖v_c‖ / ‖v‖) (L2 norms over the whole latent): the
+    direction guidance chose is kept, only the length is clipped."""
     v = v_uncond + scale * (v_cond - v_uncond)
     if renorm:
         cond_norm = v_cond.flatten(1).norm(dim=1)                     # [B]
@@ -273,9 +254,8 @@ def cfg_velocity(v_cond, v_uncond, scale, renorm=DEFAULT_RENORM):
 # ----- Seeded noise -----------------------------------------------------------------------------------
 
 def seeded_noise(batch, channels, height, width, seed=None, generator=None, device="cpu", dtype=torch.float32):
-    """Standard normal noise [batch, channels, height, width] in latent sizes (pixels / 16), height FIRST
-    (the official sampler transposed non-square sizes); drawn on the CPU from `seed` (or `generator`), so a
-    seed gives the same image on every device."""
+    """Standard normal noise [batch, channels, height, width] (latent sizes, height FIRST: the official sampler
+    transposed non-square sizes), drawn on the CPU from `seed` (or `generator`): a seed is one image on any device."""
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(int(seed))
     noise = torch.randn(batch, channels, height, width, generator=generator)
