@@ -147,7 +147,7 @@ def _call(velocity_fn, x, t_value):
 
 
 def euler_midpoint_grid(intervals, shift):
-    """Data-time grid 0 = t_0 < ... < t_n = 1, uniform in σ, shifted (the official `ode`, transport/integrators.py)."""
+    """Data-time grid 0 = t_0 < ... < t_n = 1, uniform in σ, shifted (official `ode`, transport/integrators.py)."""
     sigma = 1 - torch.linspace(0, 1, intervals + 1, dtype=torch.float64)
     return (1 - shift_sigma(sigma, shift)).tolist()
 
