@@ -20,10 +20,11 @@ import torch
 # ----- Aspect-ratio buckets ---------------------------------------------------------------------------------
 
 def buckets(resolution, patch=16, max_ratio=4.0):
-    """A stage's training sizes [(height, width)] in pixels, as the official `generate_crop_size_list`
-    (svg_t2i/util/imgproc.py): walk the boundary of the token grids w·h ≤ N = (resolution/patch)², widest (N × 1)
-    to tallest, keeping aspect ≤ max_ratio with floor(w/2), floor(h/2) even: 15 buckets at 256 px, 27 at 512, 51 at
-    1024 (patch 16). In tokens (the official test is in pixels, alike at patch 16): patch 8, 128 px = 256 px / 16."""
+    """All training sizes for one stage, as a list of (height, width) in pixels: the official enumeration
+    (`generate_crop_size_list`, KlingTeam/SVG-T2I `svg_t2i/util/imgproc.py`) walks the boundary of the token-grid
+    region w·h ≤ N = (resolution/patch)², widest grid (N × 1) to tallest, keeping grids of aspect ≤ max_ratio whose
+    floor(w/2) and floor(h/2) are even: 15 buckets at 256 px, 27 at 512, 51 at 1024 (patch 16). Written in tokens
+    (the official test is in pixels, the same for patch 16), so patch 8 at 128 px has the 256-px / 16 grids."""
     check_bucket_args(resolution, patch, max_ratio)
     num_tokens = (resolution // patch) ** 2
     out = []
@@ -110,14 +111,15 @@ def open_dataset(spec, resolution, seed=0, patch=16, max_ratio=4.0, limit=None, 
 # ----- Batching: one bucket per batch, one share per rank ---------------------------------------------------
 
 class BucketBatchSampler(torch.utils.data.Sampler):
-    """This rank's indices for every step of an epoch (`DataLoader(batch_sampler=...)`). Per epoch, rng seeded by
-    (seed, epoch): 1. each bucket queues the previous epoch's leftovers, then a shuffle of its indices, cut into
-    *global* batches of batch_size × world_size, the rest carried over; 2. the global batches are shuffled (buckets
-    interleave); 3. rank r takes slice [r·B, (r+1)·B) of each. So every image trains once per epoch (at most one
-    late), a batch is one size, and one process with batch B·W sees what W ranks with batch B see. A resume: the
-    loop counts `batches_done` (the DataLoader prefetches, so the sampler cannot), state_dict saves it, iter()
-    starts there. (The official trainer: each image once per epoch too, batches of mixed sizes, seed global_seed
-    + 100·resolution.)"""
+    """Yields this rank's indices for every step of an epoch (`DataLoader(batch_sampler=...)`). Per epoch, with a
+    numpy rng seeded by (seed, epoch): 1. each bucket queues what the previous epoch left over, then a shuffle of
+    its indices, cut into *global* batches of batch_size × world_size, the rest carried to the next epoch; 2. the
+    global batches are shuffled (buckets interleave); 3. rank r takes slice [r·B, (r+1)·B) of each. So every image
+    trains once per epoch (at most one epoch late), each batch is one size, and 1-2 depend on the global batch
+    alone: one process with batch B·W sees exactly what W ranks with batch B see, and every rank the same number
+    of batches. A resume: the training loop counts `batches_done` (the DataLoader prefetches, so the sampler
+    cannot); state_dict saves it with the epoch, and iter() starts there. (The official trainer also takes every
+    image every epoch, in batches of mixed sizes; its seed, global_seed + 100·resolution, a trainer can pass.)"""
 
     def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0):
         check_sampler_args(dataset, rank, world_size)
@@ -179,7 +181,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 def collate(items):
     """Dataset items (an unusable one is None or an Unreadable) -> {images [B, 3, H, W] (a list if sizes differ),
     captions, systems, dropped, dropped_files (the only record of bad files that crosses DataLoader workers)}; a
-    batch can come out short or empty. FeatureCache items give latents and cap_feats instead."""
+    batch can come out short or empty. FeatureCache items give latents [B, C, h, w] and cap_feats [L_i, D] each."""
     good = [it for it in items if it]
     dropped = dict(dropped=len(items) - len(good), dropped_files=[str(it) for it in items if isinstance(it, str)])
     if good and "latent" in good[0]:                       # from a FeatureCache: the encoders already ran
