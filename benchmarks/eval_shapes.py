@@ -36,8 +36,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
-from data import NEW_SHAPES, PAIR_POSITIONS, PALETTE, POSITIONS, SHAPES, caption_for, parse_caption, \
-    render_shapes  # noqa: E402
+from data import NEW_SHAPES, PAIR_POSITIONS, PALETTE, POSITIONS, SHAPES, STAR_SIDE, caption_for, \
+    parse_caption, render_shapes  # noqa: E402
 
 # Thresholds. The nearest palette colour is at least ~240 RGB units from white, so a quarter of that marks
 # foreground; shape fills split halfway between the ideal values 0.5, π/4 and 1.
@@ -278,7 +278,9 @@ def round_trip(pipe, prompts):
     size = pipe.settings()[0]                                   # the model's default (square) size
     records = []
     for b in range(0, len(prompts), 30):
-        batch = [parse_caption(p) for p in prompts[b:b + 30]]
+        # each object at its clean size: the old shapes' default, a star at the size shapes:star trains on
+        batch = [[dict(o, side=STAR_SIDE) if o["shape"] in NEW_SHAPES else o for o in parse_caption(p)]
+                 for p in prompts[b:b + 30]]
         truth = np.stack([np.asarray(render_shapes(objects, size)) for objects in batch])
         x = torch.from_numpy(truth).permute(0, 3, 1, 2).to(pipe.device, torch.float32) / 127.5 - 1   # [n, 3, H, W]
         dtype = next(pipe.autoencoder.decoder.parameters()).dtype
