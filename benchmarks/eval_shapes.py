@@ -18,6 +18,8 @@ The classifier, step by step:
      from convex: a five-pointed star (the fine-tuning exercise's new shape, README "Fine-tuning") covers
      0.47 of its convex hull, the three others ≥ 0.9, so "solidity" (area / hull area) < 0.7 reads as a star.
 It is checked on rendered ground truth by tests/test_eval_shapes.py.
+`--round-trip` reads that ground truth after a checkpoint's own encoder and decoder instead of sampling: the
+best its frozen decoder allows (the demo's rounds the points of a small star off; data.STAR_SIDE says why).
 
 Scoring (GenEval's two-object and colour-attribution questions, in miniature): a one-object prompt is right
 when the largest object found has its colour, shape and position. A two-object prompt is scored per object
