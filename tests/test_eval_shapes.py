@@ -178,3 +178,17 @@ def test_the_classifier_reads_rendered_stars_and_still_every_old_shape():
     records = [dict(prompt=p, n_objects=1, score=dict(objects=[dict(color=True, shape=True, position=True)], all=True,
                                                       count=True)) for p in eval_shapes.STAR_PROMPTS[:3]]
     assert eval_shapes.summarize(records)["star"]["n"] == 3        # stars are reported as a group of their own
+
+
+def test_the_exercise_stars_survive_the_demo_decoder_and_round_trip_reports_them():
+    # The demo's frozen decoder never saw a star and rounds thin points off: the star size shapes:star trains
+    # on (data.STAR_SIDE) is one whose ground truth, encoded and decoded by the shipped demo, still reads as a
+    # star every time (at the old clean side, 35%, only 18 of 40 do). The old shapes come back too.
+    import sample
+    pipe = sample.load_pipeline(os.path.join(os.path.dirname(_PATH), os.pardir, "assets", "demo"), device="cpu")
+    prompts = eval_shapes.STAR_PROMPTS + eval_shapes.EVAL_PROMPTS[::10]
+    records = eval_shapes.round_trip(pipe, prompts)
+    misses = [(r["prompt"], r["found"][:1]) for r in records if not r["score"]["all"]]
+    assert not misses, misses
+    summary = eval_shapes.summarize(records)
+    assert summary["star"]["n"] == 40 and summary["single"]["n"] + summary["two"]["n"] == len(prompts) - 40

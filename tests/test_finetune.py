@@ -186,4 +186,7 @@ def test_the_star_leaves_the_demo_data_unchanged_and_shapes_star_draws_stars():
     assert 0.4 < len(star_scenes) / len(scenes) < 0.6                # half stars, half the scenes the demo knows
     assert {(o[0]["color"], o[0]["position"]) for o, _ in star_scenes} == \
         {(c, p) for c in data.PALETTE for p in data.POSITIONS}       # 8 colours x 5 positions
+    # clean stars, larger than the old objects' 35% so that the demo's decoder keeps their points (data.STAR_SIDE)
+    assert {(o[0]["cx"], o[0]["cy"], o[0]["side"]) for o, _ in star_scenes} == \
+        {(*data.POSITIONS[p], 0.45) for p in data.POSITIONS}
     assert data.parse_caption("a red star in the top left") == [dict(color="red", shape="star", position="top left")]
