@@ -354,8 +354,7 @@ class SwiGLUFFN(nn.Module):
 
 
 class LayerScale(nn.Module):
-    """Per-channel learned scale of a residual branch; gamma starts at 1e-5, so each block starts near the
-    identity and a deep stack trains stably (CaiT, Touvron et al. 2021)."""
+    """Per-channel learned scale of a residual branch, gamma [D] (why it starts at 1e-5: Block's docstring)."""
 
     def __init__(self, dim: int, init: float):
         super().__init__()
