@@ -11,12 +11,11 @@ SVG-T2I has no VAE: its latent is the frozen DINOv3 ViT-S+/16 feature map (dino.
 - Autoencoder-R ("residual"): a small RoPE ViT adds 8 channels of detail DINOv3 drops (392 in all).
 - The decoder's training loss (AutoencoderLoss): L1 + LPIPS + a hinge PatchGAN with an adaptive weight.
 
-Why R exists, and why generation still uses P: DINOv3 was trained to describe an image, not to redraw it,
-so fine texture, small text and exact colours are partly lost in its features. R's 8 channels carry what the
-decoder still misses and reconstruct better, but the released DiT was trained on the 384 P channels
-(`in_channels=384` in KlingTeam/SVG-T2I `svg_t2i/train_svg_t2i.py`; no T2I model was trained on R, say the
-authors in its GitHub issues #1, #2). Numbers follow the official code (`svg_t2i/ldm/`) and the released
-configs (`svg_t2i/pre-trained/autoencoder/*.yaml`) unless a comment says otherwise.
+Why R exists, and why generation still uses P: DINOv3 was trained to describe an image, not to redraw it, so
+fine texture, small text and exact colours are partly lost in its features. R's 8 channels carry what the
+decoder misses, but the released DiT was trained on the 384 P channels (`in_channels=384` in KlingTeam/SVG-T2I
+`svg_t2i/train_svg_t2i.py`; no T2I model was trained on R, say the authors in its GitHub issues #1, #2). Numbers
+follow the official code (`svg_t2i/ldm/`) and configs (`svg_t2i/pre-trained/autoencoder/*.yaml`) unless noted.
 """
 import json
 import math
@@ -36,23 +35,20 @@ import dino
 # ----- Decoder --------------------------------------------------------------------------------------
 
 class Decoder(nn.Module):
-    """LDM's convolutional decoder (Rombach et al. 2022), from taming-transformers (Esser et al. 2021, "Taming
-    Transformers for High-Resolution Image Synthesis", arXiv 2012.09841, the VQGAN code), with the released
-    SVG-T2I key layout (`svg_t2i/ldm/modules/diffusionmodules/model.py`, `Decoder`).
+    """LDM's convolutional decoder (Rombach et al. 2022) from taming-transformers (Esser et al. 2021, arXiv
+    2012.09841, the VQGAN code), in the released key layout (`svg_t2i/ldm/modules/diffusionmodules/model.py`).
 
-    z [B, z_channels, h, w] → image [B, out_ch, h·2^(L-1), w·2^(L-1)], L = len(ch_mult), unbounded (trained
-    towards [-1, 1]). Level widths are ch·ch_mult[i]; each level has num_res_blocks+1 ResnetBlocks (GroupNorm →
-    swish → 3×3 conv, twice, plus a skip), then an Upsample (nearest ×2, 3×3 conv): standard LDM blocks, below
-    the banner. Attention (one head over all h·w positions) once in the middle and after *every* ResnetBlock
-    of the lowest level: the released configs say `attn_resolutions: []`, but the official `model.py`
-    hard-codes it and the released weights contain those blocks.
+    z [B, z_channels, h, w] → image [B, out_ch, h·2^(L-1), w·2^(L-1)], L = len(ch_mult), trained towards [-1, 1].
+    Level i is ch·ch_mult[i] wide: num_res_blocks+1 ResnetBlocks (GroupNorm → swish → 3×3 conv, twice, + skip),
+    then an Upsample (nearest ×2, 3×3 conv): standard LDM blocks, below the banner. One-head attention over all
+    h·w positions once in the middle and after *every* ResnetBlock of the lowest level: the released configs
+    say `attn_resolutions: []`, but the official `model.py` hard-codes it and the released weights have it.
     """
 
     def __init__(self, z_channels, ch, ch_mult, num_res_blocks, out_ch=3):
         super().__init__()
         ch_mult = tuple(int(m) for m in ch_mult)
-        self.config = dict(z_channels=z_channels, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-                           out_ch=out_ch)
+        self.config = dict(z_channels=z_channels, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, out_ch=out_ch)
         self.z_channels = z_channels
         self.upsample_factor = 2 ** (len(ch_mult) - 1)
         widths = [ch * m for m in ch_mult]                  # released: 128, 128, 256, 256, 512
@@ -94,96 +90,16 @@ class Decoder(nn.Module):
         return self.conv_out(swish(self.norm_out(h)))       # [B, out_ch, h·f, w·f]
 
 
-# ----- Residual ViT ---------------------------------------------------------------------------------
-
-class ResidualViT(nn.Module):
-    """Autoencoder-R's residual branch: a RoPE-Mixed DeiT-S/16 with LayerScale and an MLP head.
-
-    image (ImageNet-normalised) [B,3,H,W] → patch conv → [CLS; patches] → depth × LayerScaleBlock →
-    LayerNorm → drop CLS → heads (Linear, GELU, Linear) → [B, out_dim, H/p, W/p]. The blocks are dino.py's
-    pre-norm LayerScale blocks (below the banner) with RoPE-Mixed attention (Heo et al. 2024, "Rotary Position
-    Embedding for Vision Transformer"): each head rotates (even, odd) pairs of the patch tokens' q/k by an
-    angle that is a *learned* linear function of the patch's (x, y) index (the other RoPEs of this project
-    use fixed frequencies). With no absolute position embedding, any H, W that are multiples of the patch
-    size work. Its 1000-way `head` is kept (frozen, never called) only so the released file loads strictly.
-    """
-
-    def __init__(self, embed_dim, depth, num_heads, out_dim, patch_size=16, img_size=1024):
-        super().__init__()
-        _check_residual_config(embed_dim, num_heads)
-        self.config = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, out_dim=out_dim,
-                           patch_size=patch_size, img_size=img_size)
-        self.patch_size, self.num_heads, self.out_dim = patch_size, num_heads, out_dim
-        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
-        # The RoPE-Mixed frequencies, [2 (x, y), depth, heads·head_dim/2]: learned, trained with the rest.
-        self.freqs = nn.Parameter(init_mixed_rope_freqs(depth, num_heads, embed_dim // num_heads))
-        # Positions of the img_size² grid, stored in the released file; other grids recompute them.
-        self.stored_grid = img_size // patch_size
-        t_x, t_y = patch_positions(self.stored_grid, self.stored_grid)
-        self.register_buffer("freqs_t_x", t_x)
-        self.register_buffer("freqs_t_y", t_y)
-        self.patch_embed = nn.ModuleDict({"proj": nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)})
-        self.blocks = nn.ModuleList(LayerScaleBlock(embed_dim, num_heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.head = nn.Linear(embed_dim, NUM_CLASSES).requires_grad_(False)   # unused, see docstring
-        self.heads = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, out_dim))
-        _deit_init(self)
-
-    def rope_angles(self, grid_h, grid_w):
-        """cos/sin of every block's rotation angles, angle = x·freqs[0] + y·freqs[1]: two [depth, heads, N,
-        head_dim/2] tensors."""
-        t_x, t_y = _grid_positions(self, grid_h, grid_w)    # integer (x, y) of each patch, [N] each
-        depth, n = self.freqs.shape[1], t_x.numel()
-        # Angles stay in float32 even under autocast: positions reach 63 and need the mantissa.
-        with torch.autocast(self.freqs.device.type, enabled=False):
-            angles = t_x[None, :, None] * self.freqs[0].float()[:, None, :] \
-                + t_y[None, :, None] * self.freqs[1].float()[:, None, :]          # [depth, N, heads·hd/2]
-            angles = angles.view(depth, n, self.num_heads, -1).permute(0, 2, 1, 3)   # [depth, heads, N, hd/2]
-            return angles.cos(), angles.sin()
-
-    def forward(self, x):                                   # [B, 3, H, W], ImageNet-normalised
-        B, _, H, W = x.shape
-        p = self.patch_size
-        _check_multiple(H, W, p, "ResidualViT: image size")
-        tokens = self.patch_embed["proj"](x).flatten(2).transpose(1, 2)            # [B, N, D]
-        tokens = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)      # [B, 1+N, D]
-        cos, sin = self.rope_angles(H // p, W // p)
-        for i, block in enumerate(self.blocks):
-            tokens = block(tokens, cos[i].to(tokens.dtype), sin[i].to(tokens.dtype))
-        out = self.heads(self.norm(tokens)[:, 1:])          # [B, N, out_dim]
-        return out.transpose(1, 2).reshape(B, self.out_dim, H // p, W // p)
-
-
-def match_distribution(dino_feats, res_feats, eps=1e-6):
-    """Give the residual channels DINOv3's overall scale: a *scalar* mean/std transfer (the `use_outnorm`
-    step of `svg_t2i/ldm/models/dinov3_decoder_native_resolution.py`).
-
-    dino_feats [B, C, ...], res_feats [B, R, ...]. Why: the 8 channels are concatenated to DINOv3's and enter
-    the same first conv, so they are put on DINOv3's scale, one mean and one std for all channels (the mean
-    over channels of per-channel means and unbiased stds over batch and positions). The statistics are
-    detached, so gradients flow only through the residual values. They are pooled over the batch, so an
-    image's latent depends on its batch mates: encode one image per call when that matters (as the official
-    native-resolution trainer did).
-    """
-    def scalar_stats(t):
-        dims = [0] + list(range(2, t.dim()))
-        return t.mean(dim=dims).mean().detach(), t.std(dim=dims).mean().detach()
-
-    mean_d, std_d = scalar_stats(dino_feats)
-    mean_r, std_r = scalar_stats(res_feats)
-    return (res_feats - mean_r) / (std_r + eps) * std_d + mean_d
-
-
 # ----- The autoencoder ----------------------------------------------------------------------------
+# Below the banner (R only; generation uses P): `ResidualViT`, `match_distribution` (its 8 channels to DINOv3's scale).
 
 class Autoencoder(nn.Module):
-    """Frozen DINOv3 encoder + trained Decoder (+ trained ResidualViT for R).
+    """Frozen DINOv3 encoder + trained Decoder (+ trained ResidualViT for R); `encoder` None = decode-only.
 
-    encode(images in [-1, 1], [B,3,H,W]) → z [B, Z, H/p, W/p] with Z = DINOv3 width (P) or width + 8 (R);
+    encode(images [B,3,H,W] in [-1, 1]) → z [B, Z, H/p, W/p], Z = DINOv3 width (P) or width + 8 (R);
     decode(z) → images [B,3,H,W], roughly in [-1, 1] (unclamped). The encoder is frozen: eval mode whatever
     `.train()` says, and no_grad (the official code computed and discarded its gradients, and its `ImageLogger`
-    callback flipped it to train mode). `encoder` may be None for a decode-only model. No latent statistics
-    are applied here: those belong to the DiT side.
+    callback flipped it to train mode). Latent statistics belong to the DiT side, not here.
     """
 
     def __init__(self, encoder, decoder, residual=None):
@@ -196,8 +112,7 @@ class Autoencoder(nn.Module):
 
     @property
     def kind(self):
-        """'R' (DINOv3 ⊕ residual channels) or 'P' (DINOv3 channels only)."""
-        # A decode-only file has no residual ViT; its 392-channel conv_in still says R.
+        """'R' (DINOv3 ⊕ residual channels) or 'P'. A decode-only R has no residual ViT: its 392-wide conv_in says R."""
         decode_only_r = self.encoder is None and self.decoder.z_channels == RELEASED_Z_CHANNELS["R"]
         return "R" if self.extra_vit is not None or decode_only_r else "P"
 
@@ -240,9 +155,8 @@ class Autoencoder(nn.Module):
 
 
 # ----- Training loss -------------------------------------------------------------------------------
-# Its two networks stand below the banner: LPIPS (Zhang et al. 2018, VGG16 variant: five VGG feature maps,
-# unit-normalised over channels, squared differences weighted by learned 1×1 convs) and taming's PatchGAN
-# (`NLayerDiscriminator`: 4×4 convs with BatchNorm and LeakyReLU, one real/fake logit per ~70×70 patch).
+# Its two networks stand below the banner: LPIPS (Zhang et al. 2018: five VGG16 feature maps, unit-normalised,
+# squared differences weighted by learned 1×1 convs) and taming's PatchGAN (one real/fake logit per ~70×70 patch).
 
 def adaptive_gan_weight(rec_loss, gan_loss, last_layer):
     """VQGAN's λ (Esser et al. 2021; δ is 1e-6 there, 1e-4 in taming's code): ‖∇_W rec‖ / (‖∇_W gan‖ + δ), clamped
@@ -254,9 +168,8 @@ def adaptive_gan_weight(rec_loss, gan_loss, last_layer):
 
 
 class AutoencoderLoss(nn.Module):
-    """L1 + LPIPS + hinge PatchGAN: taming's recipe, as LDM and VA-VAE (Yao et al. 2025, "Reconstruction vs.
-    Generation", arXiv 2501.01423, a VAE aligned to vision-foundation-model features) train with it; the
-    official one is `svg_t2i/ldm/modules/losses/contperceptual_decoder.py`.
+    """L1 + LPIPS + hinge PatchGAN: taming's recipe, as LDM and VA-VAE (Yao et al. 2025, arXiv 2501.01423, a VAE
+    aligned to vision-foundation-model features) train with it (`svg_t2i/ldm/modules/losses/contperceptual_decoder.py`).
 
     Generator:  L_rec = mean over images of Σ_{c,h,w} (|x − x̂| + LPIPS(x, x̂))   (the official sum scale)
                 L_G   = L_rec + d_w · [step ≥ disc_start] · (−mean D(x̂)),  d_w = adaptive weight × disc_weight
@@ -267,11 +180,10 @@ class AutoencoderLoss(nn.Module):
       pixels, a blur, and it squares large errors, so a few outliers dominate; L1 takes the median.
     - LPIPS, perceptual: it compares VGG16 features instead of pixels, so a sharp texture a pixel off costs
       little and a blur costs a lot: it buys the sharp textures pixel losses give away.
-    - GAN: the PatchGAN tells real from decoded patches, which pushes the remaining high-frequency detail to
-      look real. It starts late, at disc_start = 2,500 iterations (the official 5000 are Lightning global
-      steps, 2 per iteration): against a decoder that cannot yet reconstruct, a discriminator wins easily and
-      its gradients would fight the reconstruction terms; once L1 + LPIPS have the picture, the GAN refines.
-      (The demo trains its autoencoder 700 + 150 steps: its GAN never starts.)
+    - GAN: the PatchGAN tells real from decoded patches, pushing the remaining high-frequency detail to look
+      real. It starts at disc_start = 2,500 iterations (the official 5000 are Lightning steps, 2 per iteration):
+      a discriminator easily beats a decoder that cannot yet reconstruct, and its gradients would fight the
+      reconstruction terms; once L1 + LPIPS have the picture, the GAN refines (the demo's 700 + 150 steps end first).
     Without the LPIPS files (`_load_lpips`) the loss is L1 + GAN. Inputs may be lists of images of different
     sizes (`_as_groups`): each image counts in proportion to its pixel count.
     """
@@ -336,8 +248,8 @@ class AutoencoderLoss(nn.Module):
 
 
 # ==================================================================================================
-# Building blocks, loss networks, checks, files. A first reading can skip everything below: the standard
-# LDM and DeiT blocks, the LPIPS and PatchGAN networks, input checks, and the checkpoint files.
+# Building blocks, R's residual ViT, loss networks, checks, files. A first reading can skip everything below: the
+# standard LDM blocks, Autoencoder-R's RoPE ViT, the LPIPS and PatchGAN networks, input checks, checkpoint files.
 # ==================================================================================================
 
 # ----- Decoder building blocks ----------------------------------------------------------------------
@@ -409,6 +321,86 @@ class Upsample(nn.Module):
 
     def forward(self, x):                                   # [B, C, h, w] -> [B, C, 2h, 2w]
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+# ----- Residual ViT (Autoencoder-R) -----------------------------------------------------------------
+
+class ResidualViT(nn.Module):
+    """Autoencoder-R's residual branch: a RoPE-Mixed DeiT-S/16 with LayerScale and an MLP head.
+
+    image (ImageNet-normalised) [B,3,H,W] → patch conv → [CLS; patches] → depth × LayerScaleBlock →
+    LayerNorm → drop CLS → heads (Linear, GELU, Linear) → [B, out_dim, H/p, W/p]. The blocks are dino.py's
+    pre-norm LayerScale blocks (the next section) with RoPE-Mixed attention (Heo et al. 2024, "Rotary Position
+    Embedding for Vision Transformer"): each head rotates (even, odd) pairs of the patch tokens' q/k by an
+    angle that is a *learned* linear function of the patch's (x, y) index (the other RoPEs of this project
+    use fixed frequencies). With no absolute position embedding, any H, W that are multiples of the patch
+    size work. Its 1000-way `head` is kept (frozen, never called) only so the released file loads strictly.
+    """
+
+    def __init__(self, embed_dim, depth, num_heads, out_dim, patch_size=16, img_size=1024):
+        super().__init__()
+        _check_residual_config(embed_dim, num_heads)
+        self.config = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, out_dim=out_dim,
+                           patch_size=patch_size, img_size=img_size)
+        self.patch_size, self.num_heads, self.out_dim = patch_size, num_heads, out_dim
+        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
+        # The RoPE-Mixed frequencies, [2 (x, y), depth, heads·head_dim/2]: learned, trained with the rest.
+        self.freqs = nn.Parameter(init_mixed_rope_freqs(depth, num_heads, embed_dim // num_heads))
+        # Positions of the img_size² grid, stored in the released file; other grids recompute them.
+        self.stored_grid = img_size // patch_size
+        t_x, t_y = patch_positions(self.stored_grid, self.stored_grid)
+        self.register_buffer("freqs_t_x", t_x)
+        self.register_buffer("freqs_t_y", t_y)
+        self.patch_embed = nn.ModuleDict({"proj": nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)})
+        self.blocks = nn.ModuleList(LayerScaleBlock(embed_dim, num_heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, NUM_CLASSES).requires_grad_(False)   # unused, see docstring
+        self.heads = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, out_dim))
+        _deit_init(self)
+
+    def rope_angles(self, grid_h, grid_w):
+        """cos/sin of every block's rotation angles, angle = x·freqs[0] + y·freqs[1]: two [depth, heads, N,
+        head_dim/2] tensors."""
+        t_x, t_y = _grid_positions(self, grid_h, grid_w)    # integer (x, y) of each patch, [N] each
+        depth, n = self.freqs.shape[1], t_x.numel()
+        # Angles stay in float32 even under autocast: positions reach 63 and need the mantissa.
+        with torch.autocast(self.freqs.device.type, enabled=False):
+            angles = t_x[None, :, None] * self.freqs[0].float()[:, None, :] \
+                + t_y[None, :, None] * self.freqs[1].float()[:, None, :]          # [depth, N, heads·hd/2]
+            angles = angles.view(depth, n, self.num_heads, -1).permute(0, 2, 1, 3)   # [depth, heads, N, hd/2]
+            return angles.cos(), angles.sin()
+
+    def forward(self, x):                                   # [B, 3, H, W], ImageNet-normalised
+        B, _, H, W = x.shape
+        p = self.patch_size
+        _check_multiple(H, W, p, "ResidualViT: image size")
+        tokens = self.patch_embed["proj"](x).flatten(2).transpose(1, 2)            # [B, N, D]
+        tokens = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)      # [B, 1+N, D]
+        cos, sin = self.rope_angles(H // p, W // p)
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, cos[i].to(tokens.dtype), sin[i].to(tokens.dtype))
+        out = self.heads(self.norm(tokens)[:, 1:])          # [B, N, out_dim]
+        return out.transpose(1, 2).reshape(B, self.out_dim, H // p, W // p)
+
+
+def match_distribution(dino_feats, res_feats, eps=1e-6):
+    """Give the residual channels DINOv3's overall scale: a *scalar* mean/std transfer (the `use_outnorm`
+    step of `svg_t2i/ldm/models/dinov3_decoder_native_resolution.py`).
+
+    dino_feats [B, C, ...], res_feats [B, R, ...]. Why: the 8 channels are concatenated to DINOv3's and enter
+    the same first conv, so they are put on DINOv3's scale, one mean and one std for all channels (the mean
+    over channels of per-channel means and unbiased stds over batch and positions). The statistics are
+    detached, so gradients flow only through the residual values. They are pooled over the batch, so an
+    image's latent depends on its batch mates: encode one image per call when that matters (as the official
+    native-resolution trainer did).
+    """
+    def scalar_stats(t):
+        dims = [0] + list(range(2, t.dim()))
+        return t.mean(dim=dims).mean().detach(), t.std(dim=dims).mean().detach()
+
+    mean_d, std_d = scalar_stats(dino_feats)
+    mean_r, std_r = scalar_stats(res_feats)
+    return (res_feats - mean_r) / (std_r + eps) * std_d + mean_d
 
 
 # ----- Residual ViT building blocks: RoPE-Mixed attention, LayerScale block, init ---------------------

@@ -20,7 +20,8 @@ on the frozen features (autoencoder.py). The price is width: 384 channels at 1/1
 This file re-implements Meta's `DinoVisionTransformer` (facebookresearch/dinov3
 `dinov3/models/vision_transformer.py`) from scratch, with the key layout of Meta's released `.pth` files.
 Reading order: RoPE -> attention -> block -> DINOv3 -> imagenet_normalize, LatentStats (pixels in, the DiT's
-latent out). Below the banner: the released variants (DINOV3_CONFIGS), loading files, image files to tensors.
+latent out). Below the banner: the standard layers (patch embedding, feed-forwards, LayerScale), the released
+variants (DINOV3_CONFIGS), loading files, the statistics' files and sums, image files to tensors.
 """
 import hashlib
 import json
@@ -101,7 +102,7 @@ def apply_rope(t: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.T
     return (t32 * cos + torch.cat([-b, a], dim=-1) * sin).to(t.dtype)
 
 
-# ----- Attention, feed-forward, block ----------------------------------------------------------------------
+# ----- Attention and block --------------------------------------------------------------------------------
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention over [CLS, registers, patches] with RoPE on the patch tokens only."""
@@ -123,45 +124,13 @@ class SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
-class Mlp(nn.Module):
-    """fc2(GELU(fc1(x))), exact erf GELU (ViT-S, B, L; also the residual ViT's, autoencoder.py)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class SwiGLUFFN(nn.Module):
-    """w3(SiLU(w1 x) * w2 x) (the "plus" models and 7B). w1 is the gate, w2 the linear branch, w3 the output."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden)
-        self.w2 = nn.Linear(dim, hidden)
-        self.w3 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w3(F.silu(self.w1(x)) * self.w2(x))
-
-
-class LayerScale(nn.Module):
-    """Per-channel learned scale of a residual branch; gamma starts at 1e-5, so each block starts near the
-    identity and a deep stack trains stably (CaiT, Touvron et al. 2021)."""
-
-    def __init__(self, dim: int, init: float):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
 class Block(nn.Module):
-    """Pre-norm ViT block: x + ls1(attn(norm1 x)), then x + ls2(mlp(norm2 x))."""
+    """Pre-norm ViT block: x + ls1(attn(norm1 x)), then x + ls2(mlp(norm2 x)).
+
+    ls = LayerScale, a learned per-channel gamma starting at 1e-5, so each block starts near the identity and a
+    deep stack trains stably (CaiT, Touvron et al. 2021); mlp = Mlp, fc2(GELU(fc1 x)), or SwiGLUFFN,
+    w3(SiLU(w1 x) * w2 x) (the "plus" models and 7B). Standard layers, below the banner with PatchEmbed.
+    """
 
     def __init__(self, dim, num_heads, ffn_layer, ffn_ratio, qkv_bias, layerscale_init):
         super().__init__()
@@ -179,17 +148,6 @@ class Block(nn.Module):
 
 
 # ----- The model -------------------------------------------------------------------------------------------
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches -> D channels, one strided conv (no norm, no absolute position)."""
-
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, h*w, D], row-major
-
 
 class DINOv3(nn.Module):
     """DINOv3 Vision Transformer; `state_dict()` has exactly the keys and shapes of Meta's `.pth` files.
@@ -220,7 +178,7 @@ class DINOv3(nn.Module):
         # modelling loss: masked patches are replaced by this token and the student predicts the teacher's
         # features for them. Kept so that the released files load strictly.
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)  # one strided p x p conv -> [B, hw, D]
         self.rope_embed = RopePositionEmbedding(embed_dim // num_heads, pos_embed_rope_base,
                                                 pos_embed_rope_rescale_coords)
         self.blocks = nn.ModuleList(
@@ -318,61 +276,21 @@ class LatentStats:
             raise ValueError(f"mean and std must be 1-D of equal length, got {list(mean.shape)} and {list(std.shape)}")
         self.mean, self.std, self.eps = mean, std, eps
 
+    # Reading, writing and accumulating the statistics: module functions below the banner.
     @classmethod
-    def load(cls, path: str, layer: int = -1) -> "LatentStats":
-        """Read a stats file: {'mean': [L, C] or [C], 'std': same}; row `layer` (default -1, as SVG-T2I)."""
-        try:
-            stats = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"could not read latent statistics {path!r} ({type(e).__name__}: {e})") from e
-        if not isinstance(stats, dict) or "mean" not in stats or "std" not in stats:
-            found = list(stats) if isinstance(stats, dict) else type(stats).__name__
-            raise ValueError(f"{path!r} is not a latent-statistics file: expected a dict with 'mean' and 'std' "
-                             f"tensors of shape [layers, channels], found {found}")
-        mean, std = stats["mean"], stats["std"]
-        if mean.ndim == 2:
-            mean, std = mean[layer], std[layer]
-        return cls(mean, std)
+    def load(cls, path: str, layer: int = -1) -> "LatentStats":  # row `layer` of a stats file (-1, as SVG-T2I)
+        return cls(*_read_stats(path, layer))
 
     @classmethod
-    @torch.no_grad()
-    def from_latents(cls, latents) -> "LatentStats":
-        """Statistics over an iterable of latent batches [B, C, h, w] (for encoders without a released file).
-
-        Accumulated in float64 over every batch, position and image; std is the population std.
-        """
-        total, total_sq, count = 0.0, 0.0, 0
-        for z in latents:
-            if z.ndim != 4:
-                raise ValueError(f"latents must be [B, C, h, w], got shape {list(z.shape)}")
-            z = z.double().transpose(0, 1).flatten(1)  # [C, B*h*w]
-            total, total_sq, count = total + z.sum(1), total_sq + (z * z).sum(1), count + z.shape[1]
-        if count == 0:
-            raise ValueError("LatentStats.from_latents got no latents")
-        mean = total / count
-        std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
-        return cls(mean.float(), std.float())
+    def from_latents(cls, latents) -> "LatentStats":  # over an iterable of latent batches [B, C, h, w]
+        return cls(*_stats_of_latents(latents))
 
     @classmethod
     def over_images(cls, dino_model: "DINOv3", dataset, device, n: int = 2048, batch_size: int = 64) -> "LatentStats":
-        """Statistics of the DINOv3 latents of the first `n` images of a training dataset (what the small presets'
-        random encoders use, having no released file). A batch stacks images of one aspect bucket
-        (`dataset.bucket_of(i)`); an unreadable item (false, see data.py) is left out. ValueError if none is read."""
-        by_bucket = {}
-        for i in range(min(len(dataset), n)):
-            by_bucket.setdefault(dataset.bucket_of(i), []).append(i)
+        return cls.from_latents(_latents_of_images(dino_model, dataset, device, n, batch_size))  # first n images
 
-        def latents():
-            for indices in by_bucket.values():
-                for j in range(0, len(indices), batch_size):
-                    images = [item["image"] for item in (dataset[i] for i in indices[j:j + batch_size]) if item]
-                    if images:
-                        yield images_to_latents(dino_model, torch.stack(images).to(device))    # [b, C, h, w]
-        return cls.from_latents(latents())
-
-    def save(self, path: str):
-        """Write the released format: {'mean': [1, C], 'std': [1, C]} (a single 'layer', so row -1 works)."""
-        torch.save({"mean": self.mean[None].clone(), "std": self.std[None].clone()}, path)
+    def save(self, path: str):  # the released format, a single row
+        _write_stats(self, path)
 
     def _shaped(self, z: torch.Tensor):
         if z.ndim != 4 or z.shape[1] != self.mean.numel():
@@ -392,9 +310,59 @@ class LatentStats:
 
 
 # ===========================================================================================================
-# Released variants, checks, files. A first reading can skip everything below: the variant table, input
-# checks, loading Meta / HF checkpoints and turning PIL images into tensors; no new maths.
+# Standard layers, released variants, checks, files. A first reading can skip everything below: patch embedding,
+# feed-forwards, LayerScale, the variant table, input checks, loading Meta / HF checkpoints, the latent
+# statistics' files and sums, and turning PIL images into tensors; no new ideas.
 # ===========================================================================================================
+
+# ----- Standard layers: patch embedding, feed-forwards, LayerScale ----------------------------------------
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> D channels, one strided conv (no norm, no absolute position)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, h*w, D], row-major
+
+
+class Mlp(nn.Module):
+    """fc2(GELU(fc1(x))), exact erf GELU (ViT-S, B, L; also the residual ViT's, autoencoder.py)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwiGLUFFN(nn.Module):
+    """w3(SiLU(w1 x) * w2 x) (the "plus" models and 7B). w1 is the gate, w2 the linear branch, w3 the output."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden)
+        self.w2 = nn.Linear(dim, hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+class LayerScale(nn.Module):
+    """Per-channel learned scale of a residual branch, gamma [D] (why it starts at 1e-5: Block's docstring)."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
 
 # ----- Presets ---------------------------------------------------------------------------------------------
 # The released ViTs, from facebookresearch/dinov3 `dinov3/hub/backbones.py`. Keys are the official
@@ -749,6 +717,61 @@ def save_dinov3(model: DINOv3, path: str):
     if not path.endswith(".safetensors"):
         raise ValueError(f"save_dinov3 writes safetensors; name the file *.safetensors, not {path!r}")
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path)
+
+
+# ----- LatentStats files and accumulation -----------------------------------------------------------------
+
+def _read_stats(path: str, layer: int):
+    """Read a stats file: {'mean': [L, C] or [C], 'std': same} -> (mean, std) of row `layer` (SVG-T2I: -1)."""
+    try:
+        stats = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"could not read latent statistics {path!r} ({type(e).__name__}: {e})") from e
+    if not isinstance(stats, dict) or "mean" not in stats or "std" not in stats:
+        found = list(stats) if isinstance(stats, dict) else type(stats).__name__
+        raise ValueError(f"{path!r} is not a latent-statistics file: expected a dict with 'mean' and 'std' "
+                         f"tensors of shape [layers, channels], found {found}")
+    mean, std = stats["mean"], stats["std"]
+    if mean.ndim == 2:
+        mean, std = mean[layer], std[layer]
+    return mean, std
+
+
+@torch.no_grad()
+def _stats_of_latents(latents):
+    """(mean, std) per channel over an iterable of latent batches [B, C, h, w] (for encoders without a released
+    file). Accumulated in float64 over every batch, position and image; std is the population std."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for z in latents:
+        if z.ndim != 4:
+            raise ValueError(f"latents must be [B, C, h, w], got shape {list(z.shape)}")
+        z = z.double().transpose(0, 1).flatten(1)  # [C, B*h*w]
+        total, total_sq, count = total + z.sum(1), total_sq + (z * z).sum(1), count + z.shape[1]
+    if count == 0:
+        raise ValueError("LatentStats.from_latents got no latents")
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
+    return mean.float(), std.float()
+
+
+def _latents_of_images(dino_model: DINOv3, dataset, device, n: int, batch_size: int):
+    """The DINOv3 latents of the first `n` images of a training dataset, batch by batch (LatentStats.over_images:
+    what the small presets' random encoders use, having no released file). A batch stacks images of one aspect
+    bucket (`dataset.bucket_of(i)`); an unreadable item (false, see data.py) is left out. from_latents raises
+    ValueError if none is read."""
+    by_bucket = {}
+    for i in range(min(len(dataset), n)):
+        by_bucket.setdefault(dataset.bucket_of(i), []).append(i)
+    for indices in by_bucket.values():
+        for j in range(0, len(indices), batch_size):
+            images = [item["image"] for item in (dataset[i] for i in indices[j:j + batch_size]) if item]
+            if images:
+                yield images_to_latents(dino_model, torch.stack(images).to(device))    # [b, C, h, w]
+
+
+def _write_stats(stats: LatentStats, path: str):
+    """Write the released format: {'mean': [1, C], 'std': [1, C]} (a single 'layer', so row -1 works)."""
+    torch.save({"mean": stats.mean[None].clone(), "std": stats.std[None].clone()}, path)
 
 
 # ----- Image files to tensors ------------------------------------------------------------------------------
