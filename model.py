@@ -13,12 +13,11 @@ and diffusers' `Lumina2Transformer2DModel` computes the same function (tests/tes
     caption ──► cap_embedder (RMSNorm + Linear) ──► context_refiner (plain blocks, caption only)
     image ──► patchify ──► x_embedder ──► noise_refiner (modulated blocks, image only)
     [caption ; image] ──► layers (modulated joint blocks) ──► final_layer (image rows) ──► unpatchify
-"Single stream": after the refiners, caption and image tokens are one sequence, run through one set of
-weights (SD3's MM-DiT keeps separate ones per modality). Why refiners first: the tokens start in different
-spaces -- Gemma-2 features made for next-token prediction, DINOv3 patches under noise whose level changes
-every step -- so each gets private blocks (2 in the release) to align it before they mix; the caption's never
-sees t, so a sampler runs it once per prompt. Every block is a JointTransformerBlock (its docstring says
-why each piece, against DiT's). Start at NextDiT.forward.
+"Single stream": after the refiners, caption and image tokens are one sequence, run through one set of weights
+(SD3's MM-DiT keeps separate ones per modality). Why refiners first: the tokens start in different spaces -- Gemma-2
+features made for next-token prediction, DINOv3 patches under noise whose level changes every step -- so each gets
+private blocks (2 in the release) to align it before they mix. Every block is a JointTransformerBlock (its
+docstring says why each piece, against DiT's). Start at NextDiT.forward.
 """
 import json
 import math
@@ -33,20 +32,18 @@ from torch.utils.checkpoint import checkpoint
 QK_NORM_EPS = 1e-6          # official fallback RMSNorm's default (apex's FusedRMSNorm, if used, had 1e-5)
 FREQ_EMBED_SIZE = 256       # sinusoidal timestep features (TimestepEmbedder frequency_embedding_size)
 MAX_ADALN_DIM = 1024        # adaLN / timestep width is min(dim, 1024)
-# Standard pieces, below the banner: RMSNorm(dim, eps)(x, scale) = x / rms(x) · weight (· scale), in float32;
-# FeedForward = SwiGLU w2(silu(w1 x) · w3 x), no biases; rope_tables / apply_rope = RoPE over 3 position axes
-# (text position, row, column), head dims split into three groups (axes_dims; 2B: 32 + 32 + 32 of 96), each
-# group rotated by its axis as complex pairs (2i, 2i+1); grid_positions says where tokens sit on each axis.
+# Standard pieces, below the banner: RMSNorm(x, scale) = x / rms(x) · weight (· scale), in float32; FeedForward =
+# SwiGLU w2(silu(w1 x) · w3 x), no biases; FinalLayer(x, c) = Linear(LayerNorm(x) · (1 + scale(c))); rope_tables /
+# apply_rope = RoPE over 3 axes (text position, row, column), each rotating its own head dims (axes_dims: 2B 32 each).
 
 
 # ----- Timestep embedding -----------------------------------------------------------------------------
 class TimestepEmbedder(nn.Module):
     """t in [0, 1] (used as is, not ×1000) -> 256 sinusoidal features [cos | sin] -> MLP -> [B, width].
 
-    Angles t · 10000^(−i/128), i = 0..127. DiT feeds t·1000, so its fastest pair turns 1000 rad (~160 turns)
-    along the path; here the fastest (i = 0) is t itself, exactly one radian over [0, 1], and only the 32
-    with i < 32 turn more than 0.1 rad: a smooth code of t, many sines near-linear in it. The released
-    weights were trained on it (the official code passes t unscaled, max_period 10000).
+    Angles t · 10000^(−i/128), i = 0..127. DiT feeds t·1000, so its fastest pair turns 1000 rad (~160 turns) along
+    the path; here the fastest (i = 0) is t itself, one radian over [0, 1], and only the 32 with i < 32 turn more
+    than 0.1 rad: a smooth code of t. The released weights were trained on it (official: t unscaled, max_period 10000).
     """
 
     def __init__(self, width):
@@ -69,15 +66,13 @@ class TimestepEmbedder(nn.Module):
 class JointAttention(nn.Module):
     """Multi-head self-attention with grouped KV heads, per-head QK RMSNorm and RoPE.
 
-    One fused `qkv` projection, rows [q (n_heads·hd) | k (n_kv·hd) | v (n_kv·hd)]. The mask is key-only:
-    padded tokens are never attended to but still produce (ignored) outputs, so no row turns NaN.
-
-    Why GQA with no KV cache to shrink (its usual reason): fewer K/V parameters and FLOPs. In the 2B model
-    8 K/V heads instead of 24 make qkv 2304 -> 3840, not 6912: 8.8 M instead of 15.9 M parameters per block,
-    0.21 B over the 30 blocks. Inherited from Lumina-Next / Lumina-Image-2.0, which built Next-DiT from
-    Llama-style blocks. Why QK-norm: RMS-normalised q and k bound the logits (|q·k|/√hd ≤ √hd·max|w_q|·max|w_k|),
-    which can otherwise grow in training until the softmax saturates; bounded logits keep large-scale bf16
-    training stable (ViT-22B, arXiv 2302.05442; SD3 too).
+    One fused `qkv`, rows [q (n_heads·hd) | k (n_kv·hd) | v (n_kv·hd)]. The mask is key-only: padded tokens are never
+    attended to but still produce (ignored) outputs, so no row turns NaN.
+    Why GQA with no KV cache to shrink (its usual reason): fewer K/V parameters and FLOPs. In the 2B model 8 K/V heads
+    instead of 24 make qkv 2304 -> 3840, not 6912: 8.8 M instead of 15.9 M parameters per block, 0.21 B over the 30
+    blocks (inherited from Lumina-Next, which built Next-DiT from Llama-style blocks). Why QK-norm: RMS-normalised q
+    and k bound the logits (|q·k|/√hd ≤ √hd·max|w_q|·max|w_k|), which can otherwise grow in training until the softmax
+    saturates: bounded logits keep large-scale bf16 training stable (ViT-22B, arXiv 2302.05442; SD3).
     """
 
     def __init__(self, dim, n_heads, n_kv_heads, qk_norm):
@@ -91,15 +86,13 @@ class JointAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, QK_NORM_EPS) if qk_norm else nn.Identity()
 
     def forward(self, x, key_mask, freqs):
-        B, S, _ = x.shape
-        hd = self.head_dim
+        (B, S, _), hd = x.shape, self.head_dim
         q, k, v = self.qkv(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
         q = self.q_norm(q.view(B, S, self.n_heads, hd))                 # [B, S, H, hd]
         k = self.k_norm(k.view(B, S, self.n_kv_heads, hd))              # [B, S, Hkv, hd]
         v = v.view(B, S, self.n_kv_heads, hd)
         q, k = apply_rope(q, freqs), apply_rope(k, freqs)
-        # GQA: kv head j serves query heads j·n_rep ... j·n_rep + n_rep − 1 (consecutive repeats).
-        n_rep = self.n_heads // self.n_kv_heads
+        n_rep = self.n_heads // self.n_kv_heads    # GQA: kv head j serves query heads j·n_rep ... (j + 1)·n_rep − 1
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, S, hd]
         if n_rep > 1:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
@@ -118,17 +111,15 @@ class JointTransformerBlock(nn.Module):
 
     Without modulation (the context refiner) scale = 0 and the gates are 1. Against DiT's adaLN-Zero block
     (facebookresearch/DiT `models.py`: x + gate · Attn(modulate(LayerNorm(x), shift, scale))):
-    * Sandwich norm, an RMSNorm after each sub-layer too. Pre-norm adds the sub-layer's output raw, so one
-      large update grows the residual stream, 26 blocks x 2 compound it, and in bf16 (8 significant bits) a
-      large stream swallows later, smaller updates. Normalised, each update has RMS about its norm's weight.
+    * Sandwich norm, an RMSNorm after each sub-layer too. Pre-norm adds the sub-layer's output raw, so one large
+      update grows the residual stream, 26 blocks x 2 compound it, and in bf16 (8 significant bits) a large stream
+      swallows later, smaller updates. Normalised, each update has RMS about its norm's weight.
     * tanh gates: a gate in (-1, 1) bounds that update again; DiT's linear gate is unbounded.
-    * Zero init of adaLN_modulation (DiT's "-Zero"; initialize_weights): scale = 0 and tanh(0) = 0, so a
-      fresh block is exactly the identity and, with the zero final layer, the untrained model predicts v = 0
-      (tests/test_model.py): training starts stable and learns how much each block contributes.
-    * No shift: x · (1 + scale). RMSNorm never centres and the attention and FFN linears have no bias, so
-      nothing in the residual path adds a constant (only adaLN_modulation, which computes scales and gates
-      from c, has a bias); c drives 4 vectors, not 6: 1024 -> 4 x 2304 in the 2B model, 9.4 M parameters per
-      block instead of 14.2 M.
+    * Zero init, as in DiT: adaLN_modulation starts at 0, so scale = tanh(gate) = 0, a block is the identity and, with
+      the zero final layer, the untrained model predicts v = 0: training starts stable and learns each block's share.
+    * No shift: x · (1 + scale). RMSNorm never centres and the attention and FFN linears have no bias, so nothing in
+      the residual path adds a constant (only adaLN_modulation, computing scales and gates from c, has a bias); c
+      drives 4 vectors, not 6: 2B: 1024 -> 4 x 2304, 9.4 M parameters per block instead of 14.2 M.
     """
 
     def __init__(self, dim, n_heads, n_kv_heads, ffn_hidden, norm_eps, qk_norm, modulation, adaln_dim):
@@ -156,21 +147,6 @@ class JointTransformerBlock(nn.Module):
         return x + self.ffn_norm2(ffn_out, gate_mlp.tanh())
 
 
-# ----- Final layer ------------------------------------------------------------------------------------
-class FinalLayer(nn.Module):
-    """Non-affine LayerNorm (eps 1e-6), (1 + scale) from c, then a linear map to p·p·C_out per token."""
-
-    def __init__(self, dim, out_dim, adaln_dim):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)  # no keys
-        self.linear = nn.Linear(dim, out_dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_dim, dim))
-
-    def forward(self, x, c):
-        scale = self.adaLN_modulation(c)[:, None]                        # [B, 1, D]
-        return self.linear(self.norm_final(x) * (1 + scale))
-
-
 # ----- The model --------------------------------------------------------------------------------------
 class NextDiT(nn.Module):
     """The Unified Next-DiT, with the official constructor names and defaults (model_dino.py). One image size
@@ -182,12 +158,11 @@ class NextDiT(nn.Module):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         check_config(dim, n_heads, n_kv_heads, axes_dims)
-        # The plain-dict config is what save_nextdit writes next to the weights.
         self.config = dict(patch_size=patch_size, in_channels=in_channels, dim=dim, n_layers=n_layers,
                            n_refiner_layers=n_refiner_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                            multiple_of=multiple_of, ffn_dim_multiplier=ffn_dim_multiplier, norm_eps=norm_eps,
                            qk_norm=qk_norm, cap_feat_dim=cap_feat_dim, axes_dims=list(axes_dims),
-                           axes_lens=list(axes_lens))
+                           axes_lens=list(axes_lens))  # a plain dict: save_nextdit writes it next to the weights
         self.patch_size, self.in_channels, self.out_channels = patch_size, in_channels, in_channels
         self.axes_lens = list(axes_lens)
         adaln_dim = min(dim, MAX_ADALN_DIM)
@@ -223,8 +198,7 @@ class NextDiT(nn.Module):
         return torch.cat([tab[pos_ids[..., i]] for i, tab in enumerate(self._rope_tables)], dim=-2)
 
     def _apply(self, fn, recurse=True):
-        """`.to(device)`, ...: the RoPE tables move with the weights (staying float32) now, not in the first
-        forward, where a cache filled inside a torch.compile'd call would make the next call recompile."""
+        """The RoPE tables follow `.to(device)` (float32): moved in a torch.compile'd forward, they would recompile."""
         super()._apply(fn, recurse)
         self._rope_tables = [tab.to(self.x_embedder.weight.device) for tab in self._rope_tables]
         return self
@@ -239,9 +213,8 @@ class NextDiT(nn.Module):
     def grid_positions(axis0, height, width):
         """Image token positions (axis0, row, col) in row-major order -> [B, height·width, 3].
 
-        axis0 [B] is each sample's caption length L_i (as the official code): the image follows its caption.
-        RoPE products depend on position differences only, so the common offset cancels between image tokens
-        (refine_image relies on it), while to caption token j, L_i − j says how far back it is.
+        axis0 [B] = caption length L_i: the image follows its caption (official). RoPE sees only differences, so the
+        offset cancels between image tokens (refine_image relies on it), and caption token j is L_i − j back.
         """
         rows = torch.arange(height, device=axis0.device).repeat_interleave(width)       # [N]
         cols = torch.arange(width, device=axis0.device).repeat(height)                  # [N]
@@ -305,11 +278,9 @@ class NextDiT(nn.Module):
         """Latents x [B, C, H, W] at flow times t [B] (or a scalar), captions cap_feats [B, L, cap_feat_dim]
         with cap_mask [B, L] (True for real tokens, right-padded, >= 1 per caption) -> velocity [B, C, H, W].
 
-        cap_tokens, img_tokens: a guided sampler's caches (None in training): refine_captions once per prompt,
-        refine_image once per step for both the prompt and the empty prompt (sample.guided_velocity).
+        cap_tokens, img_tokens: a guided sampler's caches (sample.guided_velocity); None in training.
         """
-        B, _, H, W = x.shape
-        p = self.patch_size
+        (B, _, H, W), p = x.shape, self.patch_size
         t = check_inputs(self, x, t, cap_feats, cap_mask)               # [B]
         cap_mask = cap_mask.bool()                                       # [B, L]
         c = self.t_embedder(t)                                           # [B, adaln_dim]
@@ -319,10 +290,9 @@ class NextDiT(nn.Module):
         if img_tokens is None:
             img_tokens = self.noise_refine(self.x_embedder(self.patchify(x)), img_freqs, c)  # [B, N, dim]
 
-        # One sequence [caption (L rows, right-padded) ; image (N rows)]. Attention is blind to token order
-        # (RoPE carries the positions) and every other op is per token, so this plain concatenation computes
-        # what the official per-sample packing [caption ; image ; padding] does. Caption padding is masked
-        # as a key and zeroed, so junk in a cached cap_tokens (even NaN) cannot leak through a zero weight.
+        # One sequence [caption (L rows, right-padded) ; image (N rows)]: attention is blind to token order (RoPE
+        # carries positions), all else is per token, so this is the official packing [caption ; image ; padding].
+        # Caption padding is masked and zeroed: junk in a cached cap_tokens (even NaN) cannot pass a zero weight.
         L, N = cap_mask.shape[1], img_tokens.shape[1]
         cap = cap_tokens.to(img_tokens.dtype).masked_fill(~cap_mask[..., None], 0.0)  # [B, L, dim]
         joint = torch.cat([cap, img_tokens], dim=1)                      # [B, L + N, dim]
@@ -404,7 +374,7 @@ def initialize_weights(model):
         nn.init.zeros_(lin.bias)
 
 
-# ----- Standard pieces: RMSNorm, SwiGLU, RoPE --------------------------------------------------------
+# ----- Standard pieces: RMSNorm, SwiGLU, the final layer, RoPE ---------------------------------------
 ROPE_THETA = 10000.0        # RopeEmbedder's default; NextDiT never passes another (model_dino.py)
 
 
@@ -434,6 +404,20 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class FinalLayer(nn.Module):
+    """Non-affine LayerNorm (eps 1e-6), (1 + scale) from c, then a linear map to p·p·C_out per token."""
+
+    def __init__(self, dim, out_dim, adaln_dim):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)  # no keys
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_dim, dim))
+
+    def forward(self, x, c):
+        scale = self.adaLN_modulation(c)[:, None]                        # [B, 1, D]
+        return self.linear(self.norm_final(x) * (1 + scale))
 
 
 def rope_tables(axes_dims, axes_lens, theta=ROPE_THETA):

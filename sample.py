@@ -172,6 +172,14 @@ def predicting_x1(velocity, guesses):
     return recorded
 
 
+# The command line, main (flags -> prompt files -> one pipeline -> PNGs as each batch finishes): below the banner.
+
+
+# ==========================================================================================================
+# Machinery. A first reading can skip everything below: finding files, checks, jobs, resuming, torchrun, files, flags.
+# ==========================================================================================================
+
+# ----- The command line ---------------------------------------------------------------------------------
 def main(argv=None):
     """Flags -> prompts and their files (jobs) -> one pipeline -> images written as each batch finishes."""
     args = parse_args(argv)
@@ -197,10 +205,6 @@ def main(argv=None):
     elif rank == 0:
         print(f"{args.out}: {len(run.jobs)} prompts in {dict(geneval='GenEval', dpg='DPG-Bench')[run.layout]}'s layout")
 
-
-# ==========================================================================================================
-# Machinery. A first reading can skip everything below: finding files, checks, jobs, resuming, torchrun, files, flags.
-# ==========================================================================================================
 
 # ----- Finding the pieces of a model on disk -------------------------------------------------------------
 

@@ -1,23 +1,20 @@
 """The text encoder: Gemma-2-2B, its tokenizer and the system prompts.
 
-SVG-T2I conditions its Next-DiT on a caption, prefixed with a plain-text "system prompt", tokenised with
-Gemma's sentencepiece model and run through a frozen Gemma-2-2B. The DiT reads `hidden_states[-2]` of the
-transformers `Gemma2Model` (KlingTeam/SVG-T2I `svg_t2i/train_svg_t2i.py`, `encode_prompt`): that list holds
-the embedding, then each layer's output, the last one normed, so [-2] is the raw residual stream after the
-second-to-last layer. Gemma2Encoder builds one layer fewer than the checkpoint holds and no final norm: its
-output *is* `hidden_states[-2]`.
+SVG-T2I conditions its Next-DiT on a caption, prefixed with a plain-text "system prompt", tokenised with Gemma's
+sentencepiece model and run through a frozen Gemma-2-2B. The DiT reads `hidden_states[-2]` of the transformers
+`Gemma2Model` (KlingTeam/SVG-T2I `svg_t2i/train_svg_t2i.py`, `encode_prompt`): that list holds the embedding, then
+each layer's output, the last one normed, so [-2] is the raw residual stream after the second-to-last layer.
 
     prompt ─► format_prompt ─► Tokenizer ─► ids [B, L], mask [B, L] ─► Gemma2Encoder ─► feats [B, L, 2304]
 
-Why the second-to-last layer: SVG-T2I keeps the choice of Lumina-Image-2.0, whose DiT it reuses. The usual
-reason is that a language model's last layer is specialised for predicting the next token, while the one
-before it still describes the text as a whole (the same idea as Stable Diffusion's "CLIP skip"). No final
-norm is needed: the DiT's caption embedder starts with an RMSNorm of its own (model.py).
+Why the second-to-last layer: SVG-T2I keeps the choice of Lumina-Image-2.0, whose DiT it reuses. The usual reason is
+that a language model's last layer is specialised for predicting the next token, while the one before it still
+describes the text as a whole (the same idea as Stable Diffusion's "CLIP skip"). No final norm is needed: the DiT's
+caption embedder starts with an RMSNorm of its own (model.py).
 
-Numerics match transformers' eager Gemma-2 bit for bit, with one deliberate choice: attention logit
-soft-capping (tanh at 50) is OFF by default, because the transformers version SVG-T2I pinned (4.57.3) runs
-Gemma-2 through SDPA, which ignores it -- so the released DiT was most likely (UNVERIFIED) trained on features
-computed without it. `use_softcapping=True` gives the eager-attention numbers.
+Numerics match transformers' eager Gemma-2 bit for bit, except that attention logit soft-capping (tanh at 50) is OFF
+by default: the transformers SVG-T2I pinned (4.57.3) runs Gemma-2 through SDPA, which ignores it, so the released DiT
+was most likely (UNVERIFIED) trained without it. `use_softcapping=True` gives eager's numbers.
 """
 import io
 import json
@@ -35,13 +32,12 @@ from safetensors.torch import save_file
 from model import key_report
 
 # ----- System prompts ------------------------------------------------------------------------------------
-# Why a prefix: Gemma is causal, so every caption token is encoded after reading it, and it tells Gemma what
-# kind of text follows. Quoted exactly from KlingTeam/SVG-T2I `svg_t2i/sample_svg_t2i.py` (system_type); the
-# trainer uses 'base' for {"path", "prompt"} items (the public JSONL format) and 'align' for {"image_path",
-# "super_high_quality_caption"} ones, and at sampling the prefix picks which kind the DiT follows. The caption
-# is glued on after the trailing space: 'base' alone is 21 pieces with the demo tokenizer (the space is a
-# piece, "▁"), but before a caption the space joins its first word ("▁a"): 'base' + "a red circle in the top
-# left" is [BOS] + 20 + 7 = 28 tokens.
+# Why a prefix: Gemma is causal, so every caption token is encoded after reading it, and it tells Gemma what kind of
+# text follows. Quoted exactly from KlingTeam/SVG-T2I `svg_t2i/sample_svg_t2i.py` (system_type); the trainer uses
+# 'base' for {"path", "prompt"} items (public JSONL) and 'align' for {"image_path", "super_high_quality_caption"}
+# ones; at sampling the prefix picks which kind the DiT follows. The caption is glued on after the trailing space:
+# 'base' alone is 21 pieces with the demo tokenizer (the space is a piece, "▁"), but before a caption the space joins
+# its first word ("▁a"): 'base' + "a red circle in the top left" = [BOS] + 20 + 7 = 28 tokens.
 SYSTEM_PROMPTS = {
     "base": "You are an assistant designed to generate high-quality images based on user prompts. "
             "<Prompt Start> ",
@@ -56,9 +52,8 @@ SYSTEM_PROMPTS = {
     "empty": "",
 }
 
-# Caption budgets in tokens, BOS and system prompt included. The official trainer means to honour
-# --max_cap_len, but its call puts the value into `encode_prompt`'s `is_train` slot, so the limit stays at
-# 256; its sampler hard-codes 512. We keep both, and callers pass the one they mean.
+# Caption budgets in tokens, BOS and system prompt included: the official trainer means to honour --max_cap_len but
+# passes it as `encode_prompt`'s `is_train`, so its limit stays 256; its sampler hard-codes 512. We keep both.
 MAX_LENGTH_TRAIN = 256
 MAX_LENGTH_SAMPLE = 512
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3   # Gemma's special pieces 0..3 (its config agrees)
@@ -67,9 +62,9 @@ PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3   # Gemma's special pieces 0..3 (its
 def format_prompt(prompt: str, system_prompt: str) -> str:
     """The text Gemma reads: `system_prompt` (a SYSTEM_PROMPTS key or literal text) + prompt, glued as is.
 
-    An empty prompt gives the system prompt alone (an uncaptioned training image). Guidance's unconditional
-    input is the bare "" ([BOS] alone), not through this function: the official code replaces the whole
-    prefixed caption with "" (caption dropout; `neg_cap = ""` at sampling).
+    An empty prompt gives the system prompt alone (an uncaptioned training image). Guidance's unconditional input
+    is the bare "" ([BOS] alone), not through this function: the official code replaces the whole prefixed caption
+    with "" (caption dropout; `neg_cap = ""` at sampling).
     """
     return SYSTEM_PROMPTS.get(system_prompt, system_prompt) + prompt
 
@@ -78,15 +73,14 @@ def format_prompt(prompt: str, system_prompt: str) -> str:
 # Each decoder layer (DecoderLayer, below the banner) is a standard Gemma-2 block, sandwich-normed:
 #     x = x + post_attention_layernorm(attn(input_layernorm(x)))
 #     x = x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))
-# with RMSNorms that scale by (1 + w) (weights stored around 0), grouped-query attention (2B: 8 query heads
-# sharing 4 K/V heads of 256, scale 256^-0.5) with 1-D rotate-half RoPE over the token index, a sliding window
-# of 4096 keys on even layers (a no-op for prompts <= 512 tokens), and a GeGLU MLP 2304 -> 9216 -> 2304.
+# with RMSNorms that scale by (1 + w) (weights stored around 0), grouped-query attention (2B: 8 query heads sharing
+# 4 K/V heads of 256, scale 256^-0.5) with 1-D rotate-half RoPE over the token index, a 4096-key sliding window on
+# even layers (a no-op for prompts <= 512 tokens), and a GeGLU MLP 2304 -> 9216 -> 2304.
 class Gemma2Encoder(nn.Module):
     """Gemma-2 up to `hidden_states[-2]`: the embedding and the first num_hidden_layers − 1 decoder layers.
 
-    HF config names (GEMMA2_CONFIGS); `num_hidden_layers` is the FULL depth (26 for 2B); keys are the HF
-    checkpoint's without `model.`. causal_lm=True also builds the last layer and the final norm, for
-    `generate` (prompt enhancement); forward still stops before them.
+    HF config names (GEMMA2_CONFIGS), `num_hidden_layers` the FULL depth (2B: 26); keys: the HF checkpoint's minus
+    `model.`. causal_lm=True also builds the last layer and final norm for `generate` (prompt enhancement).
     """
 
     def __init__(self, vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
@@ -95,8 +89,7 @@ class Gemma2Encoder(nn.Module):
                  final_logit_softcapping=30.0, use_softcapping=False, causal_lm=False):
         super().__init__()
         check_config(num_hidden_layers, use_softcapping, attn_logit_softcapping)
-        # Everything needed to rebuild or save this model, in HF names (save_gemma2 writes it out).
-        self.config = dict(
+        self.config = dict(  # everything needed to rebuild or save this model, in HF names (save_gemma2)
             vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
             num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
             num_key_value_heads=num_key_value_heads, head_dim=head_dim, rms_norm_eps=rms_norm_eps,
@@ -119,13 +112,11 @@ class Gemma2Encoder(nn.Module):
         real = check_token_inputs(input_ids, attention_mask)                           # [B, L] bool
         L, cfg = input_ids.shape[1], self.config
         x = self.embed_tokens(input_ids)                                               # [B, L, H]
-        # Gemma scales embeddings by sqrt(hidden), the factor built in the model dtype (as transformers:
-        # in bf16, sqrt(2304) = 48 is exact).
+        # Gemma scales embeddings by sqrt(hidden), built in the model dtype as transformers does (bf16: 48 exact).
         x = x * torch.tensor(cfg["hidden_size"] ** 0.5, dtype=x.dtype)
         cos, sin = rope_cos_sin(L, cfg["head_dim"], cfg["rope_theta"], x.dtype, x.device)  # [L, D]
-        # True = may attend: causal, never to padding keys, and on sliding layers only the last
-        # `sliding_window` keys. Every position also sees itself, so that a padded query with no key left
-        # stays finite (softmax over nothing is NaN, and 0 · NaN would reach real tokens in the next layer).
+        # True = may attend: causal, not to padding keys, on sliding layers only the last `sliding_window` keys; and
+        # itself, so a padded query with no key left stays finite (softmax over nothing: NaN, and 0 · NaN spreads).
         pos = torch.arange(L, device=x.device)
         causal = pos[None, :] <= pos[:, None]                                          # [L(q), L(k)]
         itself = torch.eye(L, dtype=torch.bool, device=x.device)
@@ -145,11 +136,10 @@ class Gemma2Encoder(nn.Module):
 # ----- Prompts to features -------------------------------------------------------------------------------
 @torch.no_grad()
 def encode_prompts(encoder, tokenizer, prompts, max_length):
-    """Formatted prompts (format_prompt, or the unconditional "") -> (feats [B, L, hidden] in the encoder's
-    dtype and device, mask [B, L] bool, True = real token). Tokenised as the official code does: [BOS] +
-    pieces, no EOS, cut at `max_length`, right-padded to a multiple of 8 (Tokenizer). The DiT zeroes and masks
-    the padded rows (NextDiT.refine_captions), so what they hold never reaches a real token.
-    """
+    """Formatted prompts (format_prompt, or the unconditional "") -> (feats [B, L, hidden] in the encoder's dtype and
+    device, mask [B, L] bool, True = real token). Tokenised as the official code does: [BOS] + pieces, no EOS, cut at
+    `max_length`, right-padded to a multiple of 8 (Tokenizer). The DiT zeroes and masks the padded rows
+    (NextDiT.refine_captions), so what they hold never reaches a real token."""
     check_vocab(tokenizer, encoder)
     input_ids, attention_mask = tokenizer.encode(prompts, max_length)
     device = encoder.embed_tokens.weight.device
