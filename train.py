@@ -13,8 +13,8 @@ Stage 1 trains at 256 px, stage 2 at 512 px, stage 3 at 1024 px; stage 4 is the 
 fine-tuning: the same loss, a short stage on a small curated set) at 1024 px. Stage K > 1 starts from stage K-1's
 final weights with a fresh optimizer. An autoencoder stage (`--autoencoder P|R`) trains the pixel decoder.
 
-Reading order: the stage table; `train_dit`, then the steps it calls, in order; `train_autoencoder` alike. `main`
-(below the banner) runs one stage, or with --demo all: autoencoder P, then DiT 1-4 (SFT on shapes:clean). A
+Reading order: the stage table; `train_dit`, then the steps it calls, in order; `train_autoencoder` alike; `main`
+runs one stage, or with --demo all: autoencoder P, then DiT 1-4 (SFT on shapes:clean). A
 `machinery.` call is what a first reading can skip (machinery.py: processes, files, checkpoints, DDP/FSDP, caches).
 """
 
@@ -274,8 +274,33 @@ def autoencoder_step(ae, loss_fn, opt_g, opt_d, images, weight, step, world):
     return losses
 
 
+def main(argv=None):
+    args = parse_args(argv)                       # every flag checked before any work (parse_args, below)
+    preset = PRESETS[args.preset]
+    rank, world, device = machinery.setup_distributed()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = device.type == "cuda"   # TF32 on CUDA
+    # Initial weights come from `seeded` and the training draws from their own generators; the global RNG, seeded
+    # per rank, is left for what else draws from it (DataLoader worker seeds), so that is reproducible too.
+    torch.manual_seed(args.seed * 1000 + rank)
+    with machinery.run_session(args, rank):       # the run folder's lock; a user's error becomes one line
+        if args.demo:                             # every stage: autoencoder P, then DiT 1-4 (SFT on shapes:clean)
+            stage = lambda **changes: argparse.Namespace(**{**vars(args), **changes})
+            for k, steps in enumerate(preset["ae_steps"], start=1):
+                if steps:
+                    train_autoencoder(stage(stage=k, autoencoder="P"), preset, rank, world, device)
+            for k in range(1, 5):
+                data_k = "shapes:clean" if k == 4 and args.data == "shapes" else args.data
+                train_dit(stage(stage=k, data=data_k), preset, rank, world, device)
+        elif args.autoencoder:
+            train_autoencoder(args, preset, rank, world, device)
+        else:
+            train_dit(args, preset, rank, world, device)
+        if args.export and rank == 0:
+            machinery.export(args.out, args.export)
+
+
 # ==========================================================================================================
-# The entry point and the command line. A first reading can skip everything below: test preset, flags, main.
+# The command line. A first reading can skip everything below: the test preset, the preview prompts, the flags.
 # ==========================================================================================================
 
 # The preset the tests train (seconds per stage), and the prompts of the preview grids a stage draws every
@@ -379,31 +404,6 @@ def parse_args(argv=None):
     if args.export:                               # refused now, not after hours of training
         machinery.check_export_dest(args.out, args.export)
     return args
-
-
-def main(argv=None):
-    args = parse_args(argv)                       # every flag checked before any work (parse_args, above)
-    preset = PRESETS[args.preset]
-    rank, world, device = machinery.setup_distributed()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = device.type == "cuda"   # TF32 on CUDA
-    # Initial weights come from `seeded` and the training draws from their own generators; the global RNG, seeded
-    # per rank, is left for what else draws from it (DataLoader worker seeds), so that is reproducible too.
-    torch.manual_seed(args.seed * 1000 + rank)
-    with machinery.run_session(args, rank):       # the run folder's lock; a user's error becomes one line
-        if args.demo:                             # every stage: autoencoder P, then DiT 1-4 (SFT on shapes:clean)
-            stage = lambda **changes: argparse.Namespace(**{**vars(args), **changes})
-            for k, steps in enumerate(preset["ae_steps"], start=1):
-                if steps:
-                    train_autoencoder(stage(stage=k, autoencoder="P"), preset, rank, world, device)
-            for k in range(1, 5):
-                data_k = "shapes:clean" if k == 4 and args.data == "shapes" else args.data
-                train_dit(stage(stage=k, data=data_k), preset, rank, world, device)
-        elif args.autoencoder:
-            train_autoencoder(args, preset, rank, world, device)
-        else:
-            train_dit(args, preset, rank, world, device)
-        if args.export and rank == 0:
-            machinery.export(args.out, args.export)
 
 
 if __name__ == "__main__":
