@@ -520,7 +520,19 @@ def atomic_save(write_fn, path):
     tmp = f"{root}.tmp{os.getpid()}{ext}"         # the extension kept: save_autoencoder insists on .safetensors
     with write_errors(path, cleanup=lambda: os.path.exists(tmp) and os.remove(tmp)):
         write_fn(tmp)
+        make_readable(tmp)
         os.replace(tmp, path)
+
+
+def make_readable(path):
+    """Gives the files at `path` (a file, or every file under a folder) the permissions the user's umask allows,
+    as `open()` would. safetensors (0.8) creates its files readable by their owner alone, so without this a
+    checkpoint on a shared disk could not be read by anyone else."""
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [path] if os.path.isfile(path) else [os.path.join(d, n) for d, _, names in os.walk(path) for n in names]
+    for f in files:
+        os.chmod(f, 0o666 & ~mask)
 
 
 @contextlib.contextmanager
@@ -585,6 +597,7 @@ def save_latest(stage_dir, rank, state, rng_state):
             torch.save(state, os.path.join(tmp, "trainer.pt"))             # optimizer, step, sampler
     barrier()
     if rank == 0:
+        make_readable(tmp)
         with open(os.path.join(tmp, "COMPLETE"), "w") as f:
             f.write("ok\n")
         if os.path.exists(final):
@@ -868,6 +881,7 @@ def prepare_encoders(run_dir, preset, args, rank, make_random_encoders):
                 remove_tree(os.path.join(run_dir, stale))        # what a killed earlier attempt left
             enc_dir = os.path.join(run_dir, f"encoders.tmp{os.getpid()}")
             make_random_encoders(enc_dir, preset, args.seed)
+            make_readable(enc_dir)
             os.replace(enc_dir, os.path.join(run_dir, "encoders"))
             paths = dict(dino="encoders/dino.safetensors", gemma="encoders/gemma", stats=None)
         atomic_json(dict(paths, preset=args.preset), path)     # the preset: the networks' sizes depend on it

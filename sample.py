@@ -201,7 +201,9 @@ def main(argv=None):
                            dict(steps=steps, cfg=cfg, solver=solver, shift=shift, renorm=args.renorm,
                                 system=args.system, size=f"{width}x{height}", checkpoint=pipe.source))
     if run.layout == "prompts":
-        print("\n".join(written))
+        for path in written:                   # a line per write: under torchrun the ranks share one stdout, and
+            sys.stdout.write(path + "\n")      # print's text and its newline are two writes another rank can split
+            sys.stdout.flush()
     elif rank == 0:
         print(f"{args.out}: {len(run.jobs)} prompts in {dict(geneval='GenEval', dpg='DPG-Bench')[run.layout]}'s layout")
 
@@ -732,6 +734,15 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Once(argparse.Action):
+    """A flag that may be given once: argparse would silently keep the last of `--prompt a --prompt b`."""
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"argument {option_string}: given twice; for several prompts write them one per line "
+                         "in a file and pass --prompts FILE")
+        setattr(namespace, self.dest, values)
+
+
 def is_out_of_memory(err):
     return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError) and (
         "out of memory" in str(err) or "can't allocate memory" in str(err)))
@@ -745,7 +756,7 @@ def parse_args(argv=None):
                "a rename). Stopped half-way, a --geneval / --dpg run, or a --prompts run with --resume, started "
                "again with the same command skips every file already there and writes the rest.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompt", action=_Once, help="one prompt")
     src.add_argument("--prompts", help="a UTF-8 text file with one prompt per line")
     src.add_argument("--geneval", metavar="METADATA.jsonl", help="GenEval's evaluation_metadata.jsonl: writes "
                      "OUT/<00000>/metadata.jsonl, OUT/<00000>/samples/<0000>.png (--n per prompt, default 4) and "

@@ -697,3 +697,15 @@ def test_ctrl_c_is_one_line_saying_how_to_finish(tiny_run, tmp_path, monkeypatch
     assert e.value.code == 130                               # the shell's code for Ctrl-C
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "interrupted" in err[0] and "--resume" in err[0] and "Traceback" not in err[0]
+
+
+def test_every_file_of_a_run_has_the_permissions_the_umask_allows(tiny_run):
+    # safetensors creates files readable by their owner alone; a run on a shared disk must be readable as any
+    # file the user writes (0o644 under the usual umask 022).
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [os.path.join(d, n) for d, _, names in os.walk(tiny_run) for n in names]
+    assert any(f.endswith(".safetensors") for f in files)
+    wrong = {os.path.relpath(f, tiny_run): oct(os.stat(f).st_mode & 0o777) for f in files
+             if os.stat(f).st_mode & 0o777 != 0o666 & ~mask}
+    assert not wrong, wrong

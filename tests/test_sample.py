@@ -423,11 +423,12 @@ def test_resume_writes_a_missing_trajectory_and_keeps_the_image(tiny_run, tmp_pa
     assert (tmp_path / f"{stem}_0.png").read_bytes() == image
 
 
-def test_bad_tag_and_trajectory_in_a_benchmark_layout_are_refused_at_the_command_line(tmp_path, capsys):
+def test_bad_tags_a_benchmark_trajectory_and_a_repeated_prompt_are_refused_at_the_command_line(tmp_path, capsys):
     for argv, message in ((["--prompt", "x", "--tag", "a b"], "a tag is 1 to 40 letters"),
                           (["--prompt", "x", "--tag", "a_b"], "a tag is 1 to 40 letters"),
                           (["--geneval", "m.jsonl", "--tag", "a"], "argument --tag: names files"),
-                          (["--dpg", "prompts", "--trajectory"], "argument --trajectory: names files")):
+                          (["--dpg", "prompts", "--trajectory"], "argument --trajectory: names files"),
+                          (["--prompt", "x", "--prompt", "y"], "argument --prompt: given twice")):
         with pytest.raises(SystemExit) as e:
             sample.main([*argv, "--out", str(tmp_path)])
         assert e.value.code == 2 and message in capsys.readouterr().err
