@@ -466,11 +466,15 @@ def log0(rank, *msg):
         tqdm.write(" ".join(str(m) for m in msg))
 
 
-def total_over_ranks(tensor):
-    """Sum `tensor` over all ranks, in place, and return it. It must be on the training device (NCCL)."""
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
+def total_over_ranks(value, device=None, op=None):
+    """The sum over all ranks (or, with op=dist.ReduceOp.MAX, the max) of a tensor, reduced in place and returned,
+    or of an int, returned as an int. The tensor must be on the training device, an int is reduced on `device`:
+    NCCL reduces CUDA tensors only."""
+    if not dist.is_initialized():
+        return value
+    tensor = value if torch.is_tensor(value) else torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor if torch.is_tensor(value) else int(tensor.item())
 
 
 def from_every_rank(obj, world):

@@ -597,16 +597,6 @@ def resume_state(job, expected):
     return todo, done
 
 
-# ----- Several processes (torchrun) ----------------------------------------------------------------------
-
-def total_over_ranks(value, device, op=None):
-    """The sum (or max) of an int over the processes; the value itself in one process."""
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], device=device)                 # on the device: NCCL reduces CUDA tensors only
-    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return int(t.item())
-
 # ----- Files ---------------------------------------------------------------------------------------------
 
 def make_grid(images, cols=None):
@@ -878,8 +868,8 @@ def run_jobs(pipe, args, jobs, layout, rank, world, device, expected):
     # One progress bar, on rank 0, over every prompt of the run. After each batch every process adds the prompts
     # it finished (one all-reduce, nothing next to a batch of sampling); all iterate as often as the busiest one,
     # so that the collectives pair up.
-    skipped = total_over_ranks(finished, device)
-    iterations = total_over_ranks(len(batches), device, op=dist.ReduceOp.MAX)
+    skipped = machinery.total_over_ranks(finished, device)
+    iterations = machinery.total_over_ranks(len(batches), device, op=dist.ReduceOp.MAX)
     bar = tqdm(total=len(jobs), initial=skipped, desc="prompts", disable=rank != 0 or len(jobs) == 1)
     if skipped and rank == 0:
         tqdm.write(f"{args.out}: {skipped} of {len(jobs)} prompts complete already, skipped"
@@ -921,7 +911,7 @@ def run_jobs(pipe, args, jobs, layout, rank, world, device, expected):
                     if job["grid_left"]:
                         write_grid(job)
                     completed += 1
-            bar.update(total_over_ranks(completed, device))
+            bar.update(machinery.total_over_ranks(completed, device))
     finally:
         bar.close()
     return written
